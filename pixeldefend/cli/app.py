@@ -1,0 +1,34 @@
+"""The Typer application object; command modules register themselves on it."""
+
+from __future__ import annotations
+
+import typer
+
+from .. import __version__
+
+app = typer.Typer(
+    name="pixeldefend",
+    help=(
+        "Density-based anomaly and adversarial-input detection with PixelCNN.\n\n"
+        "Train a PixelCNN on clean images, score new images in bits/dim, calibrate a "
+        "threshold, gate CI on it, attack a classifier and purify inputs (PixelDefend)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pixeldefend {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """pixeldefend: is this input something my model was never meant to see?"""

@@ -1,0 +1,3 @@
+"""CLI commands (registered on import)."""
+
+from .app import app  # noqa: F401

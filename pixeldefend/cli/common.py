@@ -1,0 +1,150 @@
+"""Shared CLI plumbing: error handling, output formats, progress bars, common options.
+
+Exit codes (DESIGN.md): 0 success / gate passed, 1 gate failed, 2 bad usage or
+unreadable input, 130 interrupted by Ctrl-C. Results go to stdout, everything else to
+stderr.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import math
+import sys
+from collections.abc import Callable, Iterable
+from enum import Enum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from ..atomic import write_text
+from ..errors import PixelDefendError
+
+err_console = Console(stderr=True)
+out_console = Console(soft_wrap=True)
+
+EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INTERRUPT = 0, 1, 2, 130
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+DEVICE_HELP = "auto (CUDA if available, else CPU), cpu, cuda or cuda:N."
+FORMAT_HELP = "Output format for results on stdout (or --output)."
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def handle_errors(func: F) -> F:
+    """Turn library errors into a one-line message and exit code 2; Ctrl-C into 130."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except PixelDefendError as exc:
+            raise fail(str(exc)) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(EXIT_INTERRUPT) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def make_progress(transient: bool = False) -> Progress:
+    """A Rich progress bar on stderr with count, elapsed time and ETA."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=transient,
+        disable=not err_console.is_terminal and not _force_progress(),
+    )
+
+
+def _force_progress() -> bool:
+    import os
+
+    return os.environ.get("PIXELDEFEND_PROGRESS") == "1"
+
+
+def json_safe(value: Any) -> Any:
+    """NaN / inf -> None so the output is strict JSON."""
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def dumps(doc: Any) -> str:
+    return json.dumps(json_safe(doc), indent=2) + "\n"
+
+
+def rows_to_csv(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    return buf.getvalue()
+
+
+def emit(fmt: OutputFormat, doc: dict[str, Any], rows: list[dict[str, Any]], columns: list[str],
+         table: Callable[[], Table | str], output: Path | None = None) -> None:
+    """Write results in the chosen format to stdout or, atomically, to `output`."""
+    if fmt == OutputFormat.json:
+        text = dumps(doc)
+    elif fmt == OutputFormat.jsonl:
+        text = "".join(json.dumps(json_safe(r)) + "\n" for r in rows)
+    elif fmt == OutputFormat.csv:
+        text = rows_to_csv(rows, columns)
+    else:
+        rendered = table()
+        if output is None:
+            out_console.print(rendered)
+            return
+        buf = io.StringIO()
+        Console(file=buf, width=160, soft_wrap=True).print(rendered)
+        text = buf.getvalue()
+    if output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        write_text(output, text)
+        err_console.print(f"wrote {output}")
+
+
+def fmt_float(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"

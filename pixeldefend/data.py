@@ -1,0 +1,705 @@
+"""Every input format -> uint8 images (N, C, H, W) in [0, levels-1], plus optional labels.
+
+Sources (a *spec* is one string):
+
+- ``digits[:train|:val|:calib|:test|:all]`` scikit-learn's built-in 8x8 digits, 17 levels
+- ``fashion-mnist[:train|:test]`` / ``mnist[...]`` original IDX ``.gz`` files
+- ``cifar10[:train|:test]`` through torchvision
+- a folder of images (recursive; one sub-folder per class gives labels), an image file,
+  or an ``.npz`` / ``.npy`` array of uint8 images
+
+Files are decoded with Pillow (torchvision's own decoders lack BMP and TIFF, and Pillow
+tells us the bit depth, which we must check). Every file problem becomes a per-file
+error string, never an exception that stops a batch.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+ARRAY_EXTENSIONS = {".npz", ".npy"}
+DIGITS_LEVELS = 17
+DEBIAN_DATASET_DIRS = {
+    "fashion-mnist": [Path("/usr/share/datasets/fashion-mnist")],
+    "mnist": [Path("/usr/share/datasets/mnist")],
+}
+FASHION_CLASSES = [
+    "t-shirt", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle-boot",
+]
+CIFAR10_CLASSES = [
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+]
+BUILTIN = ("digits", "fashion-mnist", "mnist", "cifar10")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What a model expects: channels, height, width and number of pixel levels."""
+
+    channels: int
+    height: int
+    width: int
+    levels: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    def describe(self) -> str:
+        return f"{self.channels}x{self.height}x{self.width} with {self.levels} levels"
+
+
+@dataclass
+class ImageSet:
+    """Images held in memory, with one name per image and any per-file errors."""
+
+    images: torch.Tensor  # uint8 (N, C, H, W), values in [0, levels-1]
+    levels: int
+    names: list[str]
+    labels: torch.Tensor | None = None  # int64 (N,)
+    classes: list[str] | None = None
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (name, message)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def spec(self) -> ImageSpec:
+        c, h, w = self.images.shape[1:]
+        return ImageSpec(int(c), int(h), int(w), self.levels)
+
+    def subset(self, index: Sequence[int] | torch.Tensor) -> ImageSet:
+        index = torch.as_tensor(index, dtype=torch.long)
+        return ImageSet(
+            images=self.images[index],
+            levels=self.levels,
+            names=[self.names[i] for i in index.tolist()],
+            labels=None if self.labels is None else self.labels[index],
+            classes=self.classes,
+            source=self.source,
+        )
+
+    def head(self, n: int | None) -> ImageSet:
+        return self if n is None or n >= len(self) else self.subset(range(n))
+
+    def summary(self) -> dict:
+        return {"source": self.source, "n": len(self), "shape": list(self.spec.shape),
+                "levels": self.levels}
+
+
+@dataclass
+class Batch:
+    """A slice of a stream: every item's name and error, and the images that were read."""
+
+    names: list[str]
+    errors: list[str | None]
+    images: torch.Tensor  # uint8 (n_ok, C, H, W), the items whose error is None, in order
+    labels: torch.Tensor | None = None  # int64 (n_ok,)
+
+
+# ----------------------------------------------------------------------------- levels
+
+
+def from_8bit(values: np.ndarray, levels: int) -> np.ndarray:
+    """Map 8-bit values to `levels` levels: v -> round(v * (levels-1) / 255)."""
+    if levels == 256:
+        return values.astype(np.uint8)
+    return np.rint(values.astype(np.float64) * (levels - 1) / 255.0).astype(np.uint8)
+
+
+def to_8bit(values: np.ndarray | torch.Tensor, levels: int) -> np.ndarray:
+    """Inverse of `from_8bit`, exact on round trips: v -> round(v * 255 / (levels-1))."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    if levels == 256:
+        return values.astype(np.uint8)
+    return np.rint(values.astype(np.float64) * 255.0 / (levels - 1)).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------- single files
+
+
+def decode_image_file(
+    path: Path, expect: ImageSpec | None, resize: bool = False, grayscale: bool = False
+) -> np.ndarray:
+    """Read one image file as uint8 (C, H, W) in the expected levels, or raise DataError."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DataError(f"cannot read file: {exc.strerror or exc}") from exc
+    if size == 0:
+        raise DataError("empty file (0 bytes)")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                raise DataError(
+                    f"{'16-bit' if mode.startswith('I;16') else mode + '-mode'} image: "
+                    "expected an 8-bit image"
+                )
+            if mode == "RGBA" or mode == "LA" or (mode == "P" and "transparency" in img.info):
+                img = img.convert("RGBA" if mode != "LA" else "LA")
+                alpha = np.asarray(img)[..., -1]
+                if alpha.min() < 255:
+                    raise DataError("image has transparent pixels: expected an opaque image")
+                img = img.convert("RGB" if img.mode == "RGBA" else "L")
+            elif mode in ("P", "CMYK", "YCbCr", "HSV"):
+                img = img.convert("RGB")
+            elif mode == "1":
+                img = img.convert("L")
+            channels = 1 if img.mode == "L" else 3
+            if expect is not None:
+                if grayscale and expect.channels == 1 and channels == 3:
+                    img, channels = img.convert("L"), 1
+                elif grayscale and expect.channels == 3 and channels == 1:
+                    img, channels = img.convert("RGB"), 3
+                if channels != expect.channels:
+                    raise DataError(
+                        f"image has {channels} channel(s) ({img.mode}), model expects "
+                        f"{expect.channels}; pass --grayscale to convert"
+                    )
+                if (img.height, img.width) != (expect.height, expect.width):
+                    if not resize:
+                        raise DataError(
+                            f"image is {img.width}x{img.height} (WxH), model expects "
+                            f"{expect.width}x{expect.height}; pass --resize to convert"
+                        )
+                    img = img.resize((expect.width, expect.height), Image.Resampling.BILINEAR)
+            array = np.asarray(img, dtype=np.uint8)
+    except DataError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise DataError("not an image file Pillow can decode") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"corrupt or truncated image: {exc}") from exc
+    if array.ndim == 2:
+        array = array[None]
+    else:
+        array = array.transpose(2, 0, 1)
+    levels = expect.levels if expect is not None else 256
+    return from_8bit(array, levels)
+
+
+def _normalise_array(images: np.ndarray, name: str) -> np.ndarray:
+    """Accept (N,H,W), (N,H,W,C) or (N,C,H,W); return (N,C,H,W)."""
+    if images.ndim == 2:
+        images = images[None, None]
+    elif images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4:
+        if images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+            images = images.transpose(0, 3, 1, 2)
+    else:
+        raise DataError(f"{name}: array of shape {images.shape} is not a stack of images")
+    return np.ascontiguousarray(images)
+
+
+def load_array_file(path: Path, expect: ImageSpec | None) -> ImageSet:
+    """Read .npz (keys `images`, optional `labels`, `levels`) or .npy of uint8 images.
+
+    Arrays without a `levels` entry are taken as 8-bit and mapped to the model's levels.
+    """
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                if "images" not in archive:
+                    raise DataError(f"{path}: .npz has no 'images' array (found {archive.files})")
+                images = archive["images"]
+                labels = archive["labels"] if "labels" in archive else None
+                stored_levels = int(archive["levels"]) if "levels" in archive else None
+        else:
+            images = np.load(path, allow_pickle=False)
+            labels, stored_levels = None, None
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read array file: {exc}") from exc
+    if images.dtype != np.uint8:
+        if np.issubdtype(images.dtype, np.integer) and images.size and images.min() >= 0 \
+                and images.max() <= 255:
+            images = images.astype(np.uint8)
+        else:
+            raise DataError(f"{path}: images must be uint8 integers, found {images.dtype}")
+    images = _normalise_array(images, str(path))
+    levels = stored_levels if stored_levels is not None else 256
+    if expect is not None:
+        if images.shape[1:] != expect.shape:
+            raise DataError(
+                f"{path}: arrays are {tuple(images.shape[1:])} (C,H,W), model expects "
+                f"{expect.shape}"
+            )
+        if levels != expect.levels:
+            if levels != 256:
+                raise DataError(f"{path}: arrays hold {levels} levels, model expects {expect.levels}")
+            images = from_8bit(images, expect.levels)
+            levels = expect.levels
+    if images.size and int(images.max()) >= levels:
+        raise DataError(f"{path}: values up to {int(images.max())} but only {levels} levels")
+    names = [f"{path}[{i}]" for i in range(images.shape[0])]
+    return ImageSet(
+        images=torch.from_numpy(images),
+        levels=levels,
+        names=names,
+        labels=None if labels is None else torch.from_numpy(np.asarray(labels).astype(np.int64)),
+        source=str(path),
+    )
+
+
+# --------------------------------------------------------------------- built-in sets
+
+
+def _seeded_split(n: int, fractions: dict[str, float], seed: int = 0) -> dict[str, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n)
+    out, start = {}, 0
+    names = list(fractions)
+    for i, key in enumerate(names):
+        stop = n if i == len(names) - 1 else start + int(round(fractions[key] * n))
+        out[key] = np.sort(order[start:stop])
+        start = stop
+    return out
+
+
+DIGITS_SPLITS = {"train": 0.6, "val": 0.1, "calib": 0.1, "test": 0.2}
+
+
+def load_digits(split: str = "train") -> ImageSet:
+    """scikit-learn's 1,797 8x8 digits (values 0..16, so 17 levels), fixed seeded splits."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    images = bunch.images.astype(np.uint8)[:, None]  # (1797, 1, 8, 8)
+    labels = bunch.target.astype(np.int64)
+    if split == "all":
+        index = np.arange(len(images))
+    else:
+        if split not in DIGITS_SPLITS:
+            raise DataError(f"digits has splits {', '.join(DIGITS_SPLITS)} and all, not {split!r}")
+        index = _seeded_split(len(images), DIGITS_SPLITS)[split]
+    return ImageSet(
+        images=torch.from_numpy(images[index].copy()),
+        levels=DIGITS_LEVELS,
+        names=[f"digits:{split}:{i}" for i in index.tolist()],
+        labels=torch.from_numpy(labels[index]),
+        classes=[str(d) for d in range(10)],
+        source=f"digits:{split}",
+    )
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file (gzip or plain). Hand-written: 15 lines, and torchvision's reader
+    only works inside its own folder layout."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read IDX file: {exc}") from exc
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path}: truncated IDX file ({body.size} of {int(np.prod(dims))} bytes)")
+    return body.reshape(dims)
+
+
+def _idx_candidates(name: str, data_root: str | None) -> list[Path]:
+    roots: list[Path] = []
+    for base in (data_root, os.environ.get("PIXELDEFEND_DATA")):
+        if base:
+            base_path = Path(base).expanduser()
+            roots += [base_path, base_path / name, base_path / name.replace("-", "_"),
+                      base_path / _tv_name(name) / "raw"]
+    roots += DEBIAN_DATASET_DIRS.get(name, [])
+    return roots
+
+
+def _tv_name(name: str) -> str:
+    return {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}[name]
+
+
+def load_idx_dataset(
+    name: str, split: str, data_root: str | None = None, download: bool = False
+) -> ImageSet:
+    """Fashion-MNIST or MNIST from the original IDX files, looked for in --data-root,
+    $PIXELDEFEND_DATA and the Debian package's folder; torchvision downloads on request."""
+    if split not in ("train", "test"):
+        raise DataError(f"{name} has splits train and test, not {split!r}")
+    prefix = "train" if split == "train" else "t10k"
+    files = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    searched = _idx_candidates(name, data_root)
+    found: tuple[Path, Path] | None = None
+    for root in searched:
+        pair = []
+        for stem in files:
+            for candidate in (root / (stem + ".gz"), root / stem):
+                if candidate.is_file():
+                    pair.append(candidate)
+                    break
+        if len(pair) == 2:
+            found = (pair[0], pair[1])
+            break
+    if found is None and download:
+        import torchvision
+
+        root = Path(data_root or os.environ.get("PIXELDEFEND_DATA") or "~/.cache/pixeldefend")
+        root = root.expanduser()
+        cls = torchvision.datasets.FashionMNIST if name == "fashion-mnist" else \
+            torchvision.datasets.MNIST
+        try:
+            cls(str(root), train=split == "train", download=True)
+        except Exception as exc:  # network errors come in many types
+            raise DataError(f"downloading {name} failed: {exc}") from exc
+        return load_idx_dataset(name, split, str(root))
+    if found is None:
+        hint = "apt-get install dataset-fashion-mnist, " if name == "fashion-mnist" else ""
+        raise DataError(
+            f"{name} IDX files not found (looked in {', '.join(map(str, searched)) or 'nothing'}); "
+            f"{hint}pass --data-root DIR, set PIXELDEFEND_DATA, or pass --download"
+        )
+    images = _read_idx(found[0])
+    labels = _read_idx(found[1]).astype(np.int64)
+    if images.ndim != 3 or labels.shape[0] != images.shape[0]:
+        raise DataError(f"{found[0]}: images and labels do not match")
+    return ImageSet(
+        images=torch.from_numpy(images[:, None].copy()),
+        levels=256,
+        names=[f"{name}:{split}:{i}" for i in range(images.shape[0])],
+        labels=torch.from_numpy(labels),
+        classes=FASHION_CLASSES if name == "fashion-mnist" else [str(d) for d in range(10)],
+        source=f"{name}:{split}",
+    )
+
+
+def load_cifar10(split: str, data_root: str | None = None, download: bool = False) -> ImageSet:
+    """CIFAR-10 through torchvision (it reads the python-pickle batches it downloaded)."""
+    import torchvision
+
+    if split not in ("train", "test"):
+        raise DataError(f"cifar10 has splits train and test, not {split!r}")
+    root = Path(data_root or os.environ.get("PIXELDEFEND_DATA") or "~/.cache/pixeldefend")
+    try:
+        ds = torchvision.datasets.CIFAR10(
+            str(root.expanduser()), train=split == "train", download=download
+        )
+    except RuntimeError as exc:
+        raise DataError(
+            f"CIFAR-10 not found under {root}: pass --data-root DIR or --download ({exc})"
+        ) from exc
+    images = np.asarray(ds.data, dtype=np.uint8).transpose(0, 3, 1, 2).copy()
+    return ImageSet(
+        images=torch.from_numpy(images),
+        levels=256,
+        names=[f"cifar10:{split}:{i}" for i in range(images.shape[0])],
+        labels=torch.as_tensor(ds.targets, dtype=torch.long),
+        classes=CIFAR10_CLASSES,
+        source=f"cifar10:{split}",
+    )
+
+
+def parse_builtin(spec: str) -> tuple[str, str] | None:
+    """'fashion-mnist:test' -> ('fashion-mnist', 'test'); None when not a built-in name."""
+    name, _, split = spec.partition(":")
+    name = name.lower().replace("_", "-")
+    if name == "fashionmnist":
+        name = "fashion-mnist"
+    if name not in BUILTIN or Path(spec).exists():
+        return None
+    return name, (split or ("all" if name == "digits" else "train")).lower()
+
+
+def load_builtin(name: str, split: str, data_root: str | None = None,
+                 download: bool = False) -> ImageSet:
+    if name == "digits":
+        return load_digits(split)
+    if name in ("fashion-mnist", "mnist"):
+        return load_idx_dataset(name, split, data_root, download)
+    return load_cifar10(split, data_root, download)
+
+
+# ------------------------------------------------------------------ folders and files
+
+
+def list_image_files(path: Path) -> list[Path]:
+    """Every file under a folder (recursive, sorted) that looks like an image or array."""
+    wanted = IMAGE_EXTENSIONS | ARRAY_EXTENSIONS
+    return sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and p.suffix.lower() in wanted and not p.name.startswith(".")
+    )
+
+
+def _folder_classes(root: Path, files: list[Path]) -> list[str] | None:
+    """Class names when every image sits exactly one sub-folder below `root`."""
+    if not files:
+        return None
+    parents = {f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) == 2}
+    if any(len(f.relative_to(root).parts) != 2 for f in files):
+        return None
+    return sorted(parents)
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[tuple[Path, int | None, list[str] | None]]:
+    """Paths -> list of (file, label, classes); folders are expanded recursively."""
+    out: list[tuple[Path, int | None, list[str] | None]] = []
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            files = list_image_files(path)
+            classes = _folder_classes(path, files)
+            for f in files:
+                label = classes.index(f.relative_to(path).parts[0]) if classes else None
+                out.append((f, label, classes))
+        else:
+            out.append((path, None, None))
+    return out
+
+
+class ImageStream:
+    """Reads many files lazily in batches, so memory does not grow with the file count.
+
+    Array files (.npz/.npy) are expanded into their images; unreadable files yield one
+    error item each, and the stream goes on.
+    """
+
+    def __init__(self, inputs: Sequence[str], expect: ImageSpec,
+                 resize: bool = False, grayscale: bool = False,
+                 data_root: str | None = None, download: bool = False) -> None:
+        self.expect = expect
+        self.resize = resize
+        self.grayscale = grayscale
+        self.builtin: list[ImageSet] = []
+        self.files: list[tuple[Path, int | None, list[str] | None]] = []
+        self.classes: list[str] | None = None
+        plain: list[str] = []
+        for raw in inputs:
+            parsed = parse_builtin(raw)
+            if parsed is not None:
+                self.builtin.append(
+                    conform(load_builtin(*parsed, data_root=data_root, download=download), expect)
+                )
+            elif not Path(raw).expanduser().exists():
+                self.files.append((Path(raw), None, None))  # reported as a per-file error
+            else:
+                plain.append(raw)
+        self.files += expand_inputs(plain)
+        for _, _, classes in self.files:
+            if classes:
+                self.classes = classes
+        for s in self.builtin:
+            self.classes = self.classes or s.classes
+
+    def __len__(self) -> int:
+        """Number of items, counting an array file as one until it is opened."""
+        return sum(len(s) for s in self.builtin) + len(self.files)
+
+    def items(self) -> Iterator[tuple[str, np.ndarray | None, int | None, str | None]]:
+        for s in self.builtin:
+            for i in range(len(s)):
+                label = None if s.labels is None else int(s.labels[i])
+                yield s.names[i], s.images[i].numpy(), label, None
+        for path, label, _ in self.files:
+            name = str(path)
+            if not path.exists():
+                yield name, None, None, "no such file or directory"
+                continue
+            if path.is_dir():
+                yield name, None, None, "folder holds no image files"
+                continue
+            if path.suffix.lower() in ARRAY_EXTENSIONS:
+                try:
+                    arrays = load_array_file(path, self.expect)
+                except DataError as exc:
+                    yield name, None, None, str(exc).removeprefix(f"{path}: ")
+                    continue
+                for i in range(len(arrays)):
+                    lab = None if arrays.labels is None else int(arrays.labels[i])
+                    yield arrays.names[i], arrays.images[i].numpy(), lab, None
+                continue
+            try:
+                yield name, decode_image_file(path, self.expect, self.resize, self.grayscale), \
+                    label, None
+            except DataError as exc:
+                yield name, None, None, str(exc)
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        names: list[str] = []
+        errors: list[str | None] = []
+        arrays: list[np.ndarray] = []
+        labels: list[int | None] = []
+        for name, array, label, error in self.items():
+            names.append(name)
+            errors.append(error)
+            if array is not None:
+                arrays.append(array)
+                labels.append(label)
+            if len(names) >= batch_size:
+                yield _make_batch(names, errors, arrays, labels, self.expect)
+                names, errors, arrays, labels = [], [], [], []
+        if names:
+            yield _make_batch(names, errors, arrays, labels, self.expect)
+
+
+def _make_batch(names, errors, arrays, labels, expect: ImageSpec) -> Batch:
+    if arrays:
+        images = torch.from_numpy(np.stack(arrays))
+    else:
+        images = torch.zeros((0, *expect.shape), dtype=torch.uint8)
+    has_labels = bool(labels) and all(lab is not None for lab in labels)
+    return Batch(
+        names=list(names), errors=list(errors), images=images,
+        labels=torch.tensor(labels, dtype=torch.long) if has_labels else None,
+    )
+
+
+def conform(images: ImageSet, expect: ImageSpec | None) -> ImageSet:
+    """Check an in-memory set against the model's shape; map 8-bit data to fewer levels."""
+    if expect is None:
+        return images
+    if images.spec.shape != expect.shape:
+        raise DataError(
+            f"{images.source}: images are {images.spec.shape} (C,H,W), model expects "
+            f"{expect.shape} ({expect.describe()})"
+        )
+    if images.levels != expect.levels:
+        if images.levels != 256:
+            raise DataError(
+                f"{images.source}: images have {images.levels} levels, model expects {expect.levels}"
+            )
+        images = ImageSet(
+            images=torch.from_numpy(from_8bit(images.images.numpy(), expect.levels)),
+            levels=expect.levels, names=images.names, labels=images.labels,
+            classes=images.classes, errors=images.errors, source=images.source,
+        )
+    return images
+
+
+def load_images(
+    spec: str | Sequence[str],
+    expect: ImageSpec | None = None,
+    *,
+    data_root: str | None = None,
+    download: bool = False,
+    resize: bool = False,
+    grayscale: bool = False,
+) -> ImageSet:
+    """Load a whole source into memory. Unreadable files are listed in `.errors`.
+
+    With `expect=None` (training on a folder), the first readable image fixes the shape
+    and files are taken as 8-bit (256 levels).
+    """
+    inputs = [spec] if isinstance(spec, str) else list(spec)
+    if len(inputs) == 1:
+        parsed = parse_builtin(inputs[0])
+        if parsed is not None:
+            return conform(load_builtin(*parsed, data_root=data_root, download=download), expect)
+        path = Path(inputs[0]).expanduser()
+        if not path.exists():
+            raise DataError(
+                f"{inputs[0]}: no such file or folder, and not a built-in data set "
+                f"({', '.join(BUILTIN)})"
+            )
+        if path.is_file() and path.suffix.lower() in ARRAY_EXTENSIONS:
+            return conform(load_array_file(path, expect), expect)
+    if expect is None:
+        expect = _infer_spec(inputs)
+    stream = ImageStream(inputs, expect, resize=resize, grayscale=grayscale,
+                         data_root=data_root, download=download)
+    names, arrays, labels, errors = [], [], [], []
+    for name, array, label, error in stream.items():
+        if array is None:
+            errors.append((name, error or "unreadable"))
+            continue
+        names.append(name)
+        arrays.append(array)
+        labels.append(label)
+    if not arrays:
+        detail = f": {errors[0][0]}: {errors[0][1]}" if errors else ""
+        raise DataError(f"no readable images in {', '.join(inputs)}{detail}")
+    has_labels = all(lab is not None for lab in labels)
+    return ImageSet(
+        images=torch.from_numpy(np.stack(arrays)),
+        levels=expect.levels,
+        names=names,
+        labels=torch.tensor(labels, dtype=torch.long) if has_labels else None,
+        classes=stream.classes if has_labels else None,
+        errors=errors,
+        source=", ".join(inputs),
+    )
+
+
+def _infer_spec(inputs: Sequence[str]) -> ImageSpec:
+    for path, _, _ in expand_inputs(inputs):
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            try:
+                array = decode_image_file(path, None)
+            except DataError:
+                continue
+            return ImageSpec(array.shape[0], array.shape[1], array.shape[2], 256)
+    raise DataError(f"no readable image files in {', '.join(inputs)}")
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def save_image(path: str | os.PathLike[str], image: torch.Tensor | np.ndarray, levels: int) -> None:
+    """Write one (C, H, W) image in `levels` levels as an 8-bit PNG, atomically."""
+    from PIL import Image
+
+    from .atomic import atomic_path
+
+    array = to_8bit(image, levels)
+    array = array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
+    fmt = Path(path).suffix.lstrip(".").upper() or "PNG"
+    fmt = {"JPG": "JPEG", "TIF": "TIFF"}.get(fmt, fmt)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format=fmt)
+
+
+def save_npz(path: str | os.PathLike[str], images: torch.Tensor, levels: int,
+             labels: torch.Tensor | None = None, **extra: np.ndarray) -> None:
+    """Write images (and labels) exactly, with their levels, atomically."""
+    from .atomic import atomic_path
+
+    arrays = {"images": images.cpu().numpy().astype(np.uint8), "levels": np.array(levels)}
+    if labels is not None:
+        arrays["labels"] = labels.cpu().numpy().astype(np.int64)
+    arrays.update(extra)
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+
+def image_grid(images: torch.Tensor, levels: int, ncol: int | None = None,
+               pad: int = 1, scale: int = 1) -> np.ndarray:
+    """Tile (N, C, H, W) images into one 8-bit (H', W', C) or (H', W') array for a PNG."""
+    n, c, h, w = images.shape
+    ncol = ncol or max(1, int(np.ceil(np.sqrt(n))))
+    nrow = int(np.ceil(n / ncol))
+    grid = np.full((c, nrow * (h + pad) + pad, ncol * (w + pad) + pad), 128, dtype=np.uint8)
+    pixels = to_8bit(images, levels)
+    for k in range(n):
+        r, q = divmod(k, ncol)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        grid[:, y : y + h, x : x + w] = pixels[k]
+    if scale > 1:
+        grid = grid.repeat(scale, axis=1).repeat(scale, axis=2)
+    return grid[0] if c == 1 else grid.transpose(1, 2, 0)
