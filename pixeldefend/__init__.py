@@ -1,3 +1,7 @@
 """pixeldefend: density-based anomaly and adversarial-input detection."""
 
 __version__ = "0.1.0"
+
+from .detector import DensityDetector  # noqa: E402
+
+__all__ = ["DensityDetector", "__version__"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -186,6 +187,9 @@ def decode_image_file(
     except DataError:
         raise
     except UnidentifiedImageError as exc:
+        kind = _sniff(path)
+        if kind:
+            raise DataError(f"corrupt or truncated {kind} file") from exc
         raise DataError("not an image file Pillow can decode") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"corrupt or truncated image: {exc}") from exc
@@ -195,6 +199,20 @@ def decode_image_file(
         array = array.transpose(2, 0, 1)
     levels = expect.levels if expect is not None else 256
     return from_8bit(array, levels)
+
+
+_MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8": "JPEG", b"BM": "BMP", b"GIF8": "GIF",
+          b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"RIFF": "WebP"}
+
+
+def _sniff(path: Path) -> str | None:
+    """Name the format from the first bytes, to tell 'truncated PNG' from 'not an image'."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return None
+    return next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
 
 
 def _normalise_array(images: np.ndarray, name: str) -> np.ndarray:
@@ -314,6 +332,8 @@ def _read_idx(path: Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path}: not an unsigned-byte IDX file")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header")
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
@@ -415,8 +435,24 @@ def load_cifar10(split: str, data_root: str | None = None, download: bool = Fals
     )
 
 
+_SLICE = re.compile(r"^(?P<base>[^\[]+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
+
+
+def split_slice(spec: str) -> tuple[str, slice | None]:
+    """'fashion-mnist:test[:1000]' -> ('fashion-mnist:test', slice(None, 1000))."""
+    match = _SLICE.match(spec.strip())
+    if match is None:
+        return spec, None
+    start = int(match["start"]) if match["start"] else None
+    stop = int(match["stop"]) if match["stop"] else None
+    return match["base"], slice(start, stop)
+
+
 def parse_builtin(spec: str) -> tuple[str, str] | None:
-    """'fashion-mnist:test' -> ('fashion-mnist', 'test'); None when not a built-in name."""
+    """'fashion-mnist:test' -> ('fashion-mnist', 'test'); None when not a built-in name.
+
+    A trailing slice such as '[:1000]' is handled by `load_builtin`."""
+    spec, _ = split_slice(spec)
     name, _, split = spec.partition(":")
     name = name.lower().replace("_", "-")
     if name == "fashionmnist":
@@ -427,12 +463,30 @@ def parse_builtin(spec: str) -> tuple[str, str] | None:
 
 
 def load_builtin(name: str, split: str, data_root: str | None = None,
-                 download: bool = False) -> ImageSet:
+                 download: bool = False, part: slice | None = None) -> ImageSet:
     if name == "digits":
-        return load_digits(split)
-    if name in ("fashion-mnist", "mnist"):
-        return load_idx_dataset(name, split, data_root, download)
-    return load_cifar10(split, data_root, download)
+        images = load_digits(split)
+    elif name in ("fashion-mnist", "mnist"):
+        images = load_idx_dataset(name, split, data_root, download)
+    else:
+        images = load_cifar10(split, data_root, download)
+    if part is not None:
+        index = range(len(images))[part]
+        if len(index) == 0:
+            raise DataError(f"{images.source}[{part.start}:{part.stop}] selects no images")
+        images = images.subset(list(index))
+        images.source += f"[{'' if part.start is None else part.start}:" \
+                         f"{'' if part.stop is None else part.stop}]"
+    return images
+
+
+def load_spec(spec: str, data_root: str | None = None, download: bool = False) -> ImageSet:
+    """A built-in spec, with an optional slice: 'fashion-mnist:test[:1000]'."""
+    parsed = parse_builtin(spec)
+    if parsed is None:
+        raise DataError(f"{spec!r} is not a built-in data set ({', '.join(BUILTIN)})")
+    return load_builtin(*parsed, data_root=data_root, download=download,
+                        part=split_slice(spec)[1])
 
 
 # ------------------------------------------------------------------ folders and files
@@ -493,9 +547,7 @@ class ImageStream:
         for raw in inputs:
             parsed = parse_builtin(raw)
             if parsed is not None:
-                self.builtin.append(
-                    conform(load_builtin(*parsed, data_root=data_root, download=download), expect)
-                )
+                self.builtin.append(conform(load_spec(raw, data_root, download), expect))
             elif not Path(raw).expanduser().exists():
                 self.files.append((Path(raw), None, None))  # reported as a per-file error
             else:
@@ -610,7 +662,7 @@ def load_images(
     if len(inputs) == 1:
         parsed = parse_builtin(inputs[0])
         if parsed is not None:
-            return conform(load_builtin(*parsed, data_root=data_root, download=download), expect)
+            return conform(load_spec(inputs[0], data_root, download), expect)
         path = Path(inputs[0]).expanduser()
         if not path.exists():
             raise DataError(
@@ -703,3 +755,47 @@ def image_grid(images: torch.Tensor, levels: int, ncol: int | None = None,
     if scale > 1:
         grid = grid.repeat(scale, axis=1).repeat(scale, axis=2)
     return grid[0] if c == 1 else grid.transpose(1, 2, 0)
+
+
+# ---------------------------------------------------------------------- training splits
+
+
+def training_splits(spec: str, data_root: str | None = None, download: bool = False,
+                    seed: int = 0) -> dict[str, str | ImageSet]:
+    """Split a training source into train / val / calib (/ test) sets.
+
+    Returns, per split, either a spec string (built-in data, so a bundle can record
+    exactly where its calibration images came from) or an ImageSet (folders, arrays).
+    - digits: the fixed seeded splits digits:train / :val / :calib / :test;
+    - fashion-mnist, mnist, cifar10: the last 2 x 2,000 training images (the files are
+      already in random order) are validation and calibration; test = the test split;
+    - anything else: a seeded 80 / 10 / 10 split, no test set.
+    """
+    base, part = split_slice(spec)
+    parsed = parse_builtin(base)
+    if parsed is not None and part is None:
+        name, split = parsed
+        if name == "digits":
+            return {k: f"digits:{k}" for k in ("train", "val", "calib", "test")}
+        if split == "train":
+            n = len(load_builtin(name, "train", data_root, download))
+            hold = min(2000, n // 10)
+            return {
+                "train": f"{name}:train[:{n - 2 * hold}]",
+                "val": f"{name}:train[{n - 2 * hold}:{n - hold}]",
+                "calib": f"{name}:train[{n - hold}:]",
+                "test": f"{name}:test",
+            }
+    images = load_images(spec, data_root=data_root, download=download)
+    parts = _seeded_split(len(images), {"train": 0.8, "val": 0.1, "calib": 0.1}, seed)
+    if min(len(v) for v in parts.values()) == 0:
+        raise DataError(f"{spec}: {len(images)} images are too few to split into "
+                        "train / validation / calibration sets (need at least 10)")
+    return {k: images.subset(v.tolist()) for k, v in parts.items()}
+
+
+def resolve(split: str | ImageSet, expect: ImageSpec | None = None,
+            data_root: str | None = None, download: bool = False) -> ImageSet:
+    if isinstance(split, ImageSet):
+        return conform(split, expect)
+    return conform(load_spec(split, data_root, download), expect)

@@ -32,6 +32,7 @@ class TrainSettings:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
+    patience: int = 0  # stop after this many epochs without a better validation score (0: never)
 
 
 class TrainProgress(Protocol):
@@ -151,6 +152,8 @@ def run_training(
         best_val, best_epoch = meta["best_val"], meta["best_epoch"]
     progress.start(settings.epochs, batches, first_epoch)
     for epoch in range(first_epoch, settings.epochs):
+        if settings.patience and best_epoch >= 0 and epoch - best_epoch > settings.patience:
+            break  # early stop: the best weights are already kept
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * settings.lr_decay**epoch
         model.train()
@@ -166,9 +169,9 @@ def run_training(
             if settings.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimizer.step()
-            total += float(loss) * x.shape[0]
+            total += loss.item() * x.shape[0]
             count += x.shape[0]
-            progress.batch(train_metric(float(loss)))
+            progress.batch(train_metric(total / count))
         model.eval()
         val = float(evaluate(model))
         improved = val < best_val
@@ -185,7 +188,7 @@ def run_training(
     model.load_state_dict(best_state)
     model.eval()
     return TrainResult(best_epoch=best_epoch, best_val=best_val, history=history,
-                       epochs_run=settings.epochs - first_epoch)
+                       epochs_run=len(history))
 
 
 def remove_checkpoint(checkpoint_dir: Path | None) -> None:

@@ -33,7 +33,7 @@ from rich.table import Table
 from ..atomic import write_text
 from ..errors import PixelDefendError
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 out_console = Console(soft_wrap=True)
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INTERRUPT = 0, 1, 2, 130

@@ -197,20 +197,3 @@ class PixelCNN(nn.Module):
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log p(x) in nats, one value per image."""
         return -self.nll(x).flatten(1).sum(1)
-
-    @torch.no_grad()
-    def sample_naive(self, n: int, generator: torch.Generator | None = None,
-                     temperature: float = 1.0) -> torch.Tensor:
-        """Draw n images with one full forward pass per sub-pixel: simple and slow; the
-        fast cached decoder lives in `pixeldefend.purify`."""
-        cfg = self.config
-        device = next(self.parameters()).device
-        x = torch.zeros((n, cfg.channels, cfg.height, cfg.width), dtype=torch.long, device=device)
-        for i in range(cfg.height):
-            for j in range(cfg.width):
-                for c in range(cfg.channels):
-                    logits = self(x)[:, :, c, i, j] / temperature
-                    probs = torch.softmax(logits.double(), dim=1)
-                    x[:, c, i, j] = torch.multinomial(probs.float().cpu(), 1,
-                                                      generator=generator).squeeze(1).to(device)
-        return x.to(torch.uint8)

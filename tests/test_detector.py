@@ -1,0 +1,64 @@
+"""The Python API: fit / score_samples / calibrate / predict / p_values / save / load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pixeldefend import DensityDetector
+from pixeldefend.data import load_images
+from pixeldefend.errors import DataError, UsageError
+from pixeldefend.train import TrainSettings
+
+
+def test_trained_model_beats_uniform_and_flags_foreign_images(tiny_bundle):
+    det = DensityDetector.load(tiny_bundle, device="cpu")
+    clean = load_images("digits:test")
+    bpd = det.score_samples(clean)
+    assert bpd.mean() < np.log2(17) - 1.0  # far below the 4.09 bits of a uniform guess
+    rng = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 17, (50, 1, 8, 8), generator=rng, dtype=torch.uint8)
+    inverted = 16 - clean.images[:50]
+    assert det.predict(noise).mean() > 0.95
+    assert det.predict(inverted).mean() > 0.8
+    assert det.predict(clean).mean() < 0.15  # about the 5% target on clean test images
+    p = det.p_values(noise)
+    assert p.max() <= 1.0 and p.min() >= 1 / 181
+
+
+def test_log_likelihood_and_bits_per_dim_agree(tiny_bundle):
+    det = DensityDetector.load(tiny_bundle, device="cpu")
+    x = load_images("digits:test[:10]")
+    assert np.allclose(-det.log_likelihood(x) / (64 * np.log(2)), det.score_samples(x))
+    assert det.nll_map(x).shape == (10, 1, 8, 8)
+
+
+def test_fit_calibrate_predict_save_load_on_arrays(tmp_path):
+    rng = np.random.default_rng(0)
+    # two-level images whose left half is always 0: an easy density to learn
+    train = rng.integers(0, 2, (256, 1, 4, 4)).astype(np.uint8)
+    train[:, :, :, :2] = 0
+    det = DensityDetector(preset="tiny", device="cpu")
+    det.fit(train, levels=2, settings=TrainSettings(epochs=30, lr=1e-2, batch_size=64))
+    cal = det.calibrate(train[:100], fpr=0.1)
+    assert cal.n == 100
+    odd = np.ones((20, 1, 4, 4), dtype=np.uint8)
+    assert det.predict(odd).all()
+    # half the dims are deterministic and half are fair coins: 0.5 bits/dim is optimal
+    assert abs(det.score_samples(train).mean() - 0.5) < 0.1
+    det.save(tmp_path / "m")
+    again = DensityDetector.load(tmp_path / "m", device="cpu")
+    assert np.array_equal(again.predict(odd), det.predict(odd))
+
+
+def test_clear_errors(tiny_bundle):
+    det = DensityDetector.load(tiny_bundle, device="cpu")
+    with pytest.raises(DataError, match="model expects"):
+        det.score_samples(np.zeros((2, 1, 9, 9), dtype=np.uint8))
+    with pytest.raises(DataError, match="out of range"):
+        det.score_samples(np.full((2, 1, 8, 8), 17, dtype=np.uint8))
+    with pytest.raises(UsageError, match="no model"):
+        DensityDetector().score_samples(np.zeros((1, 1, 8, 8), dtype=np.uint8))
+    with pytest.raises(UsageError, match="fpr"):
+        det.calibrate(np.zeros((5, 1, 8, 8), dtype=np.uint8), fpr=1.5)
