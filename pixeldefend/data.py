@@ -265,7 +265,8 @@ def load_array_file(path: Path, expect: ImageSpec | None) -> ImageSet:
             )
         if levels != expect.levels:
             if levels != 256:
-                raise DataError(f"{path}: arrays hold {levels} levels, model expects {expect.levels}")
+                raise DataError(
+                    f"{path}: arrays hold {levels} levels, model expects {expect.levels}")
             images = from_8bit(images, expect.levels)
             levels = expect.levels
     if images.size and int(images.max()) >= levels:
@@ -634,7 +635,8 @@ def conform(images: ImageSet, expect: ImageSpec | None) -> ImageSet:
     if images.levels != expect.levels:
         if images.levels != 256:
             raise DataError(
-                f"{images.source}: images have {images.levels} levels, model expects {expect.levels}"
+                f"{images.source}: images have {images.levels} levels, "
+                f"model expects {expect.levels}"
             )
         images = ImageSet(
             images=torch.from_numpy(from_8bit(images.images.numpy(), expect.levels)),

@@ -56,8 +56,10 @@ class DensityDetector:
     """Learns p(x) of clean images and flags images that are unlikely under it."""
 
     def __init__(self, preset: str = "small", device: str | torch.device = "auto",
-                 batch_size: int = 256, model: PixelCNN | None = None) -> None:
+                 batch_size: int = 256, model: PixelCNN | None = None,
+                 dropout: float = 0.0) -> None:
         self.preset = preset
+        self.dropout = dropout
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.batch_size = batch_size
         self.model = model.to(self.device).eval() if model is not None else None
@@ -109,7 +111,8 @@ class DensityDetector:
         torch.manual_seed(settings.seed)
         if self.model is None:
             c, h, w = x.shape[1:]
-            cfg = PixelCNNConfig.from_preset(self.preset, int(c), int(h), int(w), levels)
+            cfg = PixelCNNConfig.from_preset(self.preset, int(c), int(h), int(w), levels,
+                                             dropout=self.dropout)
             self.model = PixelCNN(cfg)
         model = self._require_model()
         x = self._check(x)

@@ -33,7 +33,8 @@ def draw_samples(model: PixelCNN, n: int, generator: torch.Generator | None = No
             for c in range(cfg.channels):
                 logits = model(x)[:, :, c, i, j].double() / temperature
                 probs = torch.softmax(logits, dim=1).cpu()
-                x[:, c, i, j] = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)
+                drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                x[:, c, i, j] = drawn.to(device)
         if progress is not None:
             progress()
     return x.to(torch.uint8)

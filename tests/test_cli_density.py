@@ -55,7 +55,8 @@ def test_score_json_shape_verdicts_and_exit_code(runner, tiny_bundle, sample_dir
     rows = {r["path"].rsplit("/", 1)[-1]: r for r in doc["results"]}
     assert set(rows["clean_0.png"]) >= {"path", "bits_per_dim", "nll_nats", "p_value",
                                         "verdict", "error"}
-    assert rows["broken.png"]["verdict"] == "error" and "not an image" in rows["broken.png"]["error"]
+    broken = rows["broken.png"]
+    assert broken["verdict"] == "error" and "not an image" in broken["error"]
     for name in ("noise.png", "inverted.png", "checker.png"):
         assert rows[name]["verdict"] == "anomalous", rows[name]
         assert rows[name]["bits_per_dim"] > doc["threshold"]

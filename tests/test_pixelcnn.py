@@ -53,7 +53,7 @@ def test_logits_never_depend_on_their_own_or_later_subpixels(shape):
         logits = model.logits_from_scaled(xs)[:, :, ch, i, j]
         (grad,) = torch.autograd.grad(logits.sum() + (logits**2).sum(), xs)
         allowed = set(seq[:pos])
-        for q, (c2, i2, j2) in enumerate(seq):
+        for c2, i2, j2 in seq:
             g = grad[:, c2, i2, j2].abs().max().item()
             if (c2, i2, j2) in allowed:
                 continue

@@ -34,7 +34,8 @@ from ..atomic import write_text
 from ..errors import PixelDefendError
 
 err_console = Console(stderr=True, soft_wrap=True)
-out_console = Console(soft_wrap=True)
+# results on a pipe or file are not squeezed into 80 columns
+out_console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INTERRUPT = 0, 1, 2, 130
 

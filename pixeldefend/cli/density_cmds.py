@@ -83,6 +83,8 @@ def train(
     out: Path | None = typer.Option(None, "--out", "-o",
                                     help="Bundle directory [default: models/<data name>]."),
     preset: str = typer.Option("small", help=f"Model size: {', '.join(PRESETS)}."),
+    dropout: float = typer.Option(0.0, min=0.0, max=0.9,
+                                  help="Dropout on the gated units (helps on small data)."),
     epochs: int = typer.Option(40, min=1, help="Maximum training epochs."),
     patience: int = typer.Option(8, min=0, help="Stop after this many epochs without a better "
                                                 "validation bits/dim (0: never stop early)."),
@@ -127,7 +129,7 @@ def train(
         f"data {data}: {len(train_set)} train, {len(val_set)} validation, {len(calib_set)} "
         f"calibration{f', {len(test_set)} test' if test_set else ''} images, "
         f"{expect.describe()}", highlight=False)
-    detector = DensityDetector(preset=preset, device=device)
+    detector = DensityDetector(preset=preset, device=device, dropout=dropout)
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                              patience=patience)
     err_console.print(f"device {detector.device}, preset {preset}, checkpoint {checkpoint}",

@@ -51,6 +51,7 @@ class PixelCNNConfig:
     kernel: int = 3
     first_kernel: int = 5
     head: int = 128
+    dropout: float = 0.0  # on the gated units while training; no effect at inference
 
     def __post_init__(self) -> None:
         for name in ("kernel", "first_kernel"):
@@ -61,10 +62,10 @@ class PixelCNNConfig:
 
     @classmethod
     def from_preset(cls, preset: str, channels: int, height: int, width: int,
-                    levels: int) -> PixelCNNConfig:
+                    levels: int, **overrides: float) -> PixelCNNConfig:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
-        return cls(channels, height, width, levels, **PRESETS[preset])
+        return cls(channels, height, width, levels, **{**PRESETS[preset], **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,9 +96,10 @@ class GatedLayer(nn.Module):
     v at row i already depends only on rows < i, so v_pre may feed h without a shift.
     """
 
-    def __init__(self, filters: int, kernel: int) -> None:
+    def __init__(self, filters: int, kernel: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.k = kernel
+        self.dropout = nn.Dropout(dropout)
         self.conv_v = nn.Conv2d(filters, 2 * filters, (kernel // 2 + 1, kernel))
         self.conv_h = nn.Conv2d(filters, 2 * filters, (1, kernel // 2 + 1))
         self.v_to_h = nn.Conv2d(2 * filters, 2 * filters, 1)
@@ -109,7 +111,7 @@ class GatedLayer(nn.Module):
         r = self.k // 2
         v_pre = self.conv_v(F.pad(v, (r, r, r, 0)))
         h_pre = self.conv_h(F.pad(h, (r, 0, 0, 0))) + self.v_to_h(v_pre)
-        g = gate(h_pre)
+        g = self.dropout(gate(h_pre))
         return v + self.v_out(gate(v_pre)), h + self.h_out(g), self.h_skip(g)
 
 
@@ -129,7 +131,8 @@ class PixelCNN(nn.Module):
         self.in_v = nn.Conv2d(c + 1, f, (k0 // 2 + 1, k0))
         self.in_h = nn.Conv2d(c + 1, f, (1, k0 // 2 + 1))
         self.in_v_to_h = nn.Conv2d(f, f, 1)
-        self.layers = nn.ModuleList(GatedLayer(f, config.kernel) for _ in range(config.layers))
+        self.layers = nn.ModuleList(
+            GatedLayer(f, config.kernel, config.dropout) for _ in range(config.layers))
         self.in_skip = nn.Conv2d(f, f, 1)
         self.trunk = nn.Conv2d(f, config.head, 1)
         # channel head: channel c sees the context and channels < c of the same pixel
@@ -162,7 +165,8 @@ class PixelCNN(nn.Module):
             skip = skip + s
         return F.elu(self.trunk(F.elu(skip)))
 
-    def channel_logits(self, ctx: torch.Tensor, xs_prev: torch.Tensor | None, c: int) -> torch.Tensor:
+    def channel_logits(self, ctx: torch.Tensor, xs_prev: torch.Tensor | None,
+                       c: int) -> torch.Tensor:
         """Logits (N, levels, ...) of channel c from the context and the scaled values of
         channels < c at the same positions (`xs_prev`: (N, c, ...), None for c = 0).
 
