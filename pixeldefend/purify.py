@@ -98,6 +98,11 @@ def choose(logits: torch.Tensor, orig: torch.Tensor, eps: int) -> torch.Tensor:
     return key.argmin(dim=1)
 
 
+def default_eps_defend(levels: int) -> int:
+    """The paper's eps_defend = 16 (of 255 levels) scaled to the model's levels, at least 1."""
+    return max(1, round(16 * (levels - 1) / 255))
+
+
 def _check_images(model: PixelCNN, images: torch.Tensor) -> torch.Tensor:
     cfg = model.config
     if images.dim() == 3:
@@ -417,10 +422,12 @@ class _FastPurifyDecision:
 
 def purify_fast(model: PixelCNN, images: torch.Tensor, eps_defend: int,
                 batch_size: int = DEFAULT_BATCH,
-                stats: dict[str, Any] | None = None) -> torch.Tensor:
+                stats: dict[str, Any] | None = None,
+                timings: dict[str, float] | None = None) -> torch.Tensor:
     """Purify with the cached decoder; bit-for-bit equal to `purify_reference` with the
     same `batch_size`. Returns uint8. `stats["fallbacks"]` counts near-tie decisions
-    settled by the reference's own computation."""
+    settled by the reference's own computation; `timings` accumulates seconds per phase
+    (see `CachedDecoder.run`)."""
     images = _check_images(model, images)
     eps = _check_eps(eps_defend)
     fallbacks = 0
@@ -432,7 +439,8 @@ def purify_fast(model: PixelCNN, images: torch.Tensor, eps_defend: int,
         for chunk in _chunks(images, batch_size):
             orig = chunk.to(decoder.device).long()
             decision = _FastPurifyDecision(model, orig, eps)
-            parts.append(decoder.run(orig.clone(), decision).to(torch.uint8).cpu())
+            parts.append(decoder.run(orig.clone(), decision, timings=timings)
+                         .to(torch.uint8).cpu())
             fallbacks += decision.fallbacks
         out = torch.cat(parts)
     if stats is not None:

@@ -1,3 +1,108 @@
-"""CLI commands (registered on import)."""
+"""`bench`: purification, scoring and training throughput on this machine."""
 
-from .app import app  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from ..bench import CASE_NAMES, DEFAULT_MODEL, BenchSettings, run_bench
+from ..errors import UsageError
+from .app import app
+from .common import OutputFormat, emit, err_console, handle_errors
+
+BENCH_COLUMNS = ["case", "shape", "levels", "batch", "eps_defend", "score_images_per_s",
+                 "fast_images_per_s", "reference_images_per_s", "reference_extrapolated",
+                 "speedup_fast_vs_reference", "fast_over_score", "train_step_s", "identical"]
+
+
+def _rate(value: float) -> str:
+    return f"{value:,.3g}" if value < 100 else f"{value:,.0f}"
+
+
+def _bench_table(doc: dict[str, Any]) -> Table:
+    sysinfo = doc["system"]
+    table = Table(title=f"pixeldefend bench: torch {sysinfo['torch']}, {sysinfo['threads']} "
+                        f"thread(s), {sysinfo['cpu_count']} CPU(s), batch "
+                        f"{doc['settings']['batch_size']}")
+    for col in ("case", "score img/s", "fast img/s", "reference img/s", "speed-up vs ref",
+                "fast ÷ score time", "train step s", "fast time split", "identical"):
+        table.add_column(col, justify="left" if col in ("case", "fast time split") else "right",
+                         overflow="fold")
+    for r in doc["results"]:
+        c, h, w = r["shape"]
+        ref = _rate(r["reference_images_per_s"]) + ("*" if r["reference_extrapolated"] else "")
+        split = " ".join(f"{k} {v:.0%}" for k, v in r["fast_split"].items())
+        table.add_row(
+            f"{r['case']} {c}x{h}x{w}, {r['levels']} lv, eps {r['eps_defend']}",
+            _rate(r["score_images_per_s"]), _rate(r["fast_images_per_s"]), ref,
+            f"{r['speedup_fast_vs_reference']:,.0f}x",
+            f"{r['fast_over_score']:.2f}x",
+            "-" if r["train_step_s"] is None else f"{r['train_step_s']:.2f}",
+            split,
+            "-" if r["identical"] is None else ("yes" if r["identical"] else "NO"),
+        )
+    notes = []
+    if any(r["reference_extrapolated"] for r in doc["results"]):
+        notes.append("* extrapolated: " + ", ".join(
+            f"{r['case']} from {r['reference_steps_timed']} of {r['reference_steps_total']} "
+            "sub-pixels" for r in doc["results"] if r["reference_extrapolated"]))
+    notes += [f"{r['case']}: {r['note']}" for r in doc["results"] if r["note"]]
+    load = sysinfo.get("load_average_1m")
+    if load is not None:
+        notes.append(f"load average {load:.1f} before, "
+                     f"{sysinfo.get('load_average_1m_after') or 0:.1f} after "
+                     "(other work on the machine slows every figure)")
+    table.caption = "\n".join(notes)
+    return table
+
+
+@app.command("bench")
+@handle_errors
+def bench_cmd(
+    model: Path = typer.Option(DEFAULT_MODEL, "--model", "-m",
+                               help="Digits model bundle for the first case (a small random "
+                                    "model stands in if it is missing)."),
+    batch_size: int = typer.Option(64, min=1, help="Images per batch in every case."),
+    quick: bool = typer.Option(False, "--quick", help="One timing per figure and a 4 s "
+                               "reference budget per case: about a minute in all."),
+    cases: str = typer.Option(",".join(CASE_NAMES), help="Comma-separated cases to run."),
+    reference_budget: float = typer.Option(20.0, min=0.0, help="Seconds of reference "
+                                           "purification per case before extrapolating."),
+    threads: int | None = typer.Option(None, min=1, help="Intra-op threads (default: "
+                                       "torch's). On a busy machine 1 is often fastest."),
+    train_step: bool = typer.Option(True, "--train-step/--no-train-step",
+                                    help="Also time one training step."),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f",
+                                     help="table or json."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write results here."),
+) -> None:
+    """Measure purification throughput (fast and reference), scoring and training speed.
+
+    Cases: the digits model, and the `small` preset at 28x28x1 and 32x32x3 (256 levels,
+    random weights). The reference purification (one full forward pass per sub-pixel)
+    is timed on its first sub-pixels and extrapolated when the whole run would exceed
+    --reference-budget; such figures are marked. "fast ÷ score time" is the cost of fast
+    purification in scoring passes of the same batch (1 would be the floor).
+
+    [bold]Examples[/]
+
+      pixeldefend bench
+
+      pixeldefend bench --quick --threads 1
+
+      pixeldefend bench --cases 28x28x1 --batch-size 64 --format json -o bench.json
+    """
+    if fmt not in (OutputFormat.table, OutputFormat.json):
+        raise UsageError("bench prints --format table or json")
+    chosen = tuple(c.strip() for c in cases.split(",") if c.strip())
+    unknown = [c for c in chosen if c not in CASE_NAMES]
+    if unknown or not chosen:
+        raise UsageError(f"--cases takes {', '.join(CASE_NAMES)}, not {', '.join(unknown)}")
+    settings = BenchSettings(batch_size=batch_size, quick=quick, threads=threads,
+                             reference_budget=reference_budget, train_step=train_step,
+                             cases=chosen, model=model)
+    doc = run_bench(settings, log=lambda msg: err_console.print(f"[dim]{msg}[/]"))
+    emit(fmt, doc, doc["results"], BENCH_COLUMNS, lambda: _bench_table(doc), output)

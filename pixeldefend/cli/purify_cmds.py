@@ -29,7 +29,7 @@ from ..data import (
 )
 from ..detector import DensityDetector
 from ..errors import UsageError
-from ..purify import DEFAULT_BATCH, PurifyResult, purify
+from ..purify import DEFAULT_BATCH, PurifyResult, default_eps_defend, purify
 from .app import app
 from .common import (
     DEVICE_HELP,
@@ -61,11 +61,6 @@ ADAPTIVE_HELP = ("Purify only images whose bits/dim exceed the model's calibrate
                  "the rest pass through untouched (adaptive PixelDefend).")
 
 
-def default_eps(levels: int) -> int:
-    """The paper's eps_defend = 16 (of 255) scaled to the model's levels, at least 1."""
-    return max(1, round(16 * (levels - 1) / 255))
-
-
 def _verdict(bpd: float, threshold: float | None) -> str:
     if threshold is None:
         return "uncalibrated"
@@ -86,7 +81,7 @@ def _load(model: Path, device: str, adaptive: bool, eps_defend: int | None,
     if (adaptive or need_calibration) and detector.threshold is None:
         raise UsageError(f"{model} has no calibrated threshold: run `pixeldefend calibrate` "
                          "first (needed by --adaptive and --fail-on)")
-    eps = default_eps(detector.spec.levels) if eps_defend is None else eps_defend
+    eps = default_eps_defend(detector.spec.levels) if eps_defend is None else eps_defend
     return detector, eps
 
 
