@@ -14,7 +14,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ class BenchSettings:
     cases: tuple[str, ...] = CASE_NAMES
     model: Path = DEFAULT_MODEL
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    profile: bool = False  # also profile fast purification per operator (torch.profiler)
 
 
 def _random_case(name: str, shape: tuple[int, int, int], levels: int, n: int, eps: int,
@@ -146,6 +146,7 @@ def run_case(case: BenchCase, settings: BenchSettings,
     start = time.perf_counter()
     fast_out = purify_fast(model, images, eps, batch_size=n, stats=stats, timings=timings)
     fast_s = time.perf_counter() - start
+    top_ops = _profile_fast(model, images, eps) if settings.profile else None
     log(f"{case.name}: reference purification")
     budget = 4.0 if settings.quick else settings.reference_budget
     model64 = float64_copy(model)
@@ -181,7 +182,22 @@ def run_case(case: BenchCase, settings: BenchSettings,
         "fast_split": {k: v / total_phase for k, v in timings.items()},
         "fallbacks": int(stats.get("fallbacks", 0)),
         "identical": identical,
+        "fast_top_ops": top_ops,
     }
+
+
+def _profile_fast(model: PixelCNN, images: torch.Tensor, eps: int,
+                  top: int = 8) -> list[dict[str, Any]]:
+    """Share of fast purification's CPU time per torch operator (a separate run: the
+    profiler's own overhead must not pollute the timed one)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        purify_fast(model, images, eps, batch_size=images.shape[0])
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count}
+            for e in events[:top]]
 
 
 def system_info() -> dict[str, Any]:

@@ -152,6 +152,26 @@ def test_fast_equals_reference_random_models(preset, shape, eps_values):
             assert not torch.equal(fast, x)  # something was actually decided
 
 
+def test_cached_logits_trained_model(trained_digits, digits):
+    x = digits[2].images[:8]
+    with torch.no_grad():
+        full = float64_copy(trained_digits).logits_from_scaled(scaled(x, 17))
+    err = (cached_logits(trained_digits, x) - full).abs().max().item()
+    assert err < 1e-12 * max(1.0, full.abs().max().item())
+
+
+def test_dropout_model_in_train_mode_purifies_as_in_eval_mode():
+    """Purification always uses inference semantics (dropout off), in both implementations."""
+    torch.manual_seed(0)
+    model = PixelCNN(PixelCNNConfig.from_preset("tiny", 1, 4, 5, 9, dropout=0.5))
+    x = random_images(4, 1, 4, 5, 9)
+    model.train()
+    fast = purify_fast(model, x, 2)
+    assert torch.equal(fast, purify_reference(model, x, 2))
+    model.eval()
+    assert torch.equal(fast, purify_fast(model, x, 2))
+
+
 @pytest.mark.parametrize("eps", [1, 2, 17])
 def test_fast_equals_reference_trained_digits(trained_digits, digits, eps):
     _, _, test = digits

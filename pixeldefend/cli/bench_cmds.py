@@ -55,6 +55,10 @@ def _bench_table(doc: dict[str, Any]) -> Table:
         notes.append(f"load average {load:.1f} before, "
                      f"{sysinfo.get('load_average_1m_after') or 0:.1f} after "
                      "(other work on the machine slows every figure)")
+    for r in doc["results"]:
+        if r.get("fast_top_ops"):
+            notes.append(f"{r['case']} fast, top ops: " + ", ".join(
+                f"{o['op'].removeprefix('aten::')} {o['share']:.0%}" for o in r["fast_top_ops"]))
     table.caption = "\n".join(notes)
     return table
 
@@ -75,6 +79,8 @@ def bench_cmd(
                                        "torch's). On a busy machine 1 is often fastest."),
     train_step: bool = typer.Option(True, "--train-step/--no-train-step",
                                     help="Also time one training step."),
+    profile: bool = typer.Option(False, "--profile", help="Also profile fast purification "
+                                 "per torch operator (one extra run per case)."),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f",
                                      help="table or json."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write results here."),
@@ -103,6 +109,6 @@ def bench_cmd(
         raise UsageError(f"--cases takes {', '.join(CASE_NAMES)}, not {', '.join(unknown)}")
     settings = BenchSettings(batch_size=batch_size, quick=quick, threads=threads,
                              reference_budget=reference_budget, train_step=train_step,
-                             cases=chosen, model=model)
+                             cases=chosen, model=model, profile=profile)
     doc = run_bench(settings, log=lambda msg: err_console.print(f"[dim]{msg}[/]"))
     emit(fmt, doc, doc["results"], BENCH_COLUMNS, lambda: _bench_table(doc), output)
