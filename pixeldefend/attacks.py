@@ -1,0 +1,415 @@
+"""Adversarial attacks on a classifier, with results a real image file can carry.
+
+`make_attack(name, model, **params)` builds an attack callable on float images in
+[0, 1]; `run_attack(...)` runs it on uint8 images, *quantises* the result to the images'
+pixel levels (round, clip to the eps ball in levels, clip to [0, levels-1]) and reports
+accuracy on the quantised images, because that is what a saved PNG holds.
+
+Every attack torchattacks has comes from torchattacks (FGSM, BIM, PGD, CW, DeepFool,
+AutoAttack); only `rand` (uniform integer noise, a baseline) is written here. CW and
+DeepFool minimise L2 and are not L-infinity bounded: like the PixelDefend paper, their
+output is clipped to the eps ball, and the summary says so (`clipped_to_eps_ball`).
+
+Eps and levels: eps is a fraction of the [0, 1] range; the usable ball is
+floor(eps * (levels - 1)) whole levels. With 17-level digits, eps = 8/255 is half a
+level and the quantised attack cannot change a single pixel: use `--eps 2 --eps-levels`
+(= 0.125) or larger there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .errors import DataError, UsageError
+from .models.classifier import LoadedClassifier, as_loaded, check_inputs, predict_logits
+
+METHODS = ("rand", "fgsm", "bim", "pgd", "cw", "deepfool", "autoattack")
+TARGETED_METHODS = ("fgsm", "bim", "pgd", "cw")
+L2_METHODS = ("cw", "deepfool")  # clipped to the L-infinity eps ball afterwards
+DEFAULT_STEPS = {"bim": 10, "pgd": 10, "cw": 50, "deepfool": 50}
+METHOD_HELP = {
+    "rand": "uniform random integer noise in [-eps, eps] levels (a baseline, not an attack)",
+    "fgsm": "fast gradient sign method, one step of size eps (Goodfellow et al. 2015)",
+    "bim": "basic iterative method: FGSM in `steps` steps of `alpha` (Kurakin et al. 2017)",
+    "pgd": "projected gradient descent from a random start (Madry et al. 2018)",
+    "cw": "Carlini-Wagner L2 with `c`, `kappa`, `lr`, `steps`; clipped to the eps ball",
+    "deepfool": "DeepFool minimal L2 perturbation, `steps`, `overshoot`; clipped to eps ball",
+    "autoattack": "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square), L-infinity",
+}
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """torchattacks prints progress and mode changes: send them to stderr so that
+    `--format json` on stdout stays parseable."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+# ------------------------------------------------------------------------------ eps
+
+
+class Eps(NamedTuple):
+    """An eps budget: as a fraction of [0, 1] and in pixel levels."""
+
+    fraction: float
+    levels: float
+
+    @property
+    def ball(self) -> int:
+        """Whole levels a quantised image may move: floor(eps * (levels - 1))."""
+        return int(math.floor(self.levels + 1e-6))
+
+
+_NUMBER = r"\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*"
+_EPS = re.compile(rf"^(?P<num>{_NUMBER})(?:/(?P<den>{_NUMBER}))?$")
+
+
+def parse_eps(text: str | float | int, levels: int, eps_levels: bool = False) -> Eps:
+    """'8/255' or '0.03' (a fraction of the [0, 1] range) or, with `eps_levels`, a number
+    of whole pixel levels ('2' = 2 / (levels - 1)). Out of (0, 1] is a UsageError."""
+    if levels < 2:
+        raise UsageError(f"images need at least 2 levels, got {levels}")
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        match = _EPS.match(str(text))
+        if match is None:
+            raise UsageError(f"--eps {text!r} is not a number or fraction such as 8/255 or 0.03")
+        value = float(match["num"])
+        if match["den"] is not None:
+            den = float(match["den"])
+            if den == 0:
+                raise UsageError(f"--eps {text!r} divides by zero")
+            value /= den
+    if not math.isfinite(value):
+        raise UsageError(f"--eps {text!r} is not finite")
+    if eps_levels:
+        if not 0 < value <= levels - 1:
+            raise UsageError(f"--eps {text} --eps-levels must be between 0 (exclusive) and "
+                             f"{levels - 1} levels for {levels}-level images")
+        return Eps(value / (levels - 1), value)
+    if not 0 < value <= 1:
+        raise UsageError(f"--eps {text} is outside (0, 1]: eps is a fraction of the pixel "
+                         "range (e.g. 8/255); for whole pixel levels add --eps-levels")
+    return Eps(value, value * (levels - 1))
+
+
+def default_eps(levels: int) -> Eps:
+    """8/255 of the range, but at least one whole level (8/255 is half a digits level)."""
+    eps = Eps(8 / 255, 8 / 255 * (levels - 1))
+    return eps if eps.ball >= 1 else Eps(1 / (levels - 1), 1.0)
+
+
+# ---------------------------------------------------------------------- quantisation
+
+
+def quantise(adv: torch.Tensor, clean: torch.Tensor, levels: int, ball: int) -> torch.Tensor:
+    """Float [0, 1] adversarial images -> uint8 levels: round, clip to the eps ball (in
+    levels) around the clean uint8 images, clip to [0, levels - 1]."""
+    q = torch.round(adv.detach().float().cpu() * (levels - 1)).long()
+    base = clean.long().cpu()
+    q = torch.minimum(torch.maximum(q, base - ball), base + ball)
+    return q.clamp(0, levels - 1).to(torch.uint8)
+
+
+def perturbation_norms(adv: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor,
+                                                                          torch.Tensor]:
+    """Per-image L-infinity and L2 norms of (adv - clean), in pixel levels."""
+    delta = (adv.long() - clean.long()).flatten(1).float()
+    if delta.shape[1] == 0:
+        zero = torch.zeros(delta.shape[0])
+        return zero, zero
+    return delta.abs().amax(1), delta.norm(dim=1)
+
+
+# --------------------------------------------------------------------------- attacks
+
+
+@dataclass
+class Attack:
+    """A ready attack: call it on float [0, 1] images and labels (and targets when
+    targeted); returns float [0, 1] adversarial images within the eps ball."""
+
+    name: str
+    run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    eps: float | None
+    targeted: bool = False
+    clipped_to_eps_ball: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
+                 targets: torch.Tensor | None = None) -> torch.Tensor:
+        if not images.is_floating_point():
+            raise UsageError("attacks take float images in [0, 1]; convert uint8 levels with "
+                             "x / (levels - 1) first (or use run_attack)")
+        if self.targeted and targets is None:
+            raise UsageError(f"{self.name}: targeted attack needs target labels")
+        goal = targets if self.targeted else labels
+        assert goal is not None
+        with quiet_stdout():
+            adv = self.run(images, goal)
+        adv = adv.detach()
+        if self.eps is not None:  # clip L2 attacks (a no-op for the L-infinity ones)
+            adv = torch.minimum(torch.maximum(adv, images - self.eps), images + self.eps)
+        return adv.clamp(0.0, 1.0)
+
+
+def _rand_attack(eps: float, levels: int, seed: int) -> Callable[..., torch.Tensor]:
+    ball = int(math.floor(eps * (levels - 1) + 1e-6))
+    generator = torch.Generator().manual_seed(seed)
+
+    def run(images: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:
+        noise = torch.randint(-ball, ball + 1, images.shape, generator=generator)
+        return images + noise.to(images.device, images.dtype) / (levels - 1)
+
+    return run
+
+
+def make_attack(name: str, model: nn.Module | LoadedClassifier, **params: Any) -> Attack:
+    """Build attack `name` against `model` (float [0, 1] images -> logits).
+
+    Parameters (all optional except `eps` for the L-infinity methods): eps (fraction of
+    [0, 1]), alpha, steps, c, kappa, lr, overshoot, targeted, seed, levels (for rand),
+    num_classes (for autoattack), random_start (pgd).
+    """
+    import torchattacks
+
+    loaded = as_loaded(model)
+    net = loaded.model
+    name = name.lower()
+    if name not in METHODS:
+        raise UsageError(f"unknown attack method {name!r}: choose from {', '.join(METHODS)}")
+    known = {"eps", "alpha", "steps", "c", "kappa", "lr", "overshoot", "targeted", "seed",
+             "levels", "num_classes", "random_start"}
+    unknown = set(params) - known
+    if unknown:
+        raise UsageError(f"unknown attack parameter(s): {', '.join(sorted(unknown))}")
+    eps = params.get("eps")
+    targeted = bool(params.get("targeted", False))
+    seed = int(params.get("seed", 0))
+    if eps is None and name not in L2_METHODS:
+        raise UsageError(f"{name} needs eps")
+    if eps is not None and not 0 <= float(eps) <= 1:
+        raise UsageError(f"eps must be in [0, 1], got {eps}")
+    if targeted and name not in TARGETED_METHODS:
+        raise UsageError(f"--targeted is supported by {', '.join(TARGETED_METHODS)}, "
+                         f"not {name}")
+    steps = int(params.get("steps") or DEFAULT_STEPS.get(name, 1))
+    if steps < 1:
+        raise UsageError(f"steps must be at least 1, got {steps}")
+    alpha = params.get("alpha")
+    if alpha is not None and not 0 < float(alpha) <= 1:
+        raise UsageError(f"alpha must be in (0, 1], got {alpha}")
+    used: dict[str, Any] = {"eps": eps}
+    with quiet_stdout():
+        if name == "rand":
+            levels = int(params.get("levels") or 256)
+            run = _rand_attack(float(eps), levels, seed)
+            used.update(levels=levels)
+        elif name == "fgsm":
+            atk = torchattacks.FGSM(net, eps=float(eps))
+        elif name in ("bim", "pgd"):
+            alpha = float(alpha) if alpha is not None else float(eps) / 4
+            used.update(alpha=alpha, steps=steps)
+            if name == "bim":
+                atk = torchattacks.BIM(net, eps=float(eps), alpha=alpha, steps=steps)
+            else:
+                random_start = bool(params.get("random_start", True))
+                used["random_start"] = random_start
+                atk = torchattacks.PGD(net, eps=float(eps), alpha=alpha, steps=steps,
+                                       random_start=random_start)
+        elif name == "cw":
+            c, kappa = float(params.get("c", 1.0)), float(params.get("kappa", 0.0))
+            lr = float(params.get("lr", 0.01))
+            if c <= 0 or kappa < 0 or lr <= 0:
+                raise UsageError("cw needs c > 0, kappa >= 0 and lr > 0")
+            used.update(c=c, kappa=kappa, lr=lr, steps=steps)
+            atk = torchattacks.CW(net, c=c, kappa=kappa, steps=steps, lr=lr)
+        elif name == "deepfool":
+            overshoot = float(params.get("overshoot", 0.02))
+            if overshoot < 0:
+                raise UsageError("deepfool needs overshoot >= 0")
+            used.update(steps=steps, overshoot=overshoot)
+            atk = torchattacks.DeepFool(net, steps=steps, overshoot=overshoot)
+        else:  # autoattack
+            num_classes = params.get("num_classes") or loaded.num_classes
+            if num_classes is None:
+                raise UsageError("autoattack needs num_classes")
+            if int(num_classes) < 4:
+                raise UsageError("autoattack's targeted parts need at least 4 classes")
+            used.update(num_classes=int(num_classes), version="standard")
+            atk = torchattacks.AutoAttack(net, norm="Linf", eps=float(eps),
+                                          version="standard", n_classes=int(num_classes),
+                                          seed=seed)
+        if name != "rand":
+            atk.set_device(loaded.device)
+            if targeted:
+                atk.set_mode_targeted_by_label(quiet=True)
+            run = atk
+    return Attack(name=name, run=run, eps=None if eps is None else float(eps),
+                  targeted=targeted, clipped_to_eps_ball=name in L2_METHODS, params=used)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+@dataclass
+class AttackResult:
+    """Quantised adversarial images plus what happened to each one."""
+
+    adversarial: torch.Tensor  # uint8 (N, C, H, W), same levels as the input
+    labels: torch.Tensor
+    clean_pred: torch.Tensor
+    adv_pred: torch.Tensor
+    targets: torch.Tensor | None
+    linf: torch.Tensor  # per image, in levels
+    l2: torch.Tensor  # per image, in levels
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+def random_targets(labels: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
+    """A seeded random target label != the true label, for every image."""
+    generator = torch.Generator().manual_seed(seed)
+    shift = torch.randint(1, num_classes, labels.shape, generator=generator)
+    return (labels.cpu() + shift) % num_classes
+
+
+def _rate(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def run_attack(
+    classifier: nn.Module | LoadedClassifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    levels: int,
+    method: str,
+    eps: Eps | float | str | None = None,
+    *,
+    eps_levels: bool = False,
+    steps: int | None = None,
+    alpha: float | None = None,
+    c: float = 1.0,
+    kappa: float = 0.0,
+    lr: float = 0.01,
+    overshoot: float = 0.02,
+    targeted: bool = False,
+    seed: int = 0,
+    batch_size: int = 128,
+    names: list[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> AttackResult:
+    """Attack uint8 images (values in [0, levels-1]) and evaluate the quantised result.
+
+    `eps` is an `Eps`, a fraction of [0, 1], or text for `parse_eps` (None: 8/255, at
+    least one level). `alpha` is a fraction of [0, 1] (default eps / 4). Deterministic for
+    a given seed and batch size; the global torch RNG is left as it was.
+    """
+    loaded = as_loaded(classifier)
+    method = method.lower()
+    if method not in METHODS:
+        raise UsageError(f"unknown attack method {method!r}: choose from {', '.join(METHODS)}")
+    if images.dtype != torch.uint8:
+        raise DataError(f"images must be uint8 pixel levels, not {images.dtype}")
+    if images.dim() != 4:
+        raise DataError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    if images.numel() and int(images.max()) >= levels:
+        raise DataError(f"pixel value {int(images.max())} out of range for {levels} levels")
+    if loaded.levels is not None and loaded.levels != levels:
+        raise DataError(f"images have {levels} levels but the classifier {loaded.source} was "
+                        f"trained on {loaded.levels}")
+    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+    if labels.shape != (images.shape[0],):
+        raise DataError(f"{images.shape[0]} images but labels of shape {tuple(labels.shape)}")
+    if images.shape[0] == 0:
+        raise DataError("no images to attack")
+    num_classes = check_inputs(loaded, images, labels)
+    if eps is None:
+        budget = default_eps(levels)
+    elif isinstance(eps, Eps):
+        budget = eps
+    else:
+        budget = parse_eps(eps, levels, eps_levels)
+    ball = budget.ball
+    eps_used = ball / (levels - 1)  # attack inside the ball a quantised image can reach
+    warnings: list[str] = []
+    if ball == 0:
+        warnings.append(
+            f"eps = {budget.levels:.3g} levels is less than one level of {levels}-level "
+            "images: the quantised images cannot change (use a larger --eps or --eps-levels)")
+    attack = make_attack(method, loaded, eps=eps_used, alpha=alpha, steps=steps, c=c,
+                         kappa=kappa, lr=lr, overshoot=overshoot, targeted=targeted,
+                         seed=seed, levels=levels, num_classes=num_classes)
+    targets = random_targets(labels, num_classes, seed) if targeted else None
+    device = loaded.device
+    start = time.perf_counter()
+    adv_parts = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for lo in range(0, images.shape[0], batch_size):
+            clean = images[lo : lo + batch_size]
+            x = clean.float().div(levels - 1).to(device)
+            y = labels[lo : lo + batch_size].to(device)
+            t = None if targets is None else targets[lo : lo + batch_size].to(device)
+            adv = attack(x, y, t)
+            adv_parts.append(quantise(adv, clean, levels, ball))
+            if progress is not None:
+                progress(clean.shape[0])
+    seconds = time.perf_counter() - start
+    adversarial = torch.cat(adv_parts)
+    clean_pred = predict_logits(loaded.model, images, levels, batch_size).argmax(1)
+    adv_pred = predict_logits(loaded.model, adversarial, levels, batch_size).argmax(1)
+    linf, l2 = perturbation_norms(adversarial, images)
+    correct = clean_pred == labels
+    success = (adv_pred == targets) if targets is not None else (adv_pred != labels)
+    n = int(images.shape[0])
+    records = []
+    for i in range(n):
+        rec: dict[str, Any] = {
+            "index": i, "name": names[i] if names else str(i),
+            "label": int(labels[i]), "clean_pred": int(clean_pred[i]),
+            "adv_pred": int(adv_pred[i]),
+            "success": bool(correct[i] and success[i]),
+            "linf": int(linf[i]), "l2": round(float(l2[i]), 4),
+        }
+        if targets is not None:
+            rec["target"] = int(targets[i])
+        records.append(rec)
+    params = {k: v for k, v in attack.params.items() if k != "eps"}
+    summary: dict[str, Any] = {
+        "method": method,
+        "n": n,
+        "levels": levels,
+        "eps": budget.fraction,
+        "eps_levels": budget.levels,
+        "eps_ball_levels": ball,
+        "targeted": targeted,
+        "seed": seed,
+        "params": params,
+        "clipped_to_eps_ball": attack.clipped_to_eps_ball,
+        "quantised": True,
+        "clean_accuracy": float(correct.float().mean()),
+        "adversarial_accuracy": float((adv_pred == labels).float().mean()),
+        "attack_success_rate": _rate(int((correct & success).sum()), int(correct.sum())),
+        "mean_linf": float(linf.mean()),
+        "max_linf": int(linf.max()),
+        "mean_l2": float(l2.mean()),
+        "max_l2": float(l2.max()),
+        "n_changed": int((linf > 0).sum()),
+        "seconds": round(seconds, 3),
+        "warnings": warnings,
+    }
+    return AttackResult(adversarial, labels, clean_pred, adv_pred, targets, linf, l2,
+                        records, summary)
