@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -30,10 +31,14 @@ class Calibration:
     scores: list[float] = field(repr=False)
     unit: str = "bits/dim"
     data: str = ""
+    # what the score itself needs from the clean data, e.g. for `typicality` the mean clean
+    # bits/dim and the clean bits/dim the batch test resamples from
+    reference: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def fit(cls, scores: np.ndarray, fpr: float = 0.05, kind: str = "bpd",
-            unit: str = "bits/dim", data: str = "") -> Calibration:
+            unit: str = "bits/dim", data: str = "",
+            reference: dict[str, Any] | None = None) -> Calibration:
         scores = np.sort(np.asarray(scores, dtype=np.float64))
         if not 0.0 < fpr < 1.0:
             raise ValueError("fpr must be between 0 and 1")
@@ -46,7 +51,8 @@ class Calibration:
         threshold = float(scores[k - 1]) if k <= n else float("inf")
         quantiles = {f"{q:g}": float(np.quantile(scores, q)) for q in QUANTILES}
         return cls(kind=kind, threshold=threshold, fpr=fpr, n=n, quantiles=quantiles,
-                   scores=[float(s) for s in scores], unit=unit, data=data)
+                   scores=[float(s) for s in scores], unit=unit, data=data,
+                   reference=dict(reference or {}))
 
     def p_values(self, scores: np.ndarray) -> np.ndarray:
         """Conformal p-values: (1 + #{calibration scores >= s}) / (n + 1)."""
@@ -61,6 +67,8 @@ class Calibration:
 
     def to_dict(self) -> dict:
         out = asdict(self)
+        if not self.reference:
+            del out["reference"]  # files of kinds without one stay as they were
         if math.isinf(self.threshold):
             out["threshold"] = None  # JSON has no infinity
         return out

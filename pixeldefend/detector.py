@@ -1,12 +1,15 @@
 """DensityDetector: a PixelCNN plus calibrated thresholds, in the spirit of scikit-learn's
 outlier detectors (fit / score_samples / calibrate / predict / p_values / save / load).
 
-Scores are "higher = more anomalous"; the default kind is bits/dim.
+Scores are "higher = more anomalous"; the default kind is bits/dim. The other kinds
+(input complexity, likelihood ratio against a background model, typicality; maths in
+scores.py) are computed from the same single model pass, each with its own calibration.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +28,25 @@ from .bundle import (
 )
 from .calibration import Calibration, calibration_file, parse_calibration_file
 from .data import ImageSet, ImageSpec
-from .density import LN2, bits_per_dim, nll_map
+from .density import LN2, bits_per_dim, nll_map, nll_nats
 from .device import resolve_device
 from .errors import BundleError, DataError, UsageError
 from .models.pixelcnn import PixelCNN, PixelCNNConfig
+from .scores import (
+    DEFAULT_MUTATION_RATE,
+    SCORE_KINDS,
+    TypicalityTest,
+    complexity_score,
+    llr_score,
+    mutate,
+    png_bits_per_dim,
+    typicality_score,
+    typicality_test,
+)
 from .train import TrainProgress, TrainResult, TrainSettings, run_training
 
 ImagesLike = ImageSet | torch.Tensor | np.ndarray
-SCORE_KINDS = ("bpd",)
+BACKGROUND_PREFIX = "background."
 
 
 def as_tensor(images: ImagesLike) -> torch.Tensor:
@@ -63,6 +77,9 @@ class DensityDetector:
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.batch_size = batch_size
         self.model = model.to(self.device).eval() if model is not None else None
+        # the likelihood-ratio score's background PixelCNN (trained on mutated inputs)
+        self.background: PixelCNN | None = None
+        self.background_meta: dict[str, Any] = {}
         self.calibrations: dict[str, Calibration] = {}
         self.default_kind = "bpd"
         self.meta: dict[str, Any] = {}
@@ -82,6 +99,11 @@ class DensityDetector:
     def threshold(self) -> float | None:
         cal = self.calibration
         return None if cal is None else cal.threshold
+
+    @property
+    def available_kinds(self) -> tuple[str, ...]:
+        """Score kinds this detector can compute (`llr` needs a background model)."""
+        return tuple(k for k in SCORE_KINDS if k != "llr" or self.background is not None)
 
     def _require_model(self) -> PixelCNN:
         if self.model is None:
@@ -140,6 +162,66 @@ class DensityDetector:
         })
         return self
 
+    def fit_background(self, images: ImagesLike, *, mutation_rate: float = DEFAULT_MUTATION_RATE,
+                       preset: str | None = None, val: ImagesLike | None = None,
+                       settings: TrainSettings | None = None,
+                       progress: TrainProgress | None = None,
+                       checkpoint_dir: Path | None = None, resume: bool = False
+                       ) -> DensityDetector:
+        """Train the background PixelCNN of the `llr` score (Ren et al. 2019).
+
+        Same likelihood objective as `fit`, but every batch is freshly mutated: each
+        sub-pixel is replaced by a uniformly random level with probability
+        `mutation_rate`, so the model can only learn the population-level statistics that
+        survive the noise, not the shapes. Use `settings.weight_decay` for the L2 penalty.
+        `preset` None copies the main model's architecture.
+        """
+        if not 0.0 < mutation_rate < 1.0:
+            raise UsageError(f"--mutation-rate must be between 0 and 1, got {mutation_rate}")
+        main = self._require_model().config
+        settings = settings or TrainSettings()
+        torch.manual_seed(settings.seed)
+        if preset is None:
+            cfg = dataclasses.replace(main, dropout=0.0)
+        else:
+            try:
+                cfg = PixelCNNConfig.from_preset(preset, main.channels, main.height, main.width,
+                                                 main.levels)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from exc
+        background = PixelCNN(cfg)
+        x = self._check(images)
+        levels = main.levels
+        val_x = self._check(val) if val is not None else x[: min(len(x), 512)]
+        # one fixed mutation of the validation images, so epochs are compared fairly
+        val_x = mutate(val_x, mutation_rate, levels,
+                       torch.Generator().manual_seed(settings.seed + 7919))
+
+        def loss_fn(m: torch.nn.Module, batch: torch.Tensor, _labels) -> torch.Tensor:
+            # global RNG: restored by --resume checkpoints, so a resumed run is identical
+            noisy = mutate(batch, mutation_rate, levels)
+            return F.cross_entropy(m(noisy), noisy.long())
+
+        def evaluate(m: torch.nn.Module) -> float:
+            return float(bits_per_dim(m, val_x, self.batch_size).mean())
+
+        result = run_training(
+            background, loss_fn, x, None, evaluate, settings, self.device,
+            checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
+            train_metric=lambda nats: nats / LN2,
+        )
+        self.background = background.eval()
+        self.background_meta = {
+            "preset": preset or self.preset,
+            "mutation_rate": mutation_rate,
+            "training": {
+                "settings": settings.__dict__, "best_epoch": result.best_epoch,
+                "val_bits_per_dim_mutated": result.best_val, "n_train": int(len(x)),
+                "n_val": int(len(val_x)), "history": result.history,
+            },
+        }
+        return self
+
     # ----------------------------------------------------------------------- scoring
 
     def nll_map(self, images: ImagesLike, progress: Callable[[int], None] | None = None
@@ -147,14 +229,90 @@ class DensityDetector:
         """Per-sub-pixel NLL in nats (N, C, H, W): where an image looks wrong."""
         return nll_map(self._require_model(), self._check(images), self.batch_size, progress)
 
+    def check_kind(self, kind: str) -> str:
+        """`kind` if this detector can compute it, else a UsageError that says why not."""
+        if kind not in SCORE_KINDS:
+            raise UsageError(f"unknown score kind {kind!r}: choose from {', '.join(SCORE_KINDS)}")
+        if kind == "llr" and self.background is None:
+            raise UsageError("score 'llr' needs a background model: train one with "
+                             "`pixeldefend train-background --model M` (or train --background)")
+        return kind
+
+    def typicality_reference(self) -> float:
+        """Mean clean bits/dim that per-image typicality is measured from."""
+        cal = self.calibrations.get("typicality")
+        if cal is not None and "mean_bpd" in cal.reference:
+            return float(cal.reference["mean_bpd"])
+        if "bpd" in self.calibrations:
+            return float(np.mean(self.calibrations["bpd"].scores))
+        raise UsageError("score 'typicality' needs clean calibration bits/dim: run "
+                         "`pixeldefend calibrate`")
+
+    def compute_scores(self, images: ImagesLike, kinds: Sequence[str] | None = None,
+                       progress: Callable[[int], None] | None = None,
+                       typicality_mean: float | None = None) -> dict[str, np.ndarray]:
+        """Several score kinds from one model pass (plus one background pass for `llr`).
+
+        Returns a dict with `nll_nats` and `bpd` always, and one array per kind asked for
+        (all available kinds when `kinds` is None). `typicality_mean` overrides the stored
+        clean mean (used while calibrating).
+        """
+        kinds = list(self.available_kinds if kinds is None else kinds)
+        for kind in kinds:
+            self.check_kind(kind)
+        x = self._check(images)
+        model = self._require_model()
+        nll = nll_nats(model, x, self.batch_size, progress).numpy()
+        bpd = nll / (x[0].numel() * LN2) if len(x) else np.zeros(0)
+        out: dict[str, np.ndarray] = {"nll_nats": nll, "bpd": bpd}
+        for kind in kinds:
+            if kind == "complexity":
+                out[kind] = complexity_score(bpd, png_bits_per_dim(x, self.spec.levels))
+            elif kind == "llr":
+                assert self.background is not None
+                out["background_bpd"] = bits_per_dim(self.background, x, self.batch_size).numpy()
+                out[kind] = llr_score(bpd, out["background_bpd"])
+            elif kind == "typicality":
+                mean = self.typicality_reference() if typicality_mean is None else typicality_mean
+                out[kind] = typicality_score(bpd, mean)
+        return out
+
     def score_samples(self, images: ImagesLike, kind: str | None = None,
                       progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """Anomaly score per image (higher = stranger); bits/dim for the default kind."""
-        kind = kind or self.default_kind
-        if kind != "bpd":
-            raise UsageError(f"unknown score kind {kind!r}: choose from {', '.join(SCORE_KINDS)}")
-        x = self._check(images)
-        return bits_per_dim(self._require_model(), x, self.batch_size, progress).numpy()
+        """Anomaly score per image (higher = stranger); bits/dim for the default kind.
+
+        kind: bpd, complexity, llr (needs a background model) or typicality (needs a
+        calibration); the library entry point for `defend` / `evaluate`.
+        """
+        kind = self.check_kind(kind or self.default_kind)
+        return self.compute_scores(images, [kind], progress)[kind]
+
+    def batch_test(self, images: ImagesLike | None = None, *, bpd: np.ndarray | None = None,
+                   alpha: float | None = None, resamples: int = 1000, seed: int = 0
+                   ) -> TypicalityTest:
+        """Typicality test of a whole batch against the clean calibration bits/dim.
+
+        Pass the images, or their bits/dim if already computed. alpha defaults to the
+        typicality (else bpd) calibration's target false-positive rate.
+        """
+        cal = self.calibrations.get("typicality")
+        if cal is not None and "bpd_scores" in cal.reference:
+            reference = np.asarray(cal.reference["bpd_scores"], dtype=np.float64)
+        elif "bpd" in self.calibrations:
+            cal = cal or self.calibrations["bpd"]
+            reference = np.asarray(self.calibrations["bpd"].scores, dtype=np.float64)
+        else:
+            raise UsageError("the batch test needs clean calibration bits/dim: run "
+                             "`pixeldefend calibrate`")
+        if bpd is None:
+            if images is None:
+                raise UsageError("batch_test needs images or their bits/dim")
+            bpd = self.score_samples(images, "bpd")
+        try:
+            return typicality_test(bpd, reference, alpha=cal.fpr if alpha is None else alpha,
+                                   resamples=resamples, seed=seed)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
 
     def log_likelihood(self, images: ImagesLike) -> np.ndarray:
         """log p(x) in nats per image."""
@@ -165,12 +323,37 @@ class DensityDetector:
         """Set the threshold so that about `fpr` of clean images are flagged."""
         if not 0.0 < fpr < 1.0:
             raise UsageError(f"--fpr must be between 0 and 1 (exclusive), got {fpr}")
-        kind = kind or self.default_kind
-        scores = self.score_samples(images, kind)
-        cal = Calibration.fit(scores, fpr=fpr, kind=kind, data=data)
-        self.calibrations[kind] = cal
+        kind = self.check_kind(kind or self.default_kind)
+        cal = self.calibrate_all(images, fpr=fpr, kinds=[kind], data=data)[kind]
         self.default_kind = kind
         return cal
+
+    def calibrate_all(self, images: ImagesLike, fpr: float = 0.05,
+                      kinds: Sequence[str] | None = None, data: str = ""
+                      ) -> dict[str, Calibration]:
+        """Calibrate several kinds (default: all available) from one pass; keeps the
+        default kind. Typicality is measured from these images' own mean bits/dim."""
+        if not 0.0 < fpr < 1.0:
+            raise UsageError(f"--fpr must be between 0 and 1 (exclusive), got {fpr}")
+        kinds = list(self.available_kinds if kinds is None else kinds)
+        x = self._check(images)
+        if len(x) == 0:
+            raise UsageError("no calibration images")
+        probe = [k for k in kinds if k != "typicality"]
+        scores = self.compute_scores(x, probe)
+        mean = float(scores["bpd"].mean())
+        if "typicality" in kinds:
+            scores["typicality"] = typicality_score(scores["bpd"], mean)
+        out = {}
+        for kind in kinds:
+            reference: dict[str, Any] = {}
+            if kind == "typicality":
+                reference = {"mean_bpd": mean,
+                             "bpd_scores": [float(v) for v in np.sort(scores["bpd"])]}
+            out[kind] = Calibration.fit(scores[kind], fpr=fpr, kind=kind, data=data,
+                                        reference=reference)
+        self.calibrations.update(out)
+        return out
 
     def _calibration_for(self, kind: str | None) -> Calibration:
         kind = kind or self.default_kind
@@ -196,9 +379,16 @@ class DensityDetector:
             "image_shape": list(self.spec.shape),
             "levels": self.spec.levels,
             "preset": self.preset,
-            **self.meta,
+            **{k: v for k, v in self.meta.items() if k not in ("background", "path")},
         }
-        return save_bundle(path, "pixelcnn", model.config.to_dict(), model.state_dict(),
+        state = dict(model.state_dict())
+        if self.background is not None:
+            # one weights file: the background's tensors under a prefix, its config beside
+            meta["background"] = {"architecture": self.background.config.to_dict(),
+                                  **self.background_meta}
+            state.update({BACKGROUND_PREFIX + k: v
+                          for k, v in self.background.state_dict().items()})
+        return save_bundle(path, "pixelcnn", model.config.to_dict(), state,
                            meta=meta, calibration=cal)
 
     def save_calibration(self, path: str | Path) -> None:
@@ -213,11 +403,24 @@ class DensityDetector:
         except (TypeError, ValueError, KeyError) as exc:
             raise BundleError(f"{path}: config.json has an invalid architecture ({exc})") from exc
         model = PixelCNN(model_cfg)
-        load_state_into(model, read_weights(path), path)
+        state = read_weights(path)
+        load_state_into(model, {k: v for k, v in state.items()
+                                if not k.startswith(BACKGROUND_PREFIX)}, path)
         det = cls(preset=config.get("preset", "custom"), device=device, batch_size=batch_size,
                   model=model)
         det.meta = {k: v for k, v in config.items()
-                    if k not in ("format", "format_version", "kind", "architecture")}
+                    if k not in ("format", "format_version", "kind", "architecture",
+                                 "background")}
+        if config.get("background") is not None:
+            bg = dict(config["background"])
+            try:
+                background = PixelCNN(PixelCNNConfig(**bg.pop("architecture")))
+            except (TypeError, ValueError, KeyError) as exc:
+                raise BundleError(f"{path}: config.json has an invalid background "
+                                  f"architecture ({exc})") from exc
+            load_state_into(background, state, path, prefix=BACKGROUND_PREFIX)
+            det.background = background.to(det.device).eval()
+            det.background_meta = bg
         doc = read_calibration(path)
         if doc is not None:
             try:

@@ -17,8 +17,8 @@ from . import __version__
 from .atomic import write_bytes
 from .calibration import Calibration
 from .data import Batch
-from .density import LN2
 from .detector import DensityDetector
+from .scores import TypicalityTest
 
 SCORE_COLUMNS = ["path", "bits_per_dim", "nll_nats", "score", "p_value", "verdict", "error"]
 
@@ -29,9 +29,8 @@ def score_rows(detector: DensityDetector, batch: Batch, kind: str) -> list[dict[
     good = batch.images
     rows: list[dict[str, Any]] = []
     if good.shape[0]:
-        nll = detector.nll_map(good).double().flatten(1).sum(1).numpy()
-        bpd = nll / (good[0].numel() * LN2)
-        scores = bpd if kind == "bpd" else detector.score_samples(good, kind)
+        computed = detector.compute_scores(good, [kind])  # one model pass for all columns
+        nll, bpd, scores = computed["nll_nats"], computed["bpd"], computed[kind]
         p_values = cal.p_values(scores) if cal is not None else np.full(len(scores), np.nan)
         flagged = cal.predict(scores) if cal is not None else np.zeros(len(scores), dtype=bool)
     k = 0
@@ -77,11 +76,26 @@ def score_document(rows: list[dict[str, Any]], model: Path | str, cal: Calibrati
     }
 
 
+def batch_test_entry(test: TypicalityTest) -> dict[str, Any]:
+    """The `batch_test` field of the score document."""
+    return {**test.to_dict(), "kind": "typicality",
+            "verdict": "anomalous" if test.anomalous else "typical"}
+
+
+def batch_test_line(entry: dict[str, Any]) -> str:
+    return (f"batch typicality test: {entry['n']} images, mean {entry['mean_bits_per_dim']:.4f} "
+            f"bits/dim vs clean {entry['reference_mean']:.4f} (|diff| {entry['statistic']:.4f}, "
+            f"bootstrap threshold {entry['threshold']:.4f}), p-value {entry['p_value']:.4f}: "
+            f"{entry['verdict']}")
+
+
 def score_table(doc: dict[str, Any]) -> Table:
     kind = doc["score_kind"]
     threshold = doc["threshold"]
     caption = f"threshold {threshold:.4f} ({kind}) at FPR {doc['target_fpr']:g}" \
         if threshold is not None else "uncalibrated: run `pixeldefend calibrate`"
+    if doc.get("batch_test"):
+        caption += "\n" + batch_test_line(doc["batch_test"])
     table = Table(title=f"pixeldefend score — {doc['model']}", caption=caption)
     table.add_column("path", overflow="fold")
     table.add_column("bits/dim", justify="right")
@@ -106,12 +120,23 @@ def score_table(doc: dict[str, Any]) -> Table:
     return table
 
 
-def write_junit(path: Path, rows: list[dict[str, Any]], kind: str) -> None:
-    """JUnit XML: one test case per image; flagged = failure, unreadable = error."""
+def write_junit(path: Path, rows: list[dict[str, Any]], kind: str,
+                batch_test: dict[str, Any] | None = None) -> None:
+    """JUnit XML: one test case per image; flagged = failure, unreadable = error; plus one
+    case for the batch typicality test when it was run."""
     summary = summarise(rows)
-    suite = ET.Element("testsuite", name="pixeldefend.score", tests=str(summary["n"]),
-                       failures=str(summary["anomalous"]), errors=str(summary["errors"]),
-                       skipped="0")
+    batch_failed = bool(batch_test and batch_test["anomalous"])
+    suite = ET.Element("testsuite", name="pixeldefend.score",
+                       tests=str(summary["n"] + (1 if batch_test else 0)),
+                       failures=str(summary["anomalous"] + batch_failed),
+                       errors=str(summary["errors"]), skipped="0")
+    if batch_test:
+        case = ET.SubElement(suite, "testcase", classname="pixeldefend.score",
+                             name="batch typicality test")
+        if batch_failed:
+            ET.SubElement(case, "failure", message=batch_test_line(batch_test), type="atypical")
+        else:
+            ET.SubElement(case, "system-out").text = batch_test_line(batch_test)
     for r in rows:
         case = ET.SubElement(suite, "testcase", classname="pixeldefend.score", name=r["path"])
         if r["verdict"] == "error":
@@ -145,10 +170,27 @@ def info_document(detector: DensityDetector, path: Path | str) -> dict[str, Any]
         "data": meta.get("data"),
         "metrics": meta.get("metrics"),
         "default_score": detector.default_kind,
+        "score_kinds": list(detector.available_kinds),
+        "background": background_summary(detector),
         "calibration": {
-            k: {kk: vv for kk, vv in c.to_dict().items() if kk != "scores"}
+            k: {kk: vv for kk, vv in c.to_dict().items() if kk not in ("scores", "reference")}
             for k, c in detector.calibrations.items()
         },
+    }
+
+
+def background_summary(detector: DensityDetector) -> dict[str, Any] | None:
+    """What `info` shows about the likelihood-ratio background model (None if absent)."""
+    if detector.background is None:
+        return None
+    training = detector.background_meta.get("training") or {}
+    return {
+        "preset": detector.background_meta.get("preset"),
+        "mutation_rate": detector.background_meta.get("mutation_rate"),
+        "parameters": sum(p.numel() for p in detector.background.parameters()),
+        "n_train": training.get("n_train"),
+        "epochs": len(training.get("history") or []),
+        "val_bits_per_dim_mutated": training.get("val_bits_per_dim_mutated"),
     }
 
 
@@ -167,6 +209,13 @@ def info_table(doc: dict[str, Any]) -> Table:
     for key, value in (doc.get("metrics") or {}).items():
         table.add_row(key.replace("_", " "), f"{value:.4f}" if isinstance(value, float)
                       else str(value))
+    bg = doc.get("background")
+    if bg:
+        table.add_row("background model",
+                      f"preset {bg['preset']}, {bg['parameters']:,} parameters, mutation rate "
+                      f"{bg['mutation_rate']:g}, {bg['epochs']} epoch(s) on {bg['n_train']} "
+                      f"images (enables score 'llr')")
+    table.add_row("score kinds", ", ".join(doc.get("score_kinds") or []))
     for kind, cal in doc["calibration"].items():
         thr = cal["threshold"]
         table.add_row(f"threshold ({kind})",

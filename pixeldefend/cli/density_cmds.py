@@ -1,4 +1,5 @@
-"""`train`, `calibrate`, `score`, `info` and `sample`: the density core of the CLI."""
+"""`train`, `train-background`, `calibrate`, `score`, `info` and `sample`: the density core
+of the CLI."""
 
 from __future__ import annotations
 
@@ -10,10 +11,20 @@ import numpy as np
 import typer
 
 from .. import reporting
-from ..data import ImageStream, load_images, parse_builtin, resolve, split_slice, training_splits
+from ..data import (
+    Batch,
+    ImageSet,
+    ImageStream,
+    load_images,
+    parse_builtin,
+    resolve,
+    split_slice,
+    training_splits,
+)
 from ..detector import DensityDetector
 from ..errors import UsageError
 from ..models.pixelcnn import PRESETS
+from ..scores import DEFAULT_BACKGROUND_L2, DEFAULT_MUTATION_RATE, SCORE_HELP, SCORE_KINDS
 from ..train import TrainSettings, remove_checkpoint
 from .app import app
 from .common import (
@@ -68,6 +79,55 @@ class RichTrainProgress:
             f"val {val_metric:.4f} bits/dim{mark}", highlight=False)
 
 
+SCORE_OPTION_HELP = "Score kind: " + "; ".join(f"{k} = {v}" for k, v in SCORE_HELP.items()) + "."
+MUTATION_HELP = (
+    "Background model (score llr): probability that a sub-pixel of a training image is "
+    "replaced by a uniformly random level. Ren et al. (2019) found 0.1-0.2 best; 0.2 wipes "
+    "out shapes while keeping the local pixel statistics that confound raw likelihood, and "
+    "suits short CPU training.")
+BACKGROUND_PRESET_HELP = (
+    "Background model size [default: same as the main model]. It only has to learn local "
+    "statistics, so 'tiny' is a fair CPU saving on small images.")
+
+
+def check_score_kind(kind: str) -> str:
+    if kind not in SCORE_KINDS:
+        raise UsageError(f"--score must be one of {', '.join(SCORE_KINDS)}, not {kind!r}")
+    return kind
+
+
+def train_background_model(detector: DensityDetector, train_set: ImageSet, val_set: ImageSet,
+                           *, mutation_rate: float, preset: str | None,
+                           settings: TrainSettings, checkpoint: Path, resume: bool) -> None:
+    """Fit the llr background model with a progress bar; Ctrl-C says how to resume."""
+    if preset is not None and preset not in PRESETS:
+        raise UsageError(f"--background-preset must be one of {', '.join(PRESETS)}, "
+                         f"not {preset!r}")
+    err_console.print(
+        f"background model: mutation rate {mutation_rate:g}, preset "
+        f"{preset or 'same as the main model'}, L2 {settings.weight_decay:g}, "
+        f"{len(train_set)} images, checkpoint {checkpoint}", highlight=False)
+    try:
+        with RichTrainProgress("background") as progress:
+            detector.fit_background(train_set, mutation_rate=mutation_rate, preset=preset,
+                                    val=val_set, settings=settings, progress=progress,
+                                    checkpoint_dir=checkpoint, resume=resume)
+    except KeyboardInterrupt:
+        err_console.print(f"[yellow]interrupted[/]: continue with the same command plus "
+                          f"--resume (checkpoint in {checkpoint})")
+        raise
+
+
+def print_calibrations(detector: DensityDetector, kinds: list[str], n: int, source: str) -> None:
+    for kind in kinds:
+        cal = detector.calibrations[kind]
+        default = " (default)" if kind == detector.default_kind else ""
+        out_console.print(f"  {kind:<10} threshold {cal.threshold:.4f} {cal.unit} at FPR "
+                          f"{cal.fpr:g}{default}", highlight=False)
+    err_console.print(f"calibrated {', '.join(kinds)} on {n} clean images of {source}",
+                      highlight=False)
+
+
 def default_out(data: str) -> Path:
     parsed = parse_builtin(split_slice(data)[0])
     name = parsed[0] if parsed else Path(data.rstrip("/")).stem or "model"
@@ -83,7 +143,7 @@ def train(
     out: Path | None = typer.Option(None, "--out", "-o",
                                     help="Bundle directory [default: models/<data name>]."),
     preset: str = typer.Option("small", help=f"Model size: {', '.join(PRESETS)}."),
-    dropout: float = typer.Option(0.0, min=0.0, max=0.9,
+    dropout: float = typer.Option(0.1, min=0.0, max=0.9,
                                   help="Dropout on the gated units (helps on small data)."),
     epochs: int = typer.Option(40, min=1, help="Maximum training epochs."),
     patience: int = typer.Option(8, min=0, help="Stop after this many epochs without a better "
@@ -91,7 +151,20 @@ def train(
     batch_size: int = typer.Option(64, min=1, help="Images per optimisation step."),
     lr: float = typer.Option(2e-3, min=0.0, help="Adam learning rate (decays 3% per epoch)."),
     fpr: float = typer.Option(0.05, help="Target false-positive rate of the threshold."),
+    max_images: int | None = typer.Option(None, min=1, help="Train on at most this many "
+                                                           "images (a quicker CPU run)."),
     seed: int = typer.Option(0, help="Seed for weights, shuffling and splits."),
+    score_kind: str = typer.Option("bpd", "--score", help=SCORE_OPTION_HELP + " Every "
+                                   "available kind is calibrated; this one is the default."),
+    background: bool = typer.Option(False, "--background", help="Also train the background "
+                                    "model of the llr score and store it in the bundle."),
+    mutation_rate: float = typer.Option(DEFAULT_MUTATION_RATE, help=MUTATION_HELP),
+    background_preset: str | None = typer.Option(None, help=BACKGROUND_PRESET_HELP),
+    background_epochs: int | None = typer.Option(
+        None, min=1, help="Background model epochs [default: --epochs]."),
+    background_l2: float = typer.Option(DEFAULT_BACKGROUND_L2, min=0.0,
+                                        help="L2 penalty (Adam weight decay) on the "
+                                             "background model, as in Ren et al."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     resume: bool = typer.Option(False, "--resume",
                                 help="Continue an interrupted run from its last checkpoint."),
@@ -99,11 +172,12 @@ def train(
     download: bool = typer.Option(False, "--download",
                                   help="Let torchvision download the data set if missing."),
 ) -> None:
-    """Train a PixelCNN on clean images, calibrate its threshold and write a bundle.
+    """Train a PixelCNN on clean images, calibrate its thresholds and write a bundle.
 
     Holds out validation and calibration images, checkpoints every epoch (Ctrl-C loses at
     most one epoch; continue with --resume), keeps the weights with the best validation
-    bits/dim, and prints test bits/dim at the end.
+    bits/dim, calibrates every score kind and prints test bits/dim at the end. With
+    --background it also trains the likelihood-ratio background model on mutated images.
 
     [bold]Examples[/]
 
@@ -112,15 +186,23 @@ def train(
       pixeldefend train --data fashion-mnist --epochs 5  [dim]# -> models/fashion-mnist[/]
 
       pixeldefend train --data fashion-mnist --resume    [dim]# after an interruption[/]
+
+      pixeldefend train --background --score llr         [dim]# + background model[/]
     """
     if preset not in PRESETS:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     if not 0.0 < fpr < 1.0:
         raise UsageError(f"--fpr must be between 0 and 1, got {fpr}")
+    check_score_kind(score_kind)
+    if score_kind == "llr" and not background:
+        raise UsageError("--score llr needs a background model: add --background")
+    if background_preset is not None and background_preset not in PRESETS:
+        raise UsageError(f"--background-preset must be one of {', '.join(PRESETS)}, "
+                         f"not {background_preset!r}")
     out = out or default_out(data)
     checkpoint = out.with_name(out.name + ".checkpoint")
     splits = training_splits(data, data_root, download, seed)
-    train_set = resolve(splits["train"], None, data_root, download)
+    train_set = resolve(splits["train"], None, data_root, download).head(max_images)
     expect = train_set.spec
     val_set = resolve(splits["val"], expect, data_root, download)
     calib_set = resolve(splits["calib"], expect, data_root, download)
@@ -144,9 +226,19 @@ def train(
                           f"--resume (checkpoint in {checkpoint})")
         raise
     seconds = time.perf_counter() - start
-    cal = detector.calibrate(calib_set, fpr=fpr, data=calib_set.source)
+    background_checkpoint = out.with_name(out.name + ".background.checkpoint")
+    if background:
+        bg_settings = TrainSettings(epochs=background_epochs or epochs, batch_size=batch_size,
+                                    lr=lr, seed=seed, patience=patience,
+                                    weight_decay=background_l2)
+        train_background_model(detector, train_set, val_set, mutation_rate=mutation_rate,
+                               preset=background_preset, settings=bg_settings,
+                               checkpoint=background_checkpoint, resume=resume)
+    detector.calibrate_all(calib_set, fpr=fpr, data=calib_set.source)
+    detector.default_kind = score_kind
+    cal = detector.calibrations["bpd"]
     metrics: dict[str, Any] = {"val_bits_per_dim": detector.meta["training"]["val_bits_per_dim"],
-                               "train_seconds": round(seconds, 1)}
+                               "train_seconds": round(time.perf_counter() - start, 1)}
     if test_set is not None:
         metrics["test_bits_per_dim"] = float(detector.score_samples(test_set).mean())
     detector.meta["data"] = {
@@ -161,12 +253,94 @@ def train(
     detector.meta["metrics"] = metrics
     detector.save(out)
     remove_checkpoint(checkpoint)
+    remove_checkpoint(background_checkpoint)
     err_console.print(f"wrote bundle {out}", highlight=False)
     test = metrics.get("test_bits_per_dim")
     out_console.print(
         f"test bits/dim {fmt_float(test, 4)}  (validation {metrics['val_bits_per_dim']:.4f}); "
         f"threshold {cal.threshold:.4f} bits/dim at FPR {fpr:g} from {cal.n} calibration "
         f"images; {seconds:.0f} s", highlight=False)
+    print_calibrations(detector, list(detector.available_kinds), len(calib_set),
+                       calib_set.source)
+
+
+@app.command("train-background")
+@handle_errors
+def train_background(
+    model: Path = typer.Option(DEFAULT_MODEL, "--model", "-m",
+                               help="Existing bundle to add a background model to."),
+    data: str | None = typer.Option(
+        None, "--data", "-d", help="Training images [default: the bundle's training data]."),
+    mutation_rate: float = typer.Option(DEFAULT_MUTATION_RATE, help=MUTATION_HELP),
+    preset: str | None = typer.Option(None, "--preset", "--background-preset",
+                                      help=BACKGROUND_PRESET_HELP),
+    epochs: int = typer.Option(10, min=1, help="Maximum training epochs."),
+    patience: int = typer.Option(4, min=0, help="Early-stopping patience (0: never)."),
+    batch_size: int = typer.Option(64, min=1, help="Images per optimisation step."),
+    lr: float = typer.Option(2e-3, min=0.0, help="Adam learning rate (decays 3% per epoch)."),
+    l2: float = typer.Option(DEFAULT_BACKGROUND_L2, "--l2", "--background-l2", min=0.0,
+                             help="L2 penalty (Adam weight decay), as in Ren et al."),
+    max_images: int | None = typer.Option(None, min=1, help="Train on at most this many "
+                                                           "images (a quicker CPU run)."),
+    fpr: float | None = typer.Option(None, help="Target false-positive rate of the new "
+                                                "thresholds [default: the bundle's]."),
+    seed: int | None = typer.Option(None, help="Seed for weights, mutations and splits "
+                                               "[default: the main model's]."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    resume: bool = typer.Option(False, "--resume",
+                                help="Continue an interrupted run from its last checkpoint."),
+    data_root: str | None = typer.Option(None, help="Folder holding data set files."),
+    download: bool = typer.Option(False, "--download",
+                                  help="Let torchvision download the data set if missing."),
+) -> None:
+    """Add the likelihood-ratio background model to an existing bundle (score llr).
+
+    Trains a PixelCNN on the bundle's training split with every sub-pixel replaced by a
+    random level with probability --mutation-rate (Ren et al. 2019), stores it in the same
+    bundle (weights under 'background.' in model.safetensors, its config under
+    'background' in config.json) and recalibrates every score kind on the calibration
+    split. The main model is not touched.
+
+    [bold]Examples[/]
+
+      pixeldefend train-background --model models/digits
+
+      pixeldefend train-background --model models/fashion-mnist --max-images 10000 --epochs 3
+    """
+    detector = DensityDetector.load(model, device=device)
+    recorded = detector.meta.get("data") or {}
+    data = data or recorded.get("spec")
+    if not data:
+        raise UsageError(f"{model} does not record its training data: pass --data")
+    if fpr is None:
+        cal = detector.calibration
+        fpr = cal.fpr if cal is not None else 0.05
+    if not 0.0 < fpr < 1.0:
+        raise UsageError(f"--fpr must be between 0 and 1, got {fpr}")
+    if seed is None:
+        seed = int(((detector.meta.get("training") or {}).get("settings") or {}).get("seed", 0))
+    splits = training_splits(data, data_root, download, seed)
+    expect = detector.spec
+    train_set = resolve(splits["train"], expect, data_root, download).head(max_images)
+    val_set = resolve(splits["val"], expect, data_root, download)
+    calib_set = resolve(splits["calib"], expect, data_root, download)
+    checkpoint = model.with_name(model.name + ".background.checkpoint")
+    settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                             patience=patience, weight_decay=l2)
+    start = time.perf_counter()
+    train_background_model(detector, train_set, val_set, mutation_rate=mutation_rate,
+                           preset=preset, settings=settings, checkpoint=checkpoint,
+                           resume=resume)
+    seconds = time.perf_counter() - start
+    detector.background_meta["train_seconds"] = round(seconds, 1)
+    detector.background_meta["data"] = {"train": train_set.source, "n_train": len(train_set)}
+    detector.calibrate_all(calib_set, fpr=fpr, data=calib_set.source)
+    detector.save(model)
+    remove_checkpoint(checkpoint)
+    err_console.print(f"wrote bundle {model} (background model added, {seconds:.0f} s)",
+                      highlight=False)
+    print_calibrations(detector, list(detector.available_kinds), len(calib_set),
+                       calib_set.source)
 
 
 @app.command()
@@ -177,22 +351,35 @@ def calibrate(
         None, "--data", "-d",
         help="Clean held-out images [default: the bundle's own calibration split]."),
     fpr: float = typer.Option(0.05, help="Target false-positive rate on clean images."),
-    score: str | None = typer.Option(None, "--score", help="Score kind [default: bundle's]."),
+    score: str | None = typer.Option(
+        None, "--score", help=SCORE_OPTION_HELP + " Calibrates this kind and makes it the "
+        "bundle's default [default: recalibrate every available kind, keep the default]."),
     batch_size: int = typer.Option(256, min=1),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     resize: bool = typer.Option(False, "--resize", help="Resize images to the model's size."),
     grayscale: bool = typer.Option(False, "--grayscale", help="Convert colour/gray to match."),
     data_root: str | None = typer.Option(None, help="Folder holding data set files."),
 ) -> None:
-    """Recompute the threshold on clean images and store it in the bundle (atomically).
+    """Recompute thresholds on clean images and store them in the bundle (atomically).
+
+    Each score kind gets its own threshold and clean calibration scores (conformal
+    p-values); `typicality` also stores the clean bits/dim its batch test resamples.
 
     [bold]Examples[/]
 
       pixeldefend calibrate --model models/digits --fpr 0.01
 
       pixeldefend calibrate --model models/mine --data clean_holdout/ --fpr 0.05
+
+      pixeldefend calibrate --model models/digits --score complexity  [dim]# new default[/]
     """
+    if score is not None:
+        check_score_kind(score)
+    if not 0.0 < fpr < 1.0:
+        raise UsageError(f"--fpr must be between 0 and 1 (exclusive), got {fpr}")
     detector = DensityDetector.load(model, device=device, batch_size=batch_size)
+    if score is not None:
+        detector.check_kind(score)
     if data is None:
         data = (detector.meta.get("data") or {}).get("calib")
         if not data:
@@ -201,11 +388,18 @@ def calibrate(
                          grayscale=grayscale)
     for name, error in images.errors:
         err_console.print(f"[yellow]skipped[/] {name}: {error}", highlight=False)
-    cal = detector.calibrate(images, fpr=fpr, kind=score, data=images.source)
+    if score is not None:
+        detector.calibrate(images, fpr=fpr, kind=score, data=images.source)
+        kinds = [score]
+    else:
+        kinds = list(detector.calibrate_all(images, fpr=fpr, data=images.source))
     detector.save_calibration(model)
+    headline = detector.default_kind if detector.default_kind in kinds else kinds[0]
+    cal = detector.calibrations[headline]
     out_console.print(
         f"threshold {cal.threshold:.4f} {cal.unit} ({cal.kind}) at FPR {fpr:g} from {cal.n} "
         f"images of {images.source}; written to {model}/calibration.json", highlight=False)
+    print_calibrations(detector, kinds, cal.n, images.source)
 
 
 GATE_CHOICES = ("none", "anomalous")
@@ -223,14 +417,24 @@ def score(
     max_anomalous_fraction: float | None = typer.Option(
         None, help="Gate: exit 1 if more than this fraction of images is flagged."),
     junit: Path | None = typer.Option(None, help="Write JUnit XML (one test case per image)."),
-    score_kind: str | None = typer.Option(None, "--score", help="Score kind [default: bundle's]."),
+    score_kind: str | None = typer.Option(
+        None, "--score", help=SCORE_OPTION_HELP + " [default: the bundle's]"),
+    batch_test: bool = typer.Option(
+        False, "--batch-test", help="Also test the whole batch for typicality (Nalisnick et "
+        "al. 2019): is its mean bits/dim consistent with clean data? Then --fail-on "
+        "anomalous gates on the batch verdict instead of single images."),
+    resamples: int = typer.Option(1000, min=10, help="Bootstrap resamples of --batch-test."),
+    seed: int = typer.Option(0, help="Seed of the --batch-test bootstrap."),
+    heatmap: Path | None = typer.Option(
+        None, "--heatmap", help="Write, for each flagged image, a PNG of the image next to "
+        "its per-pixel NLL heat map into this folder (<input name>.heatmap.png)."),
     batch_size: int = typer.Option(256, min=1),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     resize: bool = typer.Option(False, "--resize", help="Resize images to the model's size."),
     grayscale: bool = typer.Option(False, "--grayscale", help="Convert colour/gray to match."),
     data_root: str | None = typer.Option(None, help="Folder holding data set files."),
 ) -> None:
-    """Score images: bits/dim, log-likelihood, conformal p-value and a verdict.
+    """Score images: bits/dim, log-likelihood, score, conformal p-value and a verdict.
 
     Verdicts: clean, anomalous (score above the calibrated threshold) or error (the file
     could not be read; the rest are still scored). Exit codes: 0 pass, 1 a gate failed,
@@ -243,32 +447,60 @@ def score(
       pixeldefend score incoming/ --fail-on anomalous --junit report.xml
 
       pixeldefend score incoming/ --max-anomalous-fraction 0.1 --format json -o scores.json
+
+      pixeldefend score incoming/ --score complexity --heatmap heatmaps/
+
+      pixeldefend score incoming/ --batch-test --fail-on anomalous  [dim]# whole-set gate[/]
     """
     if fail_on not in GATE_CHOICES:
         raise UsageError(f"--fail-on must be one of {', '.join(GATE_CHOICES)}, not {fail_on!r}")
     if max_anomalous_fraction is not None and not 0.0 <= max_anomalous_fraction <= 1.0:
         raise UsageError("--max-anomalous-fraction must be between 0 and 1")
+    if score_kind is not None:
+        check_score_kind(score_kind)
     detector = DensityDetector.load(model, device=device, batch_size=batch_size)
-    kind = score_kind or detector.default_kind
+    kind = detector.check_kind(score_kind or detector.default_kind)
+    if kind == "typicality":
+        detector.typicality_reference()  # a clear error now rather than per batch
     cal = detector.calibrations.get(kind)
-    if cal is None and (fail_on != "none" or max_anomalous_fraction is not None):
+    image_gate = (fail_on != "none" and not batch_test) or max_anomalous_fraction is not None
+    if cal is None and image_gate:
         raise UsageError(f"{model} has no calibration for {kind!r}: run `pixeldefend calibrate`")
+    if batch_test and not ({"bpd", "typicality"} & set(detector.calibrations)):
+        raise UsageError(f"--batch-test: {model} has no clean calibration bits/dim: run "
+                         "`pixeldefend calibrate`")
     stream = ImageStream(paths, detector.spec, resize=resize, grayscale=grayscale,
                          data_root=data_root)
     if len(stream) == 0:
         raise UsageError(f"no images found in {', '.join(paths)}")
     results: list[dict[str, Any]] = []
+    taken: set[str] = set()
     with make_progress() as progress:
         task = progress.add_task("score", total=len(stream), status="")
         for batch in stream.batches(batch_size):
             rows = reporting.score_rows(detector, batch, kind)
+            if heatmap is not None:
+                write_heatmaps(detector, batch, rows, kind, heatmap, taken)
             results.extend(rows)
             progress.update(task, advance=len(batch.names), status="")
     doc = reporting.score_document(results, model, cal, kind)
     summary = doc["summary"]
     gate_failed = False
     reasons = []
-    if fail_on == "anomalous" and summary["anomalous"] > 0:
+    if batch_test:
+        bpd = np.array([r["bits_per_dim"] for r in results if r["verdict"] != "error"])
+        if bpd.size:
+            test = detector.batch_test(bpd=bpd, resamples=resamples, seed=seed)
+            doc["batch_test"] = reporting.batch_test_entry(test)
+            if fmt != OutputFormat.table or output is not None:  # else it is in the caption
+                err_console.print(reporting.batch_test_line(doc["batch_test"]), highlight=False)
+            if fail_on == "anomalous" and test.anomalous:
+                gate_failed = True
+                reasons.append(f"batch is atypical (p-value {test.p_value:.4f} <= "
+                               f"{test.alpha:g})")
+        else:
+            doc["batch_test"] = None
+    elif fail_on == "anomalous" and summary["anomalous"] > 0:
         gate_failed = True
         reasons.append(f"{summary['anomalous']} anomalous image(s)")
     scored = summary["clean"] + summary["anomalous"]
@@ -281,7 +513,7 @@ def score(
     emit(fmt, doc, results, reporting.SCORE_COLUMNS,
          lambda: reporting.score_table(doc), output)
     if junit is not None:
-        reporting.write_junit(junit, results, kind)
+        reporting.write_junit(junit, results, kind, doc.get("batch_test"))
         err_console.print(f"wrote {junit}", highlight=False)
     err_console.print(
         f"{summary['n']} image(s): {summary['clean']} clean, {summary['anomalous']} anomalous, "
@@ -290,6 +522,30 @@ def score(
     if summary["errors"]:
         raise typer.Exit(EXIT_USAGE)
     raise typer.Exit(EXIT_GATE if gate_failed else EXIT_OK)
+
+
+def write_heatmaps(detector: DensityDetector, batch: Batch, rows: list[dict[str, Any]],
+                   kind: str, folder: Path, taken: set[str]) -> None:
+    """A heat map PNG for every flagged image of the batch; its path goes into the row."""
+    from ..localise import heatmap_name, write_heatmap
+
+    readable = [r for r in rows if r["verdict"] != "error"]
+    flagged = [k for k, r in enumerate(readable) if r["verdict"] == "anomalous"]
+    for r in rows:
+        r["heatmap"] = None
+    if not flagged:
+        return
+    images = batch.images[flagged]
+    nll = detector.nll_map(images)
+    for j, k in enumerate(flagged):
+        r = readable[k]
+        path = folder / heatmap_name(r["path"], taken)
+        p = r["p_value"]
+        title = (f"{r['path']}\nbits/dim {r['bits_per_dim']:.3f}"
+                 + (f"   {kind} {r['score']:.3f}" if kind != "bpd" else "")
+                 + (f"   p-value {p:.3f}" if p is not None else ""))
+        write_heatmap(path, images[j], detector.spec.levels, nll[j], title)
+        r["heatmap"] = str(path)
 
 
 @app.command()
