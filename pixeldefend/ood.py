@@ -279,7 +279,11 @@ def histogram_png(report: OODReport, kind: str) -> bytes:
     names = list(report.out)
     cols = min(3, max(1, len(names)))
     rows = max(1, -(-len(names) // cols))
-    fig = Figure(figsize=(4 * cols, 2.8 * rows), dpi=100, layout="constrained")
+    height = 2.8 * rows + 0.5
+    # no layout engine and single-polygon histograms: several times faster to draw
+    fig = Figure(figsize=(4 * cols, height), dpi=100)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.1 / rows, top=1 - 0.55 / height,
+                        hspace=0.45, wspace=0.22)
     FigureCanvasAgg(fig)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     base = report.in_scores[kind]
@@ -288,8 +292,9 @@ def histogram_png(report: OODReport, kind: str) -> bytes:
         both = np.concatenate([base, other])
         lo, hi = float(both.min()), float(both.max())
         bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 41)
-        ax.hist(base, bins=bins, alpha=0.6, density=True, label="in-distribution")
-        ax.hist(other, bins=bins, alpha=0.6, density=True, label=name)
+        ax.hist(base, bins=bins, alpha=0.6, density=True, label="in-distribution",
+                histtype="stepfilled")
+        ax.hist(other, bins=bins, alpha=0.6, density=True, label=name, histtype="stepfilled")
         auroc = report.out[name]["metrics"][kind]["auroc"]
         ax.set_title(f"{name}: ROC AUC {auroc:.3f}", fontsize=9)
         ax.tick_params(labelsize=7)

@@ -49,3 +49,16 @@ def tiny_bundle(tmp_path_factory, digits_train) -> Path:
 @pytest.fixture()
 def runner() -> CliRunner:
     return CliRunner()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_background(tmp_path_factory, tiny_bundle, digits_train) -> Path:
+    """`tiny_bundle` plus a tiny background model (score llr), every kind calibrated."""
+    det = DensityDetector.load(tiny_bundle, device="cpu")
+    det.fit_background(digits_train, mutation_rate=0.2, val=load_images("digits:val"),
+                       settings=TrainSettings(epochs=3, batch_size=64, lr=5e-3, seed=0,
+                                              weight_decay=1e-4))
+    det.calibrate_all(load_images("digits:calib"), fpr=0.05, data="digits:calib")
+    path = tmp_path_factory.mktemp("bundles") / "tiny-digits-background"
+    det.save(path)
+    return path
