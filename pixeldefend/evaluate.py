@@ -617,6 +617,7 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
             "batch_size": settings.batch_size,
             "purify_batch": settings.purify_batch,
             "device": str(loaded.device),
+            "threads": torch.get_num_threads(),
         },
         "columns": [{"key": column_key(d, e), "defence": d, "eps_defend": e,
                      "label": column_label(d, e)} for d, e in columns],
@@ -734,6 +735,10 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
             "Purification and the classifier are deterministic, so EOT is not needed"
             + (" (1 sample)." if settings.eot == 1 else
                f"; it was run with {settings.eot} samples anyway."))
+    if worst_case:
+        notes.append("'every attack, per image': the images that no attack at that eps "
+                     "(each oblivious one, and BPDA when it ran: then on the BPDA images "
+                     "only) managed to misclassify; the strongest attack per image.")
     if any(a in ("cw", "deepfool") for a in settings.attacks):
         notes.append("CW and DeepFool minimise an L2 norm; their images are clipped to the "
                      "L-infinity eps ball, as in the PixelDefend paper.")
