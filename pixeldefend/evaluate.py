@@ -26,7 +26,8 @@ results.json (schema ``pixeldefend.evaluate/1``), every number in the report:
 - ``config``: ``model``, ``classifier``, ``data``, ``n``, ``levels``, ``attacks`` (list),
   ``eps`` (list of ``{"text", "fraction", "levels", "ball"}``; ``ball`` = whole pixel levels
   an attack may move), ``eps_defend`` (levels), ``defences``, ``adaptive_attack``
-  (``"bpda"`` or null), ``bpda`` (``{"steps", "n", "eot", "alpha", "random_start"}``),
+  (``"bpda"`` or null), ``bpda`` (``{"steps", "n", "eot", "eps" (balls it ran at),
+  "alpha", "random_start"}``),
   ``seed``, ``batch_size``, ``purify_batch``, ``device``
 - ``columns``: list of ``{"key", "defence", "eps_defend", "label"}``; ``key`` is ``"none"``,
   ``"purify@E"`` or ``"adaptive@E"`` and indexes every ``accuracy`` dict below
@@ -115,6 +116,7 @@ class EvaluateSettings:
     adaptive_attack: str | None = "bpda"
     bpda_steps: int = BPDA_STEPS
     bpda_n: int | None = None  # BPDA on the first N images (None: all)
+    bpda_eps: tuple[str, ...] | None = None  # BPDA at these of the eps (None: all)
     bpda_alpha: float | None = None  # fraction of [0, 1]; None: bpda.default_alpha
     eot: int = 1
     seed: int = 0
@@ -389,6 +391,12 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
             columns += [(d, e) for e in eps_defend]
     purifying = any(d != "none" for d, _ in columns)
     bpda_n = min(n, settings.bpda_n or n)
+    bpda_balls = {b.ball for _, b in budgets}
+    if settings.bpda_eps is not None:
+        bpda_balls = {parse_eps(t, levels, settings.eps_levels).ball for t in settings.bpda_eps}
+        missing = bpda_balls - {b.ball for _, b in budgets}
+        if missing:
+            raise UsageError("--bpda-eps must be among the --eps values")
 
     base = {"model": module_digest(detector.model), "threshold": threshold,
             "classifier": module_digest(loaded.model), "images": tensor_digest(x, labels),
@@ -408,6 +416,8 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
                 stages[name] = Stage(name, f"purify {s} ε_def={e}", n, COST["purify"])
     if settings.adaptive_attack == "bpda":
         for text, b in budgets:
+            if b.ball not in bpda_balls:
+                continue
             for d, e in columns:
                 name = f"bpda-{_eps_tag(b)}-{column_key(d, e).replace('@', '-e')}"
                 steps = settings.bpda_steps + 1 + (1 if d != "none" else 0)
@@ -436,6 +446,8 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
                 for _, b in budgets}
     if settings.adaptive_attack == "bpda":
         for _, b in budgets:
+            if b.ball not in bpda_balls:
+                continue
             for d, e in columns:
                 ck = column_key(d, e)
                 keys[f"bpda-{_eps_tag(b)}-{ck.replace('@', '-e')}"] = {
@@ -548,6 +560,8 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
     if settings.adaptive_attack == "bpda":
         xb, yb = x[:bpda_n], labels[:bpda_n]
         for bi, (text, b) in enumerate(budgets):
+            if b.ball not in bpda_balls:
+                continue
             per_col: dict[str, dict[str, Any]] = {}
             for d, e in columns:
                 ck = column_key(d, e)
@@ -612,6 +626,7 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
             "adaptive_attack": settings.adaptive_attack,
             "bpda": None if settings.adaptive_attack is None else {
                 "steps": settings.bpda_steps, "n": bpda_n, "eot": settings.eot,
+                "eps": sorted(bpda_balls),
                 "alpha": settings.bpda_alpha, "random_start": True},
             "seed": settings.seed,
             "batch_size": settings.batch_size,
@@ -705,8 +720,9 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
                              clean_bpd[:bpda_n], yb_np)
             detection.append(row)
         # the most honest figure: an image counts only if it survives every attack
-        m = bpda_n if any(br["eps_index"] == bi for br in bpda_rows) else n
-        if eps_rows or m < n:
+        has_bpda = any(br["eps_index"] == bi for br in bpda_rows)
+        m = bpda_n if has_bpda else n
+        if eps_rows or has_bpda:
             survived = {}
             for k, (d, e) in zip(keys_cols, columns, strict=True):
                 ok = np.ones(m, dtype=bool)
@@ -718,7 +734,7 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
                 survived[k] = float(ok.mean())
             worst_case.append({"eps": bi, "eps_text": text, "n": m, "accuracy": survived,
                                "attacks": list(settings.attacks)
-                               + (["bpda"] if m == bpda_n and bpda_rows else [])})
+                               + (["bpda"] if has_bpda else [])})
     results["rows"] = rows
     results["worst_case"] = worst_case
     results["strongest"] = strongest

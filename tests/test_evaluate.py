@@ -314,3 +314,19 @@ def test_bpda_beats_the_oblivious_attack_on_trained_models(detector, classifier,
     acc_bpda = purified_accuracy(adaptive.adversarial)
     assert acc_bpda == pytest.approx(float((adaptive.defended_pred == y).float().mean()))
     assert acc_bpda <= acc_oblivious - 0.05, (acc_oblivious, acc_bpda)
+
+
+def test_bpda_only_at_the_chosen_eps(detector, classifier, digits_test, tmp_path):
+    settings = EvaluateSettings(attacks=("fgsm",), eps=("1", "2"), eps_levels=True,
+                                eps_defend=(1,), defences=("purify",), bpda_steps=2,
+                                bpda_n=6, bpda_eps=("2",))
+    res = run_evaluation(detector, classifier, digits_test.head(10), settings, tmp_path).results
+    assert [(r["attack"], r["eps"], r["n"]) for r in res["rows"]] == [
+        ("fgsm", 0, 10), ("fgsm", 1, 10), ("bpda", 1, 6)]
+    assert [(w["eps"], w["n"], w["attacks"]) for w in res["worst_case"]] == [
+        (0, 10, ["fgsm"]), (1, 6, ["fgsm", "bpda"])]
+    assert res["config"]["bpda"]["eps"] == [2]
+    with pytest.raises(UsageError, match="bpda-eps"):
+        run_evaluation(detector, classifier, digits_test.head(10),
+                       EvaluateSettings(attacks=("fgsm",), eps=("1",), eps_levels=True,
+                                        bpda_eps=("3",)), tmp_path)

@@ -199,6 +199,8 @@ def evaluate(
         None, "--bpda-n", min=1,
         help=f"Run BPDA on the first N images: every step purifies them, so it costs "
              f"steps x purifications [default: min(--n, {DEFAULT_BPDA_N})]."),
+    bpda_eps: str | None = typer.Option(
+        None, "--bpda-eps", help="Run BPDA only at these of the --eps values [default: all]."),
     bpda_alpha: str | None = typer.Option(
         None, "--bpda-alpha", help="BPDA step size as a fraction (e.g. 1/255) "
                                    "[default: eps * max(2.5 / steps, 0.1)]."),
@@ -274,6 +276,7 @@ def evaluate(
         adaptive_attack=None if adaptive in ("none", "") else adaptive,
         bpda_steps=bpda_steps,
         bpda_n=bpda_n if bpda_n is not None else min(len(images), DEFAULT_BPDA_N),
+        bpda_eps=tuple(parse_list(bpda_eps) or []) if bpda_eps is not None else None,
         bpda_alpha=alpha, eot=eot, seed=seed, batch_size=batch_size,
         purify_batch=purify_batch, resume=resume,
     ).checked()
