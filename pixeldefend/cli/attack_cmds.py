@@ -25,6 +25,7 @@ from ..models.classifier import (
     LoadedClassifier,
     ResNetClassifier,
     count_parameters,
+    default_shift,
     error_rate,
     load_classifier,
     predict_logits,
@@ -150,13 +151,13 @@ def classifier_train(
                                     help="Bundle directory \\[default: models/<data>-classifier]."),
     preset: str = typer.Option("small", help=f"Network size: {', '.join(PRESETS)}."),
     epochs: int | None = typer.Option(
-        None, min=1, help="Training epochs \\[default: 40 for small data sets, 8 for large]."),
+        None, min=1, help="Training epochs \\[default: 40 for small data sets, 10 for large]."),
     batch_size: int = typer.Option(128, min=1, help="Images per optimisation step."),
     lr: float = typer.Option(3e-3, min=0.0,
                              help="Adam learning rate (decays to 5% by the last epoch)."),
     shift: int | None = typer.Option(
         None, min=0, help="Augmentation: random shifts of up to this many pixels "
-                          "\\[default: 1 for images under 16 px, else 2; 0 = off]."),
+                          "\\[default: 1 for images under 32 px, else 2; 0 = off]."),
     val: str | None = typer.Option(None, help="Validation images \\[default: see above]."),
     test: str | None = typer.Option(None, help="Test images \\[default: the data's test split]."),
     seed: int = typer.Option(0, help="Seed for weights, shuffling, augmentation and splits."),
@@ -196,7 +197,8 @@ def classifier_train(
     spec = train_set.spec
     cfg = ClassifierConfig.from_preset(preset, spec.channels, spec.height, spec.width,
                                        num_classes, spec.levels)
-    epochs = epochs or (40 if len(train_set) < SMALL_SET else 8)
+    epochs = epochs or (40 if len(train_set) < SMALL_SET else 10)
+    shift = default_shift(spec.height, spec.width) if shift is None else shift
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr,
                              lr_decay=round(0.05 ** (1 / max(1, epochs - 1)), 6),
                              weight_decay=1e-4, grad_clip=5.0, seed=seed)
@@ -207,7 +209,8 @@ def classifier_train(
         f"data {data}: {len(train_set)} train, {len(val_set)} validation"
         f"{f', {len(test_set)} test' if test_set is not None else ''} images, "
         f"{spec.describe()}, {num_classes} classes; preset {preset} "
-        f"({count_parameters(model):,} parameters), {epochs} epochs on {dev}", highlight=False)
+        f"({count_parameters(model):,} parameters), {epochs} epochs, shifts of up to "
+        f"{shift} px, on {dev}", highlight=False)
     start = time.perf_counter()
     try:
         with ClassifierProgress() as progress:
@@ -370,9 +373,12 @@ def attack(
         None, help="Step size for bim/pgd, as a fraction (2/255) or, with --eps-levels, "
                    "levels \\[default: eps/4]."),
     c: float = typer.Option(1.0, "--c", help="CW: weight of the misclassification term."),
-    kappa: float = typer.Option(0.0, help="CW: confidence margin."),
+    kappa: float = typer.Option(0.0, help="CW: confidence margin (> 0 survives clipping "
+                                           "and rounding better)."),
     lr: float = typer.Option(0.01, help="CW: Adam learning rate."),
-    overshoot: float = typer.Option(0.02, help="DeepFool: overshoot."),
+    overshoot: float = typer.Option(
+        0.02, help="DeepFool: overshoot (the clipped, quantised result keeps more of a "
+                   "larger one, e.g. 1)."),
     targeted: bool = typer.Option(False, "--targeted",
                                   help="Aim for a random wrong label (seeded); fgsm, bim, "
                                        "pgd, cw."),
