@@ -1,19 +1,25 @@
 """Command-line interface. Thin: parse options, call the library, render with Rich.
 
-Each `*_cmds` module registers its commands on `app` when imported.
+Each `*_cmds` module registers its commands on `app` when imported; the import order
+below is the order `pixeldefend --help` lists them in.
 """
 
 from __future__ import annotations
 
-from . import (  # noqa: F401
-    attack_cmds,  # classifier train, attack
-    bench_cmds,  # bench
-    density_cmds,  # train, calibrate, score, info, sample
-    evaluate_cmds,  # evaluate
-    ood_cmds,  # evaluate-ood
-    purify_cmds,  # purify, defend
-)
+import importlib
+
 from .app import app
+
+COMMAND_MODULES = (
+    "density_cmds",  # train, train-background, calibrate, score, info, sample
+    "purify_cmds",  # purify, defend
+    "attack_cmds",  # classifier train, attack
+    "evaluate_cmds",  # evaluate
+    "ood_cmds",  # evaluate-ood
+    "bench_cmds",  # bench
+)
+for _module in COMMAND_MODULES:
+    importlib.import_module(f"{__name__}.{_module}")
 
 
 def main() -> None:
