@@ -378,43 +378,46 @@ def purify_reference(model: PixelCNN, images: torch.Tensor, eps_defend: int,
 
 class _FastPurifyDecision:
     """The fast decoder's decision: its own argmax when clearly unique, else the
-    reference's logits and rule (see the module docstring). Counts the fallbacks."""
+    reference's logits and rule (see the module docstring). Counts the fallbacks.
+
+    Only a window of K = min(2 eps + 1, levels) consecutive values that contains the box
+    is looked at (built once per row), so the top-2 search is over K values, not levels.
+    """
 
     def __init__(self, model: PixelCNN, orig: torch.Tensor, eps: int) -> None:
         self.model, self.orig, self.eps = model, orig, eps
         self.levels = model.config.levels
+        self.width = min(2 * eps + 1, self.levels)
         self.model64: PixelCNN | None = None
         self.fallbacks = 0
-        v = torch.arange(self.levels, device=orig.device)
-        # additive mask per sub-pixel, built lazily per row: 0 inside the box, -inf outside
-        self._v = v
-        self._row: int = -1
-        self._penalty: torch.Tensor | None = None
+        self._row = -1
+        self._window = torch.empty(0, dtype=torch.long)
+        self._outside = torch.empty(0, dtype=torch.bool)
 
-    def _row_penalty(self, i: int) -> torch.Tensor:
-        if self._row != i:
-            o = self.orig[:, :, i, :].unsqueeze(-1)  # (N, C, W, 1)
-            inside = (self._v >= o - self.eps) & (self._v <= o + self.eps)
-            self._penalty = torch.zeros(inside.shape, dtype=torch.float64,
-                                        device=self.orig.device).masked_fill_(~inside,
-                                                                             float("-inf"))
-            self._row = i
-        assert self._penalty is not None
-        return self._penalty
+    def _build_row(self, i: int) -> None:
+        """Per sub-pixel of row i: the window's values (C, W, N, K) and which of them
+        fall outside the box."""
+        o = self.orig[:, :, i, :].permute(1, 2, 0).unsqueeze(-1)  # (C, W, N, 1)
+        start = (o - self.eps).clamp(0, self.levels - self.width)
+        self._window = start + torch.arange(self.width, device=o.device)
+        self._outside = (self._window < o - self.eps) | (self._window > o + self.eps)
+        self._row = i
 
     def __call__(self, c: int, i: int, j: int, logits: torch.Tensor,
                  x: torch.Tensor) -> torch.Tensor:
-        masked = logits + self._row_penalty(i)[:, c, j]
-        top = masked.topk(2, dim=1)
-        best, second = top.values[:, 0], top.values[:, 1]
-        value = top.indices[:, 0]
-        close = (best - second) <= TIE_TOLERANCE * (1.0 + best.abs())
+        if self._row != i:
+            self._build_row(i)
+        window = self._window[c, j]
+        cand = logits.gather(1, window).masked_fill_(self._outside[c, j], float("-inf"))
+        top = cand.topk(2, dim=1)
+        best = top.values[:, 0]
+        close = (best - top.values[:, 1]) <= TIE_TOLERANCE * (1.0 + best.abs())
+        value = window.gather(1, top.indices[:, :1]).squeeze(1)
         if bool(close.any()):
             if self.model64 is None:
                 self.model64 = float64_copy(self.model)
             ref = reference_logits(self.model64, x, c, i, j)
             idx = close.nonzero().squeeze(1)
-            value = value.clone()
             value[idx] = choose(ref[idx], self.orig[idx, c, i, j], self.eps)
             self.fallbacks += int(idx.numel())
         return value
