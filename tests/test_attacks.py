@@ -287,3 +287,20 @@ def test_cli_help_has_examples(runner):
         result = runner.invoke(app, args)
         assert result.exit_code == 0 and "pixeldefend" in result.output
         assert "Example" in result.output
+
+
+def test_cli_attack_fashion_mnist_at_8_over_255(runner, repo):
+    """On 256-level images 8/255 is exactly 8 levels; the shipped classifier breaks."""
+    bundle = repo / "models" / "fashion-classifier"
+    if not bundle.exists():
+        pytest.skip("models/fashion-classifier not built")
+    try:
+        load_images("fashion-mnist:test")
+    except DataError:
+        pytest.skip("Fashion-MNIST files not installed")
+    result = runner.invoke(app, ["attack", "-c", str(bundle), "-n", "48", "--method", "pgd",
+                                 "--eps", "8/255", "--steps", "5", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["data"] == "fashion-mnist:test" and summary["eps_ball_levels"] == 8
+    assert summary["clean_accuracy"] > 0.8 and summary["adversarial_accuracy"] < 0.5

@@ -267,3 +267,20 @@ def test_shipped_digits_classifier(repo):
     test = load_images("digits:test")
     pred, _ = classify(loaded, test.images, test.levels)
     assert (pred == test.labels).float().mean() >= 0.97
+
+
+def test_shipped_fashion_classifier(repo):
+    path = repo / "models" / "fashion-classifier"
+    if not path.exists():
+        pytest.skip("models/fashion-classifier not built")
+    try:
+        test = load_images("fashion-mnist:test")
+    except DataError:
+        pytest.skip("Fashion-MNIST files not installed")
+    config = json.loads((path / "config.json").read_text())
+    assert config["metrics"]["test_accuracy"] >= 0.91
+    assert sum(f.stat().st_size for f in path.iterdir()) < 5_000_000
+    loaded = load_classifier(path, device="cpu")
+    head = test.head(500)
+    pred, _ = classify(loaded, head.images, head.levels)
+    assert (pred == head.labels).float().mean() >= 0.9
