@@ -16,6 +16,18 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(path: Path, mode: int) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; give the final file or folder
+    the permissions an ordinary write would have (0666/0777 less the umask)."""
+    os.chmod(path, mode & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to `target`; rename it onto `target` on success."""
@@ -26,6 +38,7 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _publish(tmp_path, 0o666)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
@@ -57,6 +70,9 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        _publish(tmp, 0o777)
+        for child in tmp.rglob("*"):
+            _publish(child, 0o777 if child.is_dir() else 0o666)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")

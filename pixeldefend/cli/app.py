@@ -26,9 +26,21 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _threads(value: int | None) -> int | None:
+    if value:
+        import torch
+
+        torch.set_num_threads(value)
+    return value
+
+
 @app.callback()
 def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, envvar="PIXELDEFEND_THREADS", callback=_threads,
+        help="CPU threads for PyTorch \\[default: all cores]. Use 1 on a busy machine: "
+             "oversubscribed threads can be 10x slower."),
 ) -> None:
     """pixeldefend: is this input something my model was never meant to see?"""
