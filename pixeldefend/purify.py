@@ -599,7 +599,7 @@ class PurifiedClassifier(nn.Module):
         self.batch_size = batch_size
         self.levels = model.config.levels
         self.last_result: PurifyResult | None = None
-        _threshold(det, adaptive or None)  # fail early when adaptive lacks a threshold
+        _threshold(det, adaptive)  # fail early when adaptive lacks a threshold
 
     def quantise(self, x: torch.Tensor) -> torch.Tensor:
         """[0, 1] floats -> uint8 levels: round(x * (levels - 1))."""
@@ -609,7 +609,7 @@ class PurifiedClassifier(nn.Module):
         """Purified images as floats in [0, 1], no gradient."""
         with torch.no_grad():
             q = self.quantise(x).cpu()
-            result = purify(self.detector, q, self.eps_defend, adaptive=self.adaptive or None,
+            result = purify(self.detector, q, self.eps_defend, adaptive=self.adaptive,
                             batch_size=self.batch_size)
             self.last_result = result
             return result.images.to(device=x.device, dtype=x.dtype) / (self.levels - 1)
