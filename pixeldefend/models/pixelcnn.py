@@ -31,10 +31,10 @@ from torch import nn
 PRESETS: dict[str, dict[str, int]] = {
     # for tests: builds and runs in milliseconds
     "tiny": {"filters": 16, "layers": 2, "kernel": 3, "first_kernel": 3, "head": 32},
-    # CPU-friendly default
-    "small": {"filters": 64, "layers": 5, "kernel": 3, "first_kernel": 5, "head": 128},
+    # the CPU default: trains on Fashion-MNIST in tens of minutes on 2 cores
+    "small": {"filters": 32, "layers": 5, "kernel": 3, "first_kernel": 5, "head": 64},
     # for a GPU or a patient CPU
-    "base": {"filters": 128, "layers": 10, "kernel": 3, "first_kernel": 7, "head": 256},
+    "base": {"filters": 96, "layers": 8, "kernel": 3, "first_kernel": 7, "head": 192},
 }
 
 
