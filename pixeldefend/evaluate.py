@@ -18,7 +18,10 @@ affects. Every file is written atomically.
 Adaptive PixelDefend purifies exactly the images above the threshold with the same
 purifier, so its results are taken from the purification stage (which purifies every
 image when the plain defence is evaluated too, else only those above the threshold);
-`test_purify` checks that the purified images are identical either way.
+`test_purify` checks that the purified images are identical either way. Stages call
+`purify.purify_fast` directly (the bits/dim `purify.purify` would compute first are known
+already), and BPDA attacks `bpda.StraightThroughPurifier`, the same computation as
+`purify.PurifiedClassifier` at half the cost per step.
 
 results.json (schema ``pixeldefend.evaluate/1``), every number in the report:
 
@@ -76,11 +79,11 @@ from . import __version__
 from .atomic import atomic_path
 from .attacks import DEFAULT_STEPS, METHODS, Eps, parse_eps, run_attack
 from .bpda import DEFAULT_STEPS as BPDA_STEPS
-from .bpda import bpda_attack, default_alpha
+from .bpda import StraightThroughPurifier, bpda_attack, default_alpha
 from .data import ImageSet
 from .errors import DataError, UsageError
 from .models.classifier import LoadedClassifier, as_loaded, check_inputs, predict_logits
-from .purify import PurifiedClassifier, purify
+from .purify import purify, purify_fast
 
 SCHEMA = "pixeldefend.evaluate/1"
 DEFENCES = ("none", "purify", "adaptive")
@@ -525,15 +528,21 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
             select = np.ones(n, dtype=bool) if mode == "all" else src["bpd"] > threshold
 
             def purify_work(stage: Stage, src=src, e=e, select=select):
+                # purify_fast, not purify(): the images' bits/dim are known already
                 idx = torch.from_numpy(np.flatnonzero(select))
-                result = purify(detector, src["images"][idx], e,
-                                batch_size=settings.purify_batch,
-                                progress=lambda k: progress.advance(stage, k))
+                stats: dict[str, Any] = {}
+                parts = []
+                for lo in range(0, len(idx), settings.purify_batch):
+                    chunk = src["images"][idx[lo:lo + settings.purify_batch]]
+                    parts.append(purify_fast(detector.model, chunk, e,
+                                             settings.purify_batch, stats))
+                    progress.advance(stage, len(chunk))
+                done = torch.cat(parts) if parts else src["images"][:0]
                 progress.advance(stage, n - len(idx))
-                return ({"index": idx.numpy(), "images": result.images.numpy(),
-                         "bpd_after": result.bpd_after, "pred": predict(result.images),
-                         "changed": result.changed},
-                        {"fallbacks": result.fallbacks})
+                return ({"index": idx.numpy(), "images": done.numpy(),
+                         "bpd_after": detector.score_samples(done, "bpd") if len(idx) else
+                         np.zeros(0), "pred": predict(done)},
+                        {"fallbacks": int(stats.get("fallbacks", 0))})
 
             got = run_stage(name, keys[name], purify_work)
             full_pred = np.array(src["pred"], copy=True)
@@ -572,9 +581,9 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
                     if d == "none":
                         defended: torch.nn.Module = loaded.model
                     else:
-                        defended = PurifiedClassifier(
-                            detector, loaded, e, adaptive=threshold if d == "adaptive" else
-                            False, batch_size=settings.purify_batch)
+                        defended = StraightThroughPurifier(
+                            detector.model, loaded.model, e,
+                            threshold if d == "adaptive" else None, settings.purify_batch)
                     spent = 0
 
                     def tick(attacked: int, active: int) -> None:

@@ -17,7 +17,12 @@ import torch
 
 from pixeldefend import evaluate as evaluate_mod
 from pixeldefend.attacks import parse_eps, run_attack
-from pixeldefend.bpda import bpda_attack, default_alpha, straight_through_quantise
+from pixeldefend.bpda import (
+    StraightThroughPurifier,
+    bpda_attack,
+    default_alpha,
+    straight_through_quantise,
+)
 from pixeldefend.cli import app
 from pixeldefend.data import load_images
 from pixeldefend.detector import DensityDetector
@@ -264,7 +269,7 @@ def test_straight_through_gradient_flows(detector, classifier, digits_test):
     """Backward through quantisation and purification is the identity: the gradient at
     x equals the classifier's gradient at the purified image."""
     x = (digits_test.images[:6].float() / 16 + 0.01).requires_grad_(True)
-    defended = PurifiedClassifier(detector, classifier, eps_defend=2, batch_size=64)
+    defended = StraightThroughPurifier(detector.model, classifier.model, 2)
     loss = defended(straight_through_quantise(x, LEVELS)).logsumexp(1).sum()
     (grad,) = torch.autograd.grad(loss, x)
     q = torch.round(x.detach() * 16).to(torch.uint8)
@@ -274,9 +279,25 @@ def test_straight_through_gradient_flows(detector, classifier, digits_test):
     assert torch.allclose(grad, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_straight_through_purifier_matches_purified_classifier(detector, classifier,
+                                                                digits_test, adaptive):
+    """The BPDA target computes exactly what purify.PurifiedClassifier computes."""
+    clean = digits_test.images[:10]
+    noisy = (clean.long() + torch.randint(-3, 4, clean.shape,
+                                          generator=torch.Generator().manual_seed(0)))
+    x = torch.cat([clean, noisy.clamp(0, 16).to(torch.uint8)]).float() / 16
+    threshold = detector.threshold if adaptive else None
+    ours = StraightThroughPurifier(detector.model, classifier.model, 2, threshold)
+    theirs = PurifiedClassifier(detector, classifier, 2, adaptive=adaptive)
+    assert torch.equal(ours(x), theirs(x))
+    if adaptive:
+        assert 0 < ours.purified_last < len(x)
+
+
 def test_bpda_stays_in_the_ball_quantised_and_seeded(detector, classifier, digits_test):
     x, y = digits_test.images[:16], digits_test.labels[:16]
-    defended = PurifiedClassifier(detector, classifier, eps_defend=1)
+    defended = StraightThroughPurifier(detector.model, classifier.model, 1)
     a = bpda_attack(defended, x, y, LEVELS, EPS2, steps=4, seed=3)
     b = bpda_attack(defended, x, y, LEVELS, EPS2, steps=4, seed=3)
     assert a.adversarial.dtype == torch.uint8 and torch.equal(a.adversarial, b.adversarial)
@@ -309,7 +330,7 @@ def test_bpda_beats_the_oblivious_attack_on_trained_models(detector, classifier,
     oblivious = run_attack(classifier, x, y, LEVELS, "pgd", EPS2, seed=0)
     assert float((oblivious.adv_pred == y).float().mean()) < 0.15  # PGD works undefended
     acc_oblivious = purified_accuracy(oblivious.adversarial)
-    defended = PurifiedClassifier(detector, classifier, eps_defend, batch_size=64)
+    defended = StraightThroughPurifier(detector.model, classifier.model, eps_defend)
     adaptive = bpda_attack(defended, x, y, LEVELS, EPS2, steps=20, seed=0)
     acc_bpda = purified_accuracy(adaptive.adversarial)
     assert acc_bpda == pytest.approx(float((adaptive.defended_pred == y).float().mean()))
