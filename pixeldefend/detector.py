@@ -101,6 +101,13 @@ class DensityDetector:
         return None if cal is None else cal.threshold
 
     @property
+    def bpd_threshold(self) -> float | None:
+        """The bits/dim threshold, whatever the default score kind: purification and
+        adaptive PixelDefend compare bits/dim, so they must use this one."""
+        cal = self.calibrations.get("bpd")
+        return None if cal is None else cal.threshold
+
+    @property
     def available_kinds(self) -> tuple[str, ...]:
         """Score kinds this detector can compute (`llr` needs a background model)."""
         return tuple(k for k in SCORE_KINDS if k != "llr" or self.background is not None)

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import ImageSet
 from .density import bits_per_dim
 from .errors import DataError, UsageError
 from .models.pixelcnn import PixelCNN
@@ -521,7 +522,7 @@ def _threshold(detector: Any, adaptive: bool | float | None) -> float | None:
     if adaptive is None or adaptive is False:
         return None
     if adaptive is True:
-        threshold = getattr(detector, "threshold", None) if detector is not None else None
+        threshold = getattr(detector, "bpd_threshold", None) if detector is not None else None
         if threshold is None:
             raise UsageError(
                 "adaptive purification needs a calibrated threshold: run "
@@ -531,7 +532,8 @@ def _threshold(detector: Any, adaptive: bool | float | None) -> float | None:
     return float(adaptive)
 
 
-def purify(model_or_detector: Any, images: torch.Tensor | np.ndarray, eps_defend: int,
+def purify(model_or_detector: Any, images: torch.Tensor | np.ndarray | ImageSet,
+           eps_defend: int,
            adaptive: bool | float | None = None, fast: bool = True,
            batch_size: int = DEFAULT_BATCH,
            progress: Callable[[int], None] | None = None) -> PurifyResult:
@@ -542,6 +544,8 @@ def purify(model_or_detector: Any, images: torch.Tensor | np.ndarray, eps_defend
     `model_or_detector`: a `PixelCNN` or a `DensityDetector`. `images`: uint8 (N, C, H, W)
     in [0, levels-1]. `progress(k)` is called as each batch of k images is done."""
     model, detector = _resolve(model_or_detector)
+    if isinstance(images, ImageSet):
+        images = images.images
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     images = _check_images(model, images).to(torch.uint8).cpu()

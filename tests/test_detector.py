@@ -62,3 +62,15 @@ def test_clear_errors(tiny_bundle):
         DensityDetector().score_samples(np.zeros((1, 1, 8, 8), dtype=np.uint8))
     with pytest.raises(UsageError, match="fpr"):
         det.calibrate(np.zeros((5, 1, 8, 8), dtype=np.uint8), fpr=1.5)
+
+
+def test_adaptive_purification_uses_the_bpd_threshold_whatever_the_default(tiny_bundle):
+    from pixeldefend import purify
+
+    det = DensityDetector.load(tiny_bundle, device="cpu")
+    det.calibrate(load_images("digits:calib"), fpr=0.05, kind="complexity")
+    det.default_kind = "complexity"
+    assert det.threshold != det.calibrations["bpd"].threshold
+    result = purify(det, load_images("digits:test[:8]"), 1, adaptive=True)
+    assert result.threshold == det.calibrations["bpd"].threshold == det.bpd_threshold
+    assert np.array_equal(result.purified, result.bpd_before > det.bpd_threshold)

@@ -78,7 +78,7 @@ def _run_purify(detector: DensityDetector, batch: Batch, eps: int, adaptive: boo
 def _load(model: Path, device: str, adaptive: bool, eps_defend: int | None,
           need_calibration: bool = False) -> tuple[DensityDetector, int]:
     detector = DensityDetector.load(model, device=device)
-    if (adaptive or need_calibration) and detector.threshold is None:
+    if (adaptive or need_calibration) and detector.bpd_threshold is None:
         raise UsageError(f"{model} has no calibrated threshold: run `pixeldefend calibrate` "
                          "first (needed by --adaptive and --fail-on)")
     eps = default_eps_defend(detector.spec.levels) if eps_defend is None else eps_defend
@@ -259,7 +259,7 @@ def purify_cmd(
         raise UsageError(f"no images found in {', '.join(paths)}")
     plan = _Outputs.plan(paths, out, spec.levels)
     rows: list[dict[str, Any]] = []
-    threshold = detector.threshold
+    threshold = detector.bpd_threshold
     with make_progress() as progress:
         task = progress.add_task("purify", total=len(stream), status="")
         for batch in stream.batches(batch_size):
@@ -395,8 +395,8 @@ def defend_cmd(
     if len(stream) == 0:
         raise UsageError(f"no images found in {', '.join(paths)}")
     classes = classes or stream.classes
-    cal = detector.calibration
-    threshold = detector.threshold
+    cal = detector.calibrations.get("bpd")  # verdicts here are on bits/dim
+    threshold = detector.bpd_threshold
     rows: list[dict[str, Any]] = []
 
     def name_of(label: int) -> str | int:
