@@ -86,7 +86,7 @@ MUTATION_HELP = (
     "out shapes while keeping the local pixel statistics that confound raw likelihood, and "
     "suits short CPU training.")
 BACKGROUND_PRESET_HELP = (
-    "Background model size [default: same as the main model]. It only has to learn local "
+    "Background model size \\[default: same as the main model]. It only has to learn local "
     "statistics, so 'tiny' is a fair CPU saving on small images.")
 
 
@@ -141,7 +141,7 @@ def train(
                              help="Training images: digits, fashion-mnist, mnist, cifar10, a "
                                   "folder, or an .npz file."),
     out: Path | None = typer.Option(None, "--out", "-o",
-                                    help="Bundle directory [default: models/<data name>]."),
+                                    help="Bundle directory \\[default: models/<data name>]."),
     preset: str = typer.Option("small", help=f"Model size: {', '.join(PRESETS)}."),
     dropout: float = typer.Option(0.1, min=0.0, max=0.9,
                                   help="Dropout on the gated units (helps on small data)."),
@@ -161,7 +161,7 @@ def train(
     mutation_rate: float = typer.Option(DEFAULT_MUTATION_RATE, help=MUTATION_HELP),
     background_preset: str | None = typer.Option(None, help=BACKGROUND_PRESET_HELP),
     background_epochs: int | None = typer.Option(
-        None, min=1, help="Background model epochs [default: --epochs]."),
+        None, min=1, help="Background model epochs \\[default: --epochs]."),
     background_l2: float = typer.Option(DEFAULT_BACKGROUND_L2, min=0.0,
                                         help="L2 penalty (Adam weight decay) on the "
                                              "background model, as in Ren et al."),
@@ -270,7 +270,7 @@ def train_background(
     model: Path = typer.Option(DEFAULT_MODEL, "--model", "-m",
                                help="Existing bundle to add a background model to."),
     data: str | None = typer.Option(
-        None, "--data", "-d", help="Training images [default: the bundle's training data]."),
+        None, "--data", "-d", help="Training images \\[default: the bundle's training data]."),
     mutation_rate: float = typer.Option(DEFAULT_MUTATION_RATE, help=MUTATION_HELP),
     preset: str | None = typer.Option(None, "--preset", "--background-preset",
                                       help=BACKGROUND_PRESET_HELP),
@@ -283,9 +283,9 @@ def train_background(
     max_images: int | None = typer.Option(None, min=1, help="Train on at most this many "
                                                            "images (a quicker CPU run)."),
     fpr: float | None = typer.Option(None, help="Target false-positive rate of the new "
-                                                "thresholds [default: the bundle's]."),
+                                                "thresholds \\[default: the bundle's]."),
     seed: int | None = typer.Option(None, help="Seed for weights, mutations and splits "
-                                               "[default: the main model's]."),
+                                               "\\[default: the main model's]."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     resume: bool = typer.Option(False, "--resume",
                                 help="Continue an interrupted run from its last checkpoint."),
@@ -349,11 +349,11 @@ def calibrate(
     model: Path = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model bundle directory."),
     data: str | None = typer.Option(
         None, "--data", "-d",
-        help="Clean held-out images [default: the bundle's own calibration split]."),
+        help="Clean held-out images \\[default: the bundle's own calibration split]."),
     fpr: float = typer.Option(0.05, help="Target false-positive rate on clean images."),
     score: str | None = typer.Option(
         None, "--score", help=SCORE_OPTION_HELP + " Calibrates this kind and makes it the "
-        "bundle's default [default: recalibrate every available kind, keep the default]."),
+        "bundle's default \\[default: recalibrate every available kind, keep the default]."),
     batch_size: int = typer.Option(256, min=1),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     resize: bool = typer.Option(False, "--resize", help="Resize images to the model's size."),
@@ -418,7 +418,7 @@ def score(
         None, help="Gate: exit 1 if more than this fraction of images is flagged."),
     junit: Path | None = typer.Option(None, help="Write JUnit XML (one test case per image)."),
     score_kind: str | None = typer.Option(
-        None, "--score", help=SCORE_OPTION_HELP + " [default: the bundle's]"),
+        None, "--score", help=SCORE_OPTION_HELP + " \\[default: the bundle's]"),
     batch_test: bool = typer.Option(
         False, "--batch-test", help="Also test the whole batch for typicality (Nalisnick et "
         "al. 2019): is its mean bits/dim consistent with clean data? Then --fail-on "
@@ -574,7 +574,7 @@ def sample(
     out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="PNG grid to write."),
     npz: Path | None = typer.Option(None, help="Also write the samples exactly as .npz."),
     temperature: float = typer.Option(1.0, min=0.01, help="Softmax temperature (<1: tamer)."),
-    scale: int = typer.Option(0, min=0, help="Pixel zoom of the grid [default: fit ~256 px]."),
+    scale: int = typer.Option(0, min=0, help="Pixel zoom of the grid \\[default: fit ~256 px]."),
     seed: int = typer.Option(0, help="Random seed."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:

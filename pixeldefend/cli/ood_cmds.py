@@ -60,7 +60,7 @@ def parse_list(value: str | None) -> list[str]:
 def evaluate_ood_cmd(
     model: Path = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model bundle directory."),
     in_spec: str | None = typer.Option(
-        None, "--in", help="In-distribution (clean) test images [default: the bundle's test "
+        None, "--in", help="In-distribution (clean) test images \\[default: the bundle's test "
                            "split, else its calibration split]."),
     out_sets: str = typer.Option(
         ",".join(BUILTIN_OOD), "--out-sets",
@@ -73,7 +73,7 @@ def evaluate_ood_cmd(
                                      help="table, json, jsonl or csv (one row per set x kind)."),
     score: str | None = typer.Option(
         None, "--score", help=f"Comma-separated score kinds ({', '.join(SCORE_KINDS)}) "
-                              "[default: every kind the bundle supports]."),
+                              "\\[default: every kind the bundle supports]."),
     seed: int = typer.Option(0, help="Seed for subsets and the random OOD sets."),
     batch_size: int = typer.Option(256, min=1),
     device: str = typer.Option("auto", help=DEVICE_HELP),
