@@ -95,7 +95,15 @@ class ImageSet:
         )
 
     def head(self, n: int | None) -> ImageSet:
-        return self if n is None or n >= len(self) else self.subset(range(n))
+        """The first n images; the source records the narrower slice when it can."""
+        if n is None or n >= len(self):
+            return self
+        part = self.subset(range(n))
+        base, piece = split_slice(self.source)
+        start = 0 if piece is None or piece.start is None else piece.start
+        if parse_builtin(base) is not None and start >= 0:
+            part.source = f"{base}[{start or ''}:{start + n}]"
+        return part
 
     def summary(self) -> dict:
         return {"source": self.source, "n": len(self), "shape": list(self.spec.shape),

@@ -207,6 +207,8 @@ def info_table(doc: dict[str, Any]) -> Table:
     if data:
         table.add_row("trained on", f"{data.get('train')} ({data.get('n_train')} images)")
     for key, value in (doc.get("metrics") or {}).items():
+        if key.endswith("seconds") and isinstance(value, int | float):
+            value = f"{value:.0f} s"
         table.add_row(key.replace("_", " "), f"{value:.4f}" if isinstance(value, float)
                       else str(value))
     bg = doc.get("background")
