@@ -30,7 +30,7 @@ results.json (schema ``pixeldefend.evaluate/1``), every number in the report:
   ``eps`` (list of ``{"text", "fraction", "levels", "ball"}``; ``ball`` = whole pixel levels
   an attack may move), ``eps_defend`` (levels), ``defences``, ``adaptive_attack``
   (``"bpda"`` or null), ``bpda`` (``{"steps", "n", "eot", "eps" (balls it ran at),
-  "alpha", "random_start"}``),
+  "alpha" ({ball: step size as a fraction of [0, 1]}), "random_start"}``),
   ``seed``, ``batch_size``, ``purify_batch``, ``device``
 - ``columns``: list of ``{"key", "defence", "eps_defend", "label"}``; ``key`` is ``"none"``,
   ``"purify@E"`` or ``"adaptive@E"`` and indexes every ``accuracy`` dict below
@@ -91,9 +91,11 @@ ADAPTIVE_ATTACKS = ("bpda",)
 DEFAULT_ATTACKS = ("rand", "fgsm", "bim", "pgd", "cw", "deepfool")
 DEFAULT_EPS = ("8/255", "25/255")
 DEFAULT_EPS_DEFEND = (16, 32)  # of 255 levels, as in the paper
-# rough cost of one image, in units of "purify one image", for the ETA only
-COST = {"clean": 0.01, "rand": 0.002, "fgsm": 0.01, "bim": 0.05, "pgd": 0.05, "cw": 0.3,
-        "deepfool": 0.3, "autoattack": 2.0, "purify": 1.0, "bpda-none": 0.01}
+# cost of one image in units of "purify one image" (attack stages include scoring the
+# adversarial images), measured on Fashion-MNIST with one CPU thread; for the ETA only
+COST = {"clean": 0.4, "rand": 0.3, "fgsm": 0.35, "bim": 0.4, "pgd": 0.4, "cw": 0.7,
+        "deepfool": 7.0, "autoattack": 5.0, "purify": 1.0, "bpda-none": 0.01,
+        "bpda-purify": 0.6, "bpda-adaptive": 1.0}
 OBLIVIOUS_NOTE = (
     "A defence evaluated only with oblivious attacks is not evaluated. The oblivious "
     "attacks below (rand, fgsm, bim, pgd, cw, deepfool) are computed against the bare "
@@ -424,7 +426,7 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
             for d, e in columns:
                 name = f"bpda-{_eps_tag(b)}-{column_key(d, e).replace('@', '-e')}"
                 steps = settings.bpda_steps + 1 + (1 if d != "none" else 0)
-                weight = COST["bpda-none"] if d == "none" else COST["purify"]
+                weight = COST[f"bpda-{d}"]
                 stages[name] = Stage(name, f"BPDA eps {text} vs {column_label(d, e)}",
                                      bpda_n * steps, weight)
     # every stage's key is known before anything runs (purification and BPDA keys name
@@ -636,7 +638,8 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
             "bpda": None if settings.adaptive_attack is None else {
                 "steps": settings.bpda_steps, "n": bpda_n, "eot": settings.eot,
                 "eps": sorted(bpda_balls),
-                "alpha": settings.bpda_alpha, "random_start": True},
+                "alpha": {str(ball): alpha_of[ball] for ball in sorted(bpda_balls)},
+                "random_start": True},
             "seed": settings.seed,
             "batch_size": settings.batch_size,
             "purify_batch": settings.purify_batch,
