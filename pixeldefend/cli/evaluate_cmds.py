@@ -277,7 +277,8 @@ def evaluate(
     _prepare_out(out)
     command = None
     if Path(sys.argv[0]).name.startswith("pixeldefend"):
-        command = "pixeldefend " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        command = "pixeldefend " + " ".join(shlex.quote(a) for a in sys.argv[1:]
+                                            if a != "--resume")  # same results either way
     sources: dict[str, Any] = {"model": str(model_path), "classifier": loaded.source,
                                "data": images.source, "command": command}
     err_console.print(
