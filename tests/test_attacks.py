@@ -302,5 +302,5 @@ def test_cli_attack_fashion_mnist_at_8_over_255(runner, repo):
                                  "--eps", "8/255", "--steps", "5", "--format", "json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["data"] == "fashion-mnist:test" and summary["eps_ball_levels"] == 8
+    assert summary["data"] == "fashion-mnist:test[:48]" and summary["eps_ball_levels"] == 8
     assert summary["clean_accuracy"] > 0.8 and summary["adversarial_accuracy"] < 0.5
