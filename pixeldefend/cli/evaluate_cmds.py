@@ -116,7 +116,7 @@ class RichEvalProgress(EvalProgress):
         eta = ""
         if self.done > 0 and self.total > self.done:
             eta = f", eta {(self.total - self.done) * elapsed / self.done / 60:.1f} min"
-        if not self.progress.disable:
+        if not self.progress.disable or cached:  # the plan line counted the cached ones
             return
         err_console.print(f"[{self.finished}/{self.count}] {stage.label}: "
                           f"{'cached' if cached else 'done'} ({elapsed / 60:.1f} min{eta})",
