@@ -233,11 +233,12 @@ def evaluate(
 
     [bold]Examples[/]
 
-      pixeldefend evaluate -n 200 --bpda-steps 20 --bpda-n 50      [dim]# digits, a few min[/]
+      pixeldefend --threads 1 evaluate -n 200 --bpda-steps 20 --bpda-n 50   [dim]# digits, 1 min[/]
 
+      [dim]# docs/EVALUATION.md: about 33 min on 2 CPU cores[/]
       pixeldefend --threads 1 evaluate -m models/fashion-mnist -c models/fashion-classifier \\
         -d fashion-mnist:test -n 1000 --eps 8/255,25/255 --eps-defend 16,32 \\
-        --bpda-n 64 -o reports/fashion --resume
+        --bpda-n 100 -o reports/fashion-mnist --resume
 
       pixeldefend evaluate ... --format json | jq '.strongest'
     """
