@@ -126,6 +126,21 @@ def _train_step_time(model: PixelCNN, images: torch.Tensor, repeat: int) -> floa
     return _best(step, repeat)
 
 
+def peak_memory_mb(device: torch.device | None = None) -> float | None:
+    """Peak memory so far: CUDA's allocator peak on a GPU, else the process's peak RSS.
+
+    The RSS peak only grows, so with the cases run from small to large it is each case's
+    own peak (the largest case dominates)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if platform.system() == "Darwin" else rss / 2**10  # bytes vs KiB
+
+
 def run_case(case: BenchCase, settings: BenchSettings,
              log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     model, images, eps = case.model, case.images, case.eps
@@ -183,6 +198,7 @@ def run_case(case: BenchCase, settings: BenchSettings,
         "fallbacks": int(stats.get("fallbacks", 0)),
         "identical": identical,
         "fast_top_ops": top_ops,
+        "peak_memory_mb": peak_memory_mb(images.device),
     }
 
 

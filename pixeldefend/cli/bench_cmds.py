@@ -15,7 +15,8 @@ from .common import OutputFormat, emit, err_console, handle_errors
 
 BENCH_COLUMNS = ["case", "shape", "levels", "batch", "eps_defend", "score_images_per_s",
                  "fast_images_per_s", "reference_images_per_s", "reference_extrapolated",
-                 "speedup_fast_vs_reference", "fast_over_score", "train_step_s", "identical"]
+                 "speedup_fast_vs_reference", "fast_over_score", "train_step_s", "identical",
+                 "peak_memory_mb"]
 
 
 def _rate(value: float) -> str:
@@ -28,7 +29,8 @@ def _bench_table(doc: dict[str, Any]) -> Table:
                         f"thread(s), {sysinfo['cpu_count']} CPU(s), batch "
                         f"{doc['settings']['batch_size']}")
     for col in ("case", "score img/s", "fast img/s", "reference img/s", "speed-up vs ref",
-                "fast ÷ score time", "train step s", "fast time split", "identical"):
+                "fast ÷ score time", "train step s", "fast time split", "identical",
+                "peak MB"):
         table.add_column(col, justify="left" if col in ("case", "fast time split") else "right",
                          overflow="fold")
     for r in doc["results"]:
@@ -43,6 +45,7 @@ def _bench_table(doc: dict[str, Any]) -> Table:
             "-" if r["train_step_s"] is None else f"{r['train_step_s']:.2f}",
             split,
             "-" if r["identical"] is None else ("yes" if r["identical"] else "NO"),
+            "-" if r.get("peak_memory_mb") is None else f"{r['peak_memory_mb']:,.0f}",
         )
     notes = []
     if any(r["reference_extrapolated"] for r in doc["results"]):

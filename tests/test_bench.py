@@ -1,0 +1,31 @@
+"""`pixeldefend bench` runs end to end and reports consistent figures (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+
+from pixeldefend.bench import peak_memory_mb
+from pixeldefend.cli import app
+
+
+def test_bench_json_on_the_shipped_digits_model(runner, repo, monkeypatch):
+    monkeypatch.chdir(repo)
+    result = runner.invoke(app, ["bench", "--quick", "--cases", "digits", "--no-train-step",
+                                 "--format", "json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    (row,) = doc["results"]
+    assert row["shape"] == [1, 8, 8] and row["levels"] == 17
+    # 64 sub-pixels run in full, so the reference is not extrapolated and must match
+    assert row["identical"] is True and not row["reference_extrapolated"]
+    assert abs(row["speedup_fast_vs_reference"] - row["reference_s"] / row["fast_s"]) < 1e-9
+    assert row["peak_memory_mb"] > 10
+
+
+def test_peak_memory_grows_with_a_large_allocation():
+    import numpy as np
+
+    before = peak_memory_mb()
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    assert peak_memory_mb() >= before
+    assert peak_memory_mb() > 64 and block.sum() > 0
