@@ -111,6 +111,16 @@ def default_eps(levels: int) -> Eps:
     return eps if eps.ball >= 1 else Eps(1 / (levels - 1), 1.0)
 
 
+def resolve_eps(eps: Eps | str | float | None, levels: int, eps_levels: bool = False) -> Eps:
+    """An attack's budget from whatever the caller has: None (the default), an `Eps`, or
+    text / a number for `parse_eps`."""
+    if eps is None:
+        return default_eps(levels)
+    if isinstance(eps, Eps):
+        return eps
+    return parse_eps(eps, levels, eps_levels)
+
+
 # ---------------------------------------------------------------------- quantisation
 
 
@@ -336,12 +346,7 @@ def run_attack(
     if images.shape[0] == 0:
         raise DataError("no images to attack")
     num_classes = check_inputs(loaded, images, labels)
-    if eps is None:
-        budget = default_eps(levels)
-    elif isinstance(eps, Eps):
-        budget = eps
-    else:
-        budget = parse_eps(eps, levels, eps_levels)
+    budget = resolve_eps(eps, levels, eps_levels)
     ball = budget.ball
     eps_used = ball / (levels - 1)  # attack inside the ball a quantised image can reach
     warnings: list[str] = []

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import Eps, default_eps, parse_eps, quantise
+from .attacks import Eps, quantise, resolve_eps
 from .density import bits_per_dim
 from .errors import DataError, UsageError
 from .purify import DEFAULT_BATCH, purify_fast
@@ -147,12 +147,7 @@ def bpda_attack(
     labels = torch.as_tensor(labels, dtype=torch.long).cpu()
     if labels.shape != (images.shape[0],):
         raise DataError(f"{images.shape[0]} images but labels of shape {tuple(labels.shape)}")
-    if eps is None:
-        budget = default_eps(levels)
-    elif isinstance(eps, Eps):
-        budget = eps
-    else:
-        budget = parse_eps(eps, levels, eps_levels)
+    budget = resolve_eps(eps, levels, eps_levels)
     ball = budget.ball
     eps_used = ball / (levels - 1)
     step = float(alpha) if alpha is not None else default_alpha(eps_used, steps)

@@ -38,6 +38,7 @@ from .app import app
 from .common import (
     DEVICE_HELP,
     OutputFormat,
+    RichTrainProgress,
     emit,
     err_console,
     fmt_float,
@@ -58,37 +59,17 @@ HOLDOUT = 5000  # validation images carved from a large built-in training split
 SMALL_SET = 10_000  # fewer training images than this: more epochs by default
 
 
-class ClassifierProgress:
-    """Renders the training loop's reports: a Rich bar on stderr plus one line per epoch."""
+class ClassifierProgress(RichTrainProgress):
+    """Training progress worded for a classifier: loss and validation accuracy."""
 
     def __init__(self) -> None:
-        self.progress = make_progress()
-        self.task: Any = None
-        self.epochs = 0
-        self.last_val = float("nan")
+        super().__init__("train classifier")
 
-    def __enter__(self) -> ClassifierProgress:
-        self.progress.__enter__()
-        return self
+    def batch_status(self, loss: float) -> str:
+        return f"loss {loss:.3f}  val error {self.last_val:.4f}"
 
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
-
-    def start(self, total_epochs: int, batches_per_epoch: int, first_epoch: int) -> None:
-        self.epochs = total_epochs
-        self.task = self.progress.add_task(
-            "train classifier", total=total_epochs * batches_per_epoch,
-            completed=first_epoch * batches_per_epoch, status="")
-
-    def batch(self, loss: float) -> None:
-        self.progress.update(self.task, advance=1,
-                             status=f"loss {loss:.3f}  val error {self.last_val:.4f}")
-
-    def epoch(self, epoch: int, train_metric: float, val_metric: float, best: bool) -> None:
-        self.last_val = val_metric
-        err_console.print(
-            f"epoch {epoch + 1:>3}/{self.epochs}  loss {train_metric:.4f}  "
-            f"val accuracy {1 - val_metric:.4f}{' *' if best else ''}", highlight=False)
+    def epoch_summary(self, train_metric: float, val_metric: float) -> str:
+        return f"loss {train_metric:.4f}  val accuracy {1 - val_metric:.4f}"
 
 
 def _default_out(data: str) -> Path:

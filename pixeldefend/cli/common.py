@@ -149,3 +149,43 @@ def fmt_float(value: float | None, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.{digits}f}"
+
+
+class RichTrainProgress:
+    """Renders the training loop's reports (`train.TrainProgress`): a Rich bar on stderr
+    plus one line per epoch. Subclasses change only how the metrics are worded."""
+
+    def __init__(self, label: str = "train") -> None:
+        self.progress = make_progress()
+        self.label = label
+        self.task: Any = None
+        self.epochs = 0
+        self.last_val = float("nan")
+
+    def __enter__(self) -> RichTrainProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def batch_status(self, loss: float) -> str:
+        return f"loss {loss:.3f} bits/dim  val {self.last_val:.3f}"
+
+    def epoch_summary(self, train_metric: float, val_metric: float) -> str:
+        return f"train {train_metric:.4f}  val {val_metric:.4f} bits/dim"
+
+    def start(self, total_epochs: int, batches_per_epoch: int, first_epoch: int) -> None:
+        self.epochs = total_epochs
+        self.task = self.progress.add_task(
+            self.label, total=total_epochs * batches_per_epoch,
+            completed=first_epoch * batches_per_epoch, status="")
+
+    def batch(self, loss: float) -> None:
+        self.progress.update(self.task, advance=1, status=self.batch_status(loss))
+
+    def epoch(self, epoch: int, train_metric: float, val_metric: float, best: bool) -> None:
+        self.last_val = val_metric
+        err_console.print(
+            f"epoch {epoch + 1:>3}/{self.epochs}  {self.epoch_summary(train_metric, val_metric)}"
+            f"{' *' if best else ''}", highlight=False)

@@ -34,6 +34,7 @@ from .common import (
     EXIT_USAGE,
     FORMAT_HELP,
     OutputFormat,
+    RichTrainProgress,
     emit,
     err_console,
     fmt_float,
@@ -43,40 +44,6 @@ from .common import (
 )
 
 DEFAULT_MODEL = Path("models/digits")
-
-
-class RichTrainProgress:
-    """Renders the training loop's reports as a Rich progress bar with loss and bits/dim."""
-
-    def __init__(self, label: str = "train") -> None:
-        self.progress = make_progress()
-        self.label = label
-        self.task: Any = None
-        self.last_val = float("nan")
-
-    def __enter__(self) -> RichTrainProgress:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
-
-    def start(self, total_epochs: int, batches_per_epoch: int, first_epoch: int) -> None:
-        self.task = self.progress.add_task(
-            self.label, total=total_epochs * batches_per_epoch,
-            completed=first_epoch * batches_per_epoch, status="")
-        self.epochs = total_epochs
-
-    def batch(self, loss: float) -> None:
-        self.progress.update(self.task, advance=1,
-                             status=f"loss {loss:.3f} bits/dim  val {self.last_val:.3f}")
-
-    def epoch(self, epoch: int, train_metric: float, val_metric: float, best: bool) -> None:
-        self.last_val = val_metric
-        mark = " *" if best else ""
-        err_console.print(
-            f"epoch {epoch + 1:>3}/{self.epochs}  train {train_metric:.4f}  "
-            f"val {val_metric:.4f} bits/dim{mark}", highlight=False)
 
 
 SCORE_OPTION_HELP = "Score kind: " + "; ".join(f"{k} = {v}" for k, v in SCORE_HELP.items()) + "."
@@ -587,14 +554,14 @@ def sample(
     import torch
 
     from ..data import image_grid, save_npz
-    from ..sampling import draw_samples
+    from ..purify import sample as fast_sample
 
     detector = DensityDetector.load(model, device=device)
     generator = torch.Generator().manual_seed(seed)
-    with make_progress() as progress:
+    with make_progress() as progress:  # the cached decoder reports once per image row
         task = progress.add_task("sample", total=detector.spec.height, status="")
-        images = draw_samples(detector.model, n, generator=generator, temperature=temperature,
-                              progress=lambda: progress.update(task, advance=1))
+        images = fast_sample(detector.model, n, generator=generator, temperature=temperature,
+                             batch_size=n, progress=lambda: progress.update(task, advance=1))
     spec = detector.spec
     zoom = scale or max(1, 256 // (int(np.ceil(np.sqrt(n))) * (spec.width + 1)))
     grid = image_grid(images, spec.levels, scale=zoom)
