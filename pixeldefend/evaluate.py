@@ -73,7 +73,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from . import __version__
 from .atomic import atomic_path
@@ -324,6 +323,8 @@ def _map_labels(images: ImageSet, loaded: LoadedClassifier) -> torch.Tensor:
 
 
 def _auroc(clean: np.ndarray, adv: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score  # lazy: importing it cost every command 1.3 s
+
     if len(clean) == 0 or len(adv) == 0:
         return None
     y = np.r_[np.zeros(len(clean)), np.ones(len(adv))]
