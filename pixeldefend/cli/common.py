@@ -51,6 +51,16 @@ class OutputFormat(str, Enum):
 
 DEVICE_HELP = "auto (CUDA if available, else CPU), cpu, cuda or cuda:N."
 FORMAT_HELP = "Output format for results on stdout (or --output)."
+OVERWRITE = typer.Option(
+    False, "--overwrite",
+    help="Replace outputs that already exist. Only files and folders pixeldefend created "
+         "are ever replaced (output folders carry a .pixeldefend-output.json marker; "
+         "bundles a pixeldefend config.json), never a folder it did not create, never an "
+         "input of the same call.")
+TRUST_CODE_HELP = (
+    "Allow classifiers that run code when loaded: TorchScript files (torch.jit.load) and "
+    "package.module:factory specs. Only for files and modules you trust. Classifier "
+    "bundles need no flag.")
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
