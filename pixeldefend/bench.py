@@ -30,6 +30,7 @@ from .purify import (
     purify_reference,
     reference_steps,
 )
+from .threads import default_threads
 
 DEFAULT_MODEL = Path("models/digits")
 CASE_NAMES = ("digits", "28x28x1", "32x32x3")
@@ -228,6 +229,7 @@ def system_info() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "threads_default": default_threads().describe(),
         "cpu_count": os.cpu_count(), "machine": platform.machine(),
         "load_average_1m": None if load is None else load[0],
     }

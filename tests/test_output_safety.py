@@ -466,3 +466,22 @@ def test_code_running_classifiers_need_trust_code(tmp_path, model):
     assert trusted.exit_code == 2 and "not a TorchScript file" in trusted.output
     for command in ("attack", "defend", "evaluate"):
         assert "--trust-code" in run(command, "--help").output
+
+
+# ------------------------------------------------------------------- default threads
+
+
+def test_default_threads_leave_busy_cores_alone(tmp_path):
+    from pixeldefend.threads import cgroup_cpu_limit, choose_threads, default_threads
+
+    assert choose_threads(2, 0.1, 2) == 2  # idle 2-core machine: both cores
+    assert choose_threads(2, 1.2, 2) == 1  # one core busy elsewhere
+    assert choose_threads(2, 6.0, 2) == 1  # never below one
+    assert choose_threads(4, 3.0, 16) == 4  # the rest of a big machine absorbs the load
+    assert choose_threads(64, None, 64) == 8  # capped
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_limit(tmp_path) == 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(tmp_path) is None
+    choice = default_threads()
+    assert 1 <= choice.threads <= choice.cores and "thread" in choice.describe()

@@ -54,6 +54,8 @@ def _bench_table(doc: dict[str, Any]) -> Table:
             f"{r['case']} from {r['reference_steps_timed']} of {r['reference_steps_total']} "
             "sub-pixels" for r in doc["results"] if r["reference_extrapolated"]))
     notes += [f"{r['case']}: {r['note']}" for r in doc["results"] if r["note"]]
+    notes.append(f"{sysinfo['threads']} thread(s) used; the default here would be "
+                 f"{sysinfo.get('threads_default')}")
     load = sysinfo.get("load_average_1m")
     if load is not None:
         notes.append(f"load average {load:.1f} before, "
