@@ -43,6 +43,9 @@ def save_bundle(
         **(meta or {}),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    from .outputs import prepare_dir  # the swap replaces the folder: only ever a bundle
+
+    prepare_dir(path, command="save", bundle=True, overwrite=True, option="bundle")
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS))
         write_json(tmp / CONFIG, config)

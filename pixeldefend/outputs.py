@@ -227,6 +227,19 @@ def prepare_dir(path: Path, *, command: str, inputs: Iterable[Path] = (),
     return OutputDir(path, command, existing=True)
 
 
+def check_checkpoint_dir(path: Path, files: frozenset[str]) -> None:
+    """A training checkpoint folder (`OUT.checkpoint`) is replaced every epoch and deleted
+    at the end: refuse, up front, a folder of that name holding anything else."""
+    real = resolve_target(path)
+    if os.path.lexists(real) and not real.is_dir():
+        raise OutputError(f"{path} (the training checkpoint) is a file, not a folder")
+    if real.is_dir():
+        foreign = sorted(p.name for p in real.iterdir() if p.name not in files)
+        if foreign:
+            raise OutputError(f"{path} is not a pixeldefend training checkpoint (it holds "
+                              f"{', '.join(foreign[:5])}): move it or choose another --out")
+
+
 def clear_dir(out: OutputDir) -> None:
     """Empty a folder `prepare_dir` proved to be ours (marker), before rewriting it."""
     if out.existing and owner(resolve_target(out.path)) == "marker":

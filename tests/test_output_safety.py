@@ -110,16 +110,28 @@ def test_write_goes_through_a_fifo(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
 
 
-def test_write_to_dev_null_keeps_the_device():
-    write_text("/dev/null", "discarded")
-    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+@pytest.fixture()
+def null_device(tmp_path) -> Path:
+    """A private copy of /dev/null (character device 1:3), so a broken implementation
+    replaces this node, never the system's own /dev/null."""
+    node = tmp_path / "null"
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except (AttributeError, OSError):
+        pytest.skip("cannot create a device node here (needs root / CAP_MKNOD)")
+    return node
 
 
-def test_cli_output_to_dev_null_symlink_and_fifo(tmp_path, model, repo):
+def test_write_to_a_device_keeps_the_device(null_device):
+    write_text(null_device, "discarded")
+    assert stat.S_ISCHR(os.stat(null_device).st_mode)
+
+
+def test_cli_output_to_a_device_and_a_symlink(tmp_path, model, repo, null_device):
     samples = repo / "data" / "samples" / "clean"
-    result = run("score", samples, "--model", model, "--format", "csv", "-o", "/dev/null")
+    result = run("score", samples, "--model", model, "--format", "csv", "-o", null_device)
     assert result.exit_code == 0, result.output
-    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert stat.S_ISCHR(os.stat(null_device).st_mode)
     real = tmp_path / "scores.csv"
     real.write_text("")
     real.chmod(0o640)
@@ -291,7 +303,7 @@ def test_check_file_rules(tmp_path, pngs, model):
         check_file(pngs, overwrite=True)
     with pytest.raises(OutputError, match="not a folder"):
         check_file(pngs / "d0.png" / "x.csv")
-    assert check_file(Path("/dev/null")) is not None
+    assert check_file(Path("/dev/null")) is not None  # only checked, never written
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
@@ -485,3 +497,23 @@ def test_default_threads_leave_busy_cores_alone(tmp_path):
     assert cgroup_cpu_limit(tmp_path) is None
     choice = default_threads()
     assert 1 <= choice.threads <= choice.cores and "thread" in choice.describe()
+
+
+def test_library_save_and_checkpoints_never_replace_foreign_folders(tmp_path, model):
+    import shutil
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError, match="did not create"):
+        _save_generation(folder, 1)
+    assert (folder / "keep.txt").read_text() == "mine"
+    bundle = tmp_path / "digits"
+    shutil.copytree(model, bundle)
+    (bundle / "notes.txt").write_text("mine")
+    assert_refused(run("train-background", "--model", bundle, "--epochs", "1"), "notes.txt")
+    checkpoint = tmp_path / "out.checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "keep.txt").write_text("mine")
+    assert_refused(run("train", "--out", tmp_path / "out", "--epochs", "1"), "checkpoint")
+    assert (checkpoint / "keep.txt").read_text() == "mine"

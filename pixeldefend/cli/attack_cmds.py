@@ -33,8 +33,8 @@ from ..models.classifier import (
     split_holdout,
     train_classifier,
 )
-from ..outputs import input_paths, prepare_dir, write_marker
-from ..train import TrainSettings, remove_checkpoint
+from ..outputs import check_checkpoint_dir, input_paths, prepare_dir, write_marker
+from ..train import CHECKPOINT_FILES, TrainSettings, remove_checkpoint
 from .app import app
 from .common import (
     DEVICE_HELP,
@@ -178,6 +178,7 @@ def classifier_train(
     prepare_dir(out, command="classifier train", inputs=input_paths(data, val, test, data_root),
                 overwrite=overwrite, bundle=True)
     checkpoint = out.with_name(out.name + ".checkpoint")
+    check_checkpoint_dir(checkpoint, CHECKPOINT_FILES)
     train_set, val_set, test_set = classifier_splits(data, val, test, seed, data_root, download)
     train_labels = _need_labels(train_set, "training")
     val_labels = _need_labels(val_set, "validation")

@@ -24,9 +24,9 @@ from ..data import (
 from ..detector import DensityDetector
 from ..errors import UsageError
 from ..models.pixelcnn import PRESETS
-from ..outputs import check_files, clear_dir, input_paths, prepare_dir
+from ..outputs import check_checkpoint_dir, check_files, clear_dir, input_paths, prepare_dir
 from ..scores import DEFAULT_BACKGROUND_L2, DEFAULT_MUTATION_RATE, SCORE_HELP, SCORE_KINDS
-from ..train import TrainSettings, remove_checkpoint
+from ..train import CHECKPOINT_FILES, TrainSettings, remove_checkpoint
 from .app import app
 from .common import (
     DEVICE_HELP,
@@ -179,6 +179,8 @@ def train(
     prepare_dir(out, command="train", inputs=input_paths(data, data_root), overwrite=overwrite,
                 bundle=True)
     checkpoint = out.with_name(out.name + ".checkpoint")
+    for folder in (checkpoint, out.with_name(out.name + ".background.checkpoint")):
+        check_checkpoint_dir(folder, CHECKPOINT_FILES)
     splits = training_splits(data, data_root, download, seed)
     train_set = resolve(splits["train"], None, data_root, download).head(max_images)
     expect = train_set.spec
@@ -285,6 +287,8 @@ def train_background(
 
       pixeldefend train-background --model models/fashion-mnist --max-images 10000 --epochs 3
     """
+    prepare_dir(model, command="train-background", bundle=True, overwrite=True,
+                option="--model")  # the bundle is rewritten whole: it may hold nothing else
     detector = DensityDetector.load(model, device=device)
     recorded = detector.meta.get("data") or {}
     data = data or recorded.get("spec")
@@ -303,6 +307,7 @@ def train_background(
     val_set = resolve(splits["val"], expect, data_root, download)
     calib_set = resolve(splits["calib"], expect, data_root, download)
     checkpoint = model.with_name(model.name + ".background.checkpoint")
+    check_checkpoint_dir(checkpoint, CHECKPOINT_FILES)
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                              patience=patience, weight_decay=l2)
     start = time.perf_counter()
