@@ -32,6 +32,7 @@ from rich.table import Table
 
 from ..atomic import write_text
 from ..errors import PixelDefendError
+from ..outputs import OutputError
 
 err_console = Console(stderr=True, soft_wrap=True)
 # results on a pipe or file are not squeezed into 80 columns
@@ -151,7 +152,10 @@ def emit(fmt: OutputFormat, doc: dict[str, Any], rows: list[dict[str, Any]], col
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
-        write_text(output, text)
+        try:
+            write_text(output, text)
+        except OSError as exc:  # checked up front; this is a disk that filled up since
+            raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
         err_console.print(f"wrote {output}")
 
 
