@@ -30,10 +30,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .defaults import METHODS as METHODS
 from .errors import DataError, UsageError
 from .models.classifier import LoadedClassifier, as_loaded, check_inputs, predict_logits
 
-METHODS = ("rand", "fgsm", "bim", "pgd", "cw", "deepfool", "autoattack")
 TARGETED_METHODS = ("fgsm", "bim", "pgd", "cw")
 L2_METHODS = ("cw", "deepfool")  # clipped to the L-infinity eps ball afterwards
 DEFAULT_STEPS = {"bim": 10, "pgd": 10, "cw": 50, "deepfool": 50}

@@ -42,12 +42,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageSet
+from .defaults import DEFAULT_BATCH as DEFAULT_BATCH
 from .density import bits_per_dim
 from .errors import DataError, UsageError
 from .models.pixelcnn import PixelCNN
 
 TIE_TOLERANCE = 1e-8
-DEFAULT_BATCH = 64
 PIXEL_THREADS = 1  # intra-op threads for the per-pixel loop on the CPU (None: leave as is)
 
 # decide(c, i, j, logits (N, levels), x (N, C, H, W) long, current state) -> values (N,) long

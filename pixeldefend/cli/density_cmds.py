@@ -5,28 +5,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import typer
 
-from .. import reporting
-from ..data import (
-    Batch,
-    ImageSet,
-    ImageStream,
-    load_images,
-    parse_builtin,
-    resolve,
-    split_slice,
-    training_splits,
-)
-from ..detector import DensityDetector
+from ..defaults import DEFAULT_BACKGROUND_L2, DEFAULT_MUTATION_RATE, SCORE_HELP, SCORE_KINDS
+from ..defaults import PIXELCNN_PRESETS as PRESETS
 from ..errors import UsageError
-from ..models.pixelcnn import PRESETS
-from ..outputs import check_checkpoint_dir, check_files, clear_dir, input_paths, prepare_dir
-from ..scores import DEFAULT_BACKGROUND_L2, DEFAULT_MUTATION_RATE, SCORE_HELP, SCORE_KINDS
-from ..train import CHECKPOINT_FILES, TrainSettings, remove_checkpoint
 from .app import app
 from .common import (
     DEVICE_HELP,
@@ -44,6 +29,11 @@ from .common import (
     make_progress,
     out_console,
 )
+
+if TYPE_CHECKING:
+    from ..data import Batch, ImageSet
+    from ..detector import DensityDetector
+    from ..train import TrainSettings
 
 DEFAULT_MODEL = Path("models/digits")
 
@@ -100,6 +90,8 @@ def print_calibrations(detector: DensityDetector, kinds: list[str], n: int, sour
 def default_out(data: str) -> Path:
     """runs/<data name>: untracked (git-ignored), so a bare `train` in a clone never
     modifies the shipped bundles in models/."""
+    from ..data import parse_builtin, split_slice
+
     parsed = parse_builtin(split_slice(data)[0])
     name = parsed[0] if parsed else Path(data.rstrip("/")).stem or "model"
     return Path("runs") / name
@@ -165,6 +157,11 @@ def train(
 
       pixeldefend train --background --score llr         [dim]# + background model[/]
     """
+    from ..data import resolve, training_splits
+    from ..detector import DensityDetector
+    from ..outputs import check_checkpoint_dir, input_paths, prepare_dir
+    from ..train import CHECKPOINT_FILES, TrainSettings, remove_checkpoint
+
     if preset not in PRESETS:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     if not 0.0 < fpr < 1.0:
@@ -287,6 +284,11 @@ def train_background(
 
       pixeldefend train-background --model models/fashion-mnist --max-images 10000 --epochs 3
     """
+    from ..data import resolve, training_splits
+    from ..detector import DensityDetector
+    from ..outputs import check_checkpoint_dir, prepare_dir
+    from ..train import CHECKPOINT_FILES, TrainSettings, remove_checkpoint
+
     prepare_dir(model, command="train-background", bundle=True, overwrite=True,
                 option="--model")  # the bundle is rewritten whole: it may hold nothing else
     detector = DensityDetector.load(model, device=device)
@@ -356,6 +358,9 @@ def calibrate(
 
       pixeldefend calibrate --model models/digits --score complexity  [dim]# new default[/]
     """
+    from ..data import load_images
+    from ..detector import DensityDetector
+
     if score is not None:
         check_score_kind(score)
     if not 0.0 < fpr < 1.0:
@@ -436,6 +441,13 @@ def score(
 
       pixeldefend score incoming/ --batch-test --fail-on anomalous  [dim]# whole-set gate[/]
     """
+    import numpy as np
+
+    from .. import reporting
+    from ..data import ImageStream
+    from ..detector import DensityDetector
+    from ..outputs import check_files, clear_dir, input_paths, prepare_dir
+
     if fail_on not in GATE_CHOICES:
         raise UsageError(f"--fail-on must be one of {', '.join(GATE_CHOICES)}, not {fail_on!r}")
     if max_anomalous_fraction is not None and not 0.0 <= max_anomalous_fraction <= 1.0:
@@ -553,6 +565,9 @@ def info(
 
       pixeldefend info --model models/digits --format json
     """
+    from .. import reporting
+    from ..detector import DensityDetector
+
     detector = DensityDetector.load(model, device="cpu")
     doc = reporting.info_document(detector, model)
     emit(fmt, doc, [doc], list(doc), lambda: reporting.info_table(doc))
@@ -577,9 +592,12 @@ def sample(
 
       pixeldefend sample --model models/digits -n 16 --out grid.png
     """
+    import numpy as np
     import torch
 
     from ..data import image_grid, save_npz
+    from ..detector import DensityDetector
+    from ..outputs import check_files, input_paths
     from ..purify import sample as fast_sample
 
     check_files((out, "--out"), (npz, "--npz"), inputs=input_paths(model),

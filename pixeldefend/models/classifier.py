@@ -35,21 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..defaults import CLASSIFIER_PRESETS as PRESETS
 from ..errors import BundleError, DataError, UsageError
 
 KIND = "classifier"
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # for tests: trains on digits in a second or two
-    "tiny": {"filters": 8, "stages": 2, "blocks": 1},
-    # default: 78k parameters (0.3 MB)
-    "small": {"filters": 16, "stages": 3, "blocks": 1},
-    # 4x the parameters, ~2x the time of small
-    "medium": {"filters": 32, "stages": 3, "blocks": 1},
-    # wider and deeper, for a GPU or a patient CPU
-    "base": {"filters": 32, "stages": 3, "blocks": 2},
-}
-
 
 @dataclass(frozen=True)
 class ClassifierConfig:

@@ -28,14 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PRESETS: dict[str, dict[str, int]] = {
-    # for tests: builds and runs in milliseconds
-    "tiny": {"filters": 16, "layers": 2, "kernel": 3, "first_kernel": 3, "head": 32},
-    # the CPU default: trains on Fashion-MNIST in tens of minutes on 2 cores
-    "small": {"filters": 32, "layers": 5, "kernel": 3, "first_kernel": 5, "head": 64},
-    # for a GPU or a patient CPU
-    "base": {"filters": 96, "layers": 8, "kernel": 3, "first_kernel": 7, "head": 192},
-}
+from ..defaults import PIXELCNN_PRESETS as PRESETS
 
 
 @dataclass(frozen=True)
