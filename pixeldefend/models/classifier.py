@@ -21,7 +21,6 @@ loading a TorchScript file runs its code and a factory imports a module, so both
 from __future__ import annotations
 
 import importlib
-import math
 import re
 import sys
 import warnings
@@ -569,7 +568,3 @@ def classify(loaded: LoadedClassifier | nn.Module, images: torch.Tensor, levels:
     check_inputs(loaded, images)
     logits = predict_logits(loaded.model, images, levels, batch_size)
     return logits.argmax(1), torch.softmax(logits, 1)
-
-
-def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((pred.cpu() == labels.cpu()).float().mean()) if labels.numel() else math.nan

@@ -10,16 +10,13 @@ tests) and `sample`. PixelDefend purification (`pixeldefend.purify`) runs on it 
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
 from ..errors import UsageError
 from .pixelcnn import PixelCNN
-
-PIXEL_THREADS = 1  # intra-op threads for the per-pixel loop on the CPU (None: leave as is)
 
 # decide(c, i, j, logits (N, levels), x (N, C, H, W) long) -> values (N,) long
 Decide = Callable[[int, int, int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -34,11 +31,9 @@ class CachedDecoder:
     connections at once, the trunk, then the channel head channel by channel.
     """
 
-    def __init__(self, model: PixelCNN, dtype: torch.dtype = torch.float64,
-                 pixel_threads: int | None = PIXEL_THREADS) -> None:
+    def __init__(self, model: PixelCNN, dtype: torch.dtype = torch.float64) -> None:
         self.steps = model.steps(dtype)
         self.cfg, self.dtype, self.device = model.config, dtype, self.steps.device
-        self.pixel_threads = pixel_threads if self.device.type == "cpu" else None
 
     @torch.inference_mode()
     def run(self, x: torch.Tensor, decide: Decide,
@@ -87,24 +82,23 @@ class CachedDecoder:
             tick("rows")
             # ---------------- horizontal stack and head, pixel by pixel
             xrow = xin[:, i + r0]  # (n, W + 2 r0, C + 1)
-            with _threads(self.pixel_threads):
-                for j in range(W):
-                    window = None if j == 0 else xrow[:, j - 1:j + r0].reshape(n, -1)
-                    steps.input_pixel(window, base0[j], h0)
-                    hbuf[0][:, j + r].copy_(h0)
-                    for li, layer in enumerate(layers):
-                        h_next = hbuf[li + 1][:, j + r] if li + 1 < nl else None
-                        layer.pixel(hbuf[li][:, j:j + r + 1].reshape(n, -1), bases[li][j],
-                                    gates[li], hbuf[li][:, j + r], h_next)
-                    ctx = steps.context(units)
-                    tick("pixels")
-                    for c in range(C):
-                        logits = steps.channel_logits(ctx, xrow[:, j + r0, :c], c)
-                        tick("head")
-                        value = decide(c, i, j, logits, x)
-                        x[:, c, i, j] = value
-                        xrow[:, j + r0, c] = steps.table[value]
-                        tick("decide")
+            for j in range(W):
+                window = None if j == 0 else xrow[:, j - 1:j + r0].reshape(n, -1)
+                steps.input_pixel(window, base0[j], h0)
+                hbuf[0][:, j + r].copy_(h0)
+                for li, layer in enumerate(layers):
+                    h_next = hbuf[li + 1][:, j + r] if li + 1 < nl else None
+                    layer.pixel(hbuf[li][:, j:j + r + 1].reshape(n, -1), bases[li][j],
+                                gates[li], hbuf[li][:, j + r], h_next)
+                ctx = steps.context(units)
+                tick("pixels")
+                for c in range(C):
+                    logits = steps.channel_logits(ctx, xrow[:, j + r0, :c], c)
+                    tick("head")
+                    value = decide(c, i, j, logits, x)
+                    x[:, c, i, j] = value
+                    xrow[:, j + r0, c] = steps.table[value]
+                    tick("decide")
             if on_row is not None:
                 on_row(i)
         return x
@@ -122,21 +116,6 @@ class _Ticker:
             now = time.perf_counter()
             self.timings[name] = self.timings.get(name, 0.0) + now - self.last
             self.last = now
-
-
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """Run a block with n intra-op threads: the per-pixel ops are tiny, and on a busy
-    machine a second thread waiting at every op's barrier costs more than it gives."""
-    old = torch.get_num_threads()
-    if n is None or n == old:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def cached_logits(model: PixelCNN, images: torch.Tensor,

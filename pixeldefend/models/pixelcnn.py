@@ -227,11 +227,6 @@ class PixelCNN(nn.Module):
         """Integer levels -> floats in [-1, 1]."""
         return scaled(x, self.config.levels, torch.float32)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer images -> network input: scaled values plus a constant-one channel."""
-        xs = self.scale(x)
-        return torch.cat([xs, torch.ones_like(xs[:, :1])], dim=1)
-
     def context(self, x_in: torch.Tensor) -> torch.Tensor:
         """Per-pixel features (N, head, H, W) that depend only on strictly earlier pixels."""
         r = self.config.first_kernel // 2
