@@ -240,7 +240,8 @@ def decode_image_file(
             raise DataError(f"corrupt or truncated {kind} file") from exc
         raise DataError("not an image file Pillow can decode") from exc
     except Image.DecompressionBombError as exc:
-        raise DataError(f"image too large to decode safely ({exc})") from exc
+        raise DataError(f"image declares more pixels than the budget; refused before "
+                        f"decoding ({exc})") from exc
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError, struct.error,
             zlib.error, IndexError, TypeError) as exc:
         raise DataError(f"corrupt or truncated image: {exc}") from exc
