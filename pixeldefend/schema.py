@@ -121,6 +121,19 @@ PIXELCNN_CONFIG = Schema({
     "background": Field("dict", required=False, nullable=True),
 })
 
+CLASSIFIER_ARCHITECTURE = Schema({
+    "channels": Field("int", low=1, high=4),
+    "height": Field("int", low=1, high=1024),
+    "width": Field("int", low=1, high=1024),
+    "num_classes": Field("int", low=2, high=100_000),
+    "levels": Field("int", low=2, high=256),
+    "filters": Field("int", required=False, low=1, high=1024),
+    "stages": Field("int", required=False, low=1, high=8),
+    "blocks": Field("int", required=False, low=1, high=32),
+    "norm": Field("str", required=False),
+    "stem_stride": Field("int", required=False, low=1, high=2),
+})
+
 CALIBRATION_ENTRY = Schema({
     "kind": Field("str"),
     "threshold": Field("number"),
@@ -158,6 +171,27 @@ def check_pixelcnn_architecture(arch: Any, where: str = "config.json architectur
         cfg = PixelCNNConfig(**arch)
         with torch.device("meta"):
             params = sum(p.numel() for p in PixelCNN(cfg).parameters())
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise SchemaError(f"{where}: {exc}") from exc
+    if params > MAX_MODEL_PARAMETERS:
+        raise SchemaError(f"{where}: describes a network of {params:,} parameters, more than "
+                          f"the limit of {MAX_MODEL_PARAMETERS:,}")
+    return arch
+
+
+def check_classifier_architecture(arch: Any, where: str = "config.json architecture"
+                                  ) -> dict[str, Any]:
+    """Validate a classifier architecture dict and its parameter budget (meta device)."""
+    CLASSIFIER_ARCHITECTURE.check(arch, where)
+    import torch
+
+    from .models.classifier import ClassifierConfig, ResNetClassifier
+
+    known = set(ClassifierConfig.__dataclass_fields__)
+    try:
+        cfg = ClassifierConfig(**{k: v for k, v in arch.items() if k in known})
+        with torch.device("meta"):
+            params = sum(p.numel() for p in ResNetClassifier(cfg).parameters())
     except (TypeError, ValueError, RuntimeError) as exc:
         raise SchemaError(f"{where}: {exc}") from exc
     if params > MAX_MODEL_PARAMETERS:

@@ -617,3 +617,22 @@ def test_bad_data_specs_are_usage_errors(runner, spec, text):
     result = run(runner, "score", spec, "--model", MODEL)
     no_traceback(result)
     assert result.exit_code == 2 and text in result.stderr
+
+
+@pytest.mark.parametrize("field, value, text", [
+    ("channels", "1", "channels: must be an integer"),
+    ("filters", 10**6, "filters: must be at most"),
+    ("num_classes", 1, "num_classes: must be at least 2"),
+    ("norm", "layer", "norm must be 'batch' or 'group'"),
+])
+def test_tampered_classifier_bundle_is_a_bundle_error(tmp_path, field, value, text):
+    from pixeldefend.errors import BundleError
+    from pixeldefend.models.classifier import load_classifier
+
+    bundle = tmp_path / "classifier"
+    shutil.copytree(REPO / "models" / "digits-classifier", bundle)
+    doc = json.loads((bundle / "config.json").read_text())
+    doc["architecture"][field] = value
+    (bundle / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(BundleError, match=text):
+        load_classifier(str(bundle), device="cpu")
