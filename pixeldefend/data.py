@@ -56,8 +56,10 @@ CIFAR10_CLASSES = [
 BUILTIN = ("digits", "fashion-mnist", "mnist", "cifar10")
 # Largest image we decode: width x height from the header, checked before decoding.
 MAX_IMAGE_PIXELS = 4096 * 4096
-# Largest array we load from an .npy / .npz member: shape x item size from its header.
-MAX_ARRAY_BYTES = 1 << 30
+# Largest array we load from an .npy / .npz (all members together): shape x item size
+# from the headers / the zip directory. 512 MiB holds CIFAR-10's 50,000 training images
+# three times over; raise it with $PIXELDEFEND_MAX_ARRAY_BYTES for bigger arrays.
+MAX_ARRAY_BYTES = int(os.environ.get("PIXELDEFEND_MAX_ARRAY_BYTES", 512 << 20))
 
 
 def safe_name(name: str) -> str:

@@ -399,7 +399,8 @@ class DensityDetector:
             "image_shape": list(self.spec.shape),
             "levels": self.spec.levels,
             "preset": self.preset,
-            **{k: v for k, v in self.meta.items() if k not in ("background", "path")},
+            **{k: v for k, v in self.meta.items()
+               if k not in ("background", "path", "calibration_error")},
         }
         state = dict(model.state_dict())
         if self.background is not None:
@@ -416,7 +417,10 @@ class DensityDetector:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "auto",
-             batch_size: int = 256) -> DensityDetector:
+             batch_size: int = 256, ignore_bad_calibration: bool = False) -> DensityDetector:
+        """Load a bundle. A malformed calibration.json is a BundleError, unless
+        `ignore_bad_calibration` (for recalibrating): then it is dropped and the reason
+        kept in `meta["calibration_error"]`."""
         config = read_config(path, kind="pixelcnn")
         try:
             PIXELCNN_CONFIG.check(config, "config.json")
@@ -443,12 +447,17 @@ class DensityDetector:
             load_state_into(background, state, path, prefix=BACKGROUND_PREFIX)
             det.background = background.to(det.device).eval()
             det.background_meta = bg
-        doc = read_calibration(path)
-        if doc is not None:
-            try:
+        try:
+            doc = read_calibration(path)
+            if doc is not None:
                 det.calibrations, det.default_kind = parse_calibration_file(doc)
-            except (ValueError, TypeError, KeyError) as exc:
-                raise BundleError(f"{path}: corrupt calibration.json ({exc})") from exc
+        except (ValueError, TypeError, KeyError, BundleError) as exc:
+            if not ignore_bad_calibration:
+                detail = str(exc).removeprefix(f"{Path(path) / 'calibration.json'}: ")
+                raise BundleError(f"{path}: invalid calibration.json ({detail}); run "
+                                  "`pixeldefend calibrate` to replace it") from exc
+            det.calibrations, det.default_kind = {}, "bpd"
+            det.meta["calibration_error"] = str(exc)
         det.meta["path"] = str(path)
         det.meta.setdefault("package_version", __version__)
         return det

@@ -636,3 +636,15 @@ def test_tampered_classifier_bundle_is_a_bundle_error(tmp_path, field, value, te
     (bundle / "config.json").write_text(json.dumps(doc))
     with pytest.raises(BundleError, match=text):
         load_classifier(str(bundle), device="cpu")
+
+
+def test_calibrate_replaces_an_invalid_calibration_json(runner, bundle_copy, good_png):
+    doc = json.loads((bundle_copy / "calibration.json").read_text())
+    doc["kinds"]["bpd"]["threshold"] = None  # what old versions wrote for "infinite"
+    (bundle_copy / "calibration.json").write_text(json.dumps(doc))
+    scored = run(runner, "score", good_png, "--model", bundle_copy)
+    assert scored.exit_code == 2 and "run `pixeldefend calibrate`" in scored.stderr
+    result = run(runner, "calibrate", "--model", bundle_copy)
+    no_traceback(result)
+    assert result.exit_code == 0 and "replacing the invalid calibration.json" in result.stderr
+    assert run(runner, "score", good_png, "--model", bundle_copy).exit_code == 0

@@ -390,7 +390,12 @@ def calibrate(
         check_score_kind(score)
     if not 0.0 < fpr < 1.0:
         raise UsageError(f"--fpr must be between 0 and 1 (exclusive), got {fpr}")
-    detector = DensityDetector.load(model, device=device, batch_size=batch_size)
+    detector = DensityDetector.load(model, device=device, batch_size=batch_size,
+                                    ignore_bad_calibration=True)
+    if "calibration_error" in detector.meta:
+        err_console.print(f"[yellow]warning[/]: replacing the invalid calibration.json of "
+                          f"{model} ({detector.meta.pop('calibration_error')})",
+                          highlight=False)
     if score is not None:
         detector.check_kind(score)
     if data is None:
