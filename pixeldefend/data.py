@@ -723,14 +723,24 @@ def list_image_files(path: Path) -> list[Path]:
     return [Path(f) for f in scan_folder(path).files]
 
 
-def _folder_classes(root: str, files: list[str]) -> list[str] | None:
-    """Class names when every image sits exactly one sub-folder below `root`."""
-    if not files:
-        return None
-    parts = [Path(os.path.relpath(f, root)).parts for f in files]
-    if any(len(p) != 2 for p in parts):
-        return None
-    return sorted({p[0] for p in parts})
+def _class_folder(root: str, file: str) -> str | None:
+    """The sub-folder of `root` that holds `file` directly, or None (deeper or at the top)."""
+    head, sep, tail = os.path.relpath(file, root).partition(os.sep)
+    return head if sep and os.sep not in tail else None
+
+
+def _folder_classes(root: str, files: Sequence[str | tuple[str, str]]) -> list[str] | None:
+    """Class names when every image sits exactly one sub-folder below `root` (a streaming
+    pass: nothing per file is kept)."""
+    names: set[str] = set()
+    for f in files:
+        if not isinstance(f, str):
+            continue
+        folder = _class_folder(root, f)
+        if folder is None:
+            return None
+        names.add(folder)
+    return sorted(names) or None
 
 
 class ImageStream:
@@ -761,15 +771,15 @@ class ImageStream:
             elif path.is_dir():
                 scan = scan_folder(path)
                 self.hidden += scan.hidden
-                files = scan.files
-                classes = _folder_classes(str(path), files) if not scan.problems else None
+                clean_scan = all(isinstance(e, str) for e in scan.entries)
+                classes = _folder_classes(str(path), scan.entries) if clean_scan else None
                 if classes:
                     self.classes = classes
+                index = {name: k for k, name in enumerate(classes or [])}
                 for e in scan.entries:
                     self.entries.append(e)
-                    self.labels.append(
-                        classes.index(Path(os.path.relpath(e, path)).parts[0])
-                        if classes and isinstance(e, str) else None)
+                    self.labels.append(index[_class_folder(str(path), e)]  # type: ignore[index]
+                                       if classes and isinstance(e, str) else None)
                 if not scan.entries:
                     self.entries.append((safe_name(raw), "folder holds no image files"
                                          + (f" ({scan.hidden} hidden entries ignored)"
