@@ -29,13 +29,22 @@ from ..detector import DensityDetector
 from ..errors import TooFewCalibrationImages, UsageError
 from ..gate import GatePolicy, JUnitWriter, Tally, decide
 from ..models.pixelcnn import PRESETS
+from ..outputs import (
+    OutputError,
+    check_checkpoint_dir,
+    check_files,
+    clear_dir,
+    input_paths,
+    prepare_dir,
+)
 from ..scores import DEFAULT_BACKGROUND_L2, DEFAULT_MUTATION_RATE, SCORE_HELP, SCORE_KINDS
-from ..train import TrainSettings, remove_checkpoint
+from ..train import CHECKPOINT_FILES, TrainSettings, remove_checkpoint
 from .app import app
 from .common import (
     DEVICE_HELP,
     EXIT_USAGE,
     FORMAT_HELP,
+    OVERWRITE,
     OutputFormat,
     RichTrainProgress,
     RowStream,
@@ -127,9 +136,11 @@ def print_calibrations(detector: DensityDetector, kinds: list[str], n: int, sour
 
 
 def default_out(data: str) -> Path:
+    """runs/<data name>: untracked (git-ignored), so a bare `train` in a clone never
+    modifies the shipped bundles in models/."""
     parsed = parse_builtin(split_slice(data)[0])
     name = parsed[0] if parsed else Path(data.rstrip("/")).stem or "model"
-    return Path("models") / name
+    return Path("runs") / name
 
 
 @app.command()
@@ -139,7 +150,9 @@ def train(
                              help="Training images: digits, fashion-mnist, mnist, cifar10, a "
                                   "folder, or an .npz file."),
     out: Path | None = typer.Option(None, "--out", "-o",
-                                    help="Bundle directory \\[default: models/<data name>]."),
+                                    help="Bundle directory \\[default: runs/<data name>]. "
+                                         "An existing bundle is replaced only with "
+                                         "--overwrite; any other non-empty folder never."),
     preset: str = typer.Option("small", help=f"Model size: {', '.join(PRESETS)}."),
     dropout: float = typer.Option(0.1, min=0.0, max=0.9,
                                   help="Dropout on the gated units (helps on small data)."),
@@ -175,6 +188,7 @@ def train(
     data_root: str | None = typer.Option(None, help="Folder holding data set files."),
     download: bool = typer.Option(False, "--download",
                                   help="Let torchvision download the data set if missing."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Train a PixelCNN on clean images, calibrate its thresholds and write a bundle.
 
@@ -185,9 +199,11 @@ def train(
 
     [bold]Examples[/]
 
-      pixeldefend train                                  [dim]# digits -> models/digits[/]
+      pixeldefend train                                  [dim]# digits -> runs/digits[/]
 
-      pixeldefend train --data fashion-mnist --epochs 5  [dim]# -> models/fashion-mnist[/]
+      pixeldefend train --data fashion-mnist --epochs 5  [dim]# -> runs/fashion-mnist[/]
+
+      pixeldefend train --out models/mine --overwrite    [dim]# replace an earlier bundle[/]
 
       pixeldefend train --data fashion-mnist --resume    [dim]# after an interruption[/]
 
@@ -204,7 +220,11 @@ def train(
         raise UsageError(f"--background-preset must be one of {', '.join(PRESETS)}, "
                          f"not {background_preset!r}")
     out = out or default_out(data)
+    prepare_dir(out, command="train", inputs=input_paths(data, data_root), overwrite=overwrite,
+                bundle=True)
     checkpoint = out.with_name(out.name + ".checkpoint")
+    for folder in (checkpoint, out.with_name(out.name + ".background.checkpoint")):
+        check_checkpoint_dir(folder, CHECKPOINT_FILES)
     splits = training_splits(data, data_root, download, seed, skip_unreadable=skip_unreadable)
     train_set = resolve(splits["train"], None, data_root, download).head(max_images)
     report_skipped(splits["train"])
@@ -314,6 +334,8 @@ def train_background(
 
       pixeldefend train-background --model models/fashion-mnist --max-images 10000 --epochs 3
     """
+    prepare_dir(model, command="train-background", bundle=True, overwrite=True,
+                option="--model")  # the bundle is rewritten whole: it may hold nothing else
     detector = DensityDetector.load(model, device=device)
     recorded = detector.meta.get("data") or {}
     data = data or recorded.get("spec")
@@ -333,6 +355,7 @@ def train_background(
     calib_set = resolve(splits["calib"], expect, data_root, download)
     check_calibration_size(len(calib_set), fpr, False)
     checkpoint = model.with_name(model.name + ".background.checkpoint")
+    check_checkpoint_dir(checkpoint, CHECKPOINT_FILES)
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                              patience=patience, weight_decay=l2)
     start = time.perf_counter()
@@ -460,6 +483,7 @@ def score(
     resize: bool = typer.Option(False, "--resize", help="Resize images to the model's size."),
     grayscale: bool = typer.Option(False, "--grayscale", help="Convert colour/gray to match."),
     data_root: str | None = typer.Option(None, help="Folder holding data set files."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Score images: bits/dim, log-likelihood, score, conformal p-value and a verdict.
 
@@ -488,6 +512,11 @@ def score(
         raise UsageError("--max-anomalous-fraction must be between 0 and 1")
     if score_kind is not None:
         check_score_kind(score_kind)
+    inputs = input_paths(paths, model)
+    check_files((output, "--output"), (junit, "--junit"), inputs=inputs, overwrite=overwrite)
+    heatmap_dir = None if heatmap is None else prepare_dir(
+        heatmap, command="score --heatmap", inputs=inputs, overwrite=overwrite,
+        option="--heatmap")
     detector = DensityDetector.load(model, device=device, batch_size=batch_size)
     kind = detector.check_kind(score_kind or detector.default_kind)
     if kind == "typicality":
@@ -511,6 +540,9 @@ def score(
     results: list[dict[str, Any]] = []  # kept only for table / json output
     bpd_values = array("d")  # for --batch-test only
     taken: set[str] = set()
+    if heatmap_dir is not None:
+        clear_dir(heatmap_dir)
+        heatmap_dir.mark()
     junit_writer = JUnitWriter(junit, kind, policy) if junit is not None else None
     with contextlib.ExitStack() as stack:
         rows_out = stack.enter_context(RowStream(fmt, reporting.SCORE_COLUMNS, output)) \
@@ -554,7 +586,10 @@ def score(
             emit(fmt, doc, results, reporting.SCORE_COLUMNS,
                  lambda: reporting.score_table(doc), output)
     if junit_writer is not None:
-        junit_writer.close(result, doc.get("batch_test"), batch_line)
+        try:
+            junit_writer.close(result, doc.get("batch_test"), batch_line)
+        except OSError as exc:  # checked up front; a disk that filled up since
+            raise OutputError(f"cannot write {junit}: {exc.strerror or exc}") from None
         err_console.print(f"wrote {junit}", highlight=False)
     summary = doc["summary"]
     extra = []
@@ -629,6 +664,7 @@ def sample(
     scale: int = typer.Option(0, min=0, help="Pixel zoom of the grid \\[default: fit ~256 px]."),
     seed: int = typer.Option(0, help="Random seed."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Draw images from the model and save them as a PNG grid a person can look at.
 
@@ -641,6 +677,8 @@ def sample(
     from ..data import image_grid, save_npz
     from ..purify import sample as fast_sample
 
+    check_files((out, "--out"), (npz, "--npz"), inputs=input_paths(model),
+                overwrite=overwrite)
     detector = DensityDetector.load(model, device=device)
     generator = torch.Generator().manual_seed(seed)
     with make_progress() as progress:  # the cached decoder reports once per image row
