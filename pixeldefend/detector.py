@@ -26,12 +26,18 @@ from .bundle import (
     save_bundle,
     write_calibration,
 )
-from .calibration import Calibration, calibration_file, parse_calibration_file
+from .calibration import (
+    Calibration,
+    calibration_file,
+    min_calibration_images,
+    parse_calibration_file,
+)
 from .data import ImageSet, ImageSpec
 from .density import LN2, bits_per_dim, nll_map, nll_nats
 from .device import resolve_device
-from .errors import BundleError, DataError, UsageError
+from .errors import BundleError, DataError, TooFewCalibrationImages, UsageError
 from .models.pixelcnn import PixelCNN, PixelCNNConfig
+from .schema import PIXELCNN_CONFIG, check_pixelcnn_architecture
 from .scores import (
     DEFAULT_MUTATION_RATE,
     SCORE_KINDS,
@@ -326,18 +332,22 @@ class DensityDetector:
         return -self.nll_map(images).double().flatten(1).sum(1).numpy()
 
     def calibrate(self, images: ImagesLike, fpr: float = 0.05, kind: str | None = None,
-                  data: str = "") -> Calibration:
-        """Set the threshold so that about `fpr` of clean images are flagged."""
+                  data: str = "", conservative: bool = False) -> Calibration:
+        """Set the threshold so that at most `fpr` of clean images are flagged.
+
+        Too few images for `fpr` raise `TooFewCalibrationImages` (a ValueError) unless
+        `conservative`, which takes the largest clean score as the threshold instead."""
         if not 0.0 < fpr < 1.0:
             raise UsageError(f"--fpr must be between 0 and 1 (exclusive), got {fpr}")
         kind = self.check_kind(kind or self.default_kind)
-        cal = self.calibrate_all(images, fpr=fpr, kinds=[kind], data=data)[kind]
+        cal = self.calibrate_all(images, fpr=fpr, kinds=[kind], data=data,
+                                 conservative=conservative)[kind]
         self.default_kind = kind
         return cal
 
     def calibrate_all(self, images: ImagesLike, fpr: float = 0.05,
-                      kinds: Sequence[str] | None = None, data: str = ""
-                      ) -> dict[str, Calibration]:
+                      kinds: Sequence[str] | None = None, data: str = "",
+                      conservative: bool = False) -> dict[str, Calibration]:
         """Calibrate several kinds (default: all available) from one pass; keeps the
         default kind. Typicality is measured from these images' own mean bits/dim."""
         if not 0.0 < fpr < 1.0:
@@ -346,6 +356,9 @@ class DensityDetector:
         x = self._check(images)
         if len(x) == 0:
             raise UsageError("no calibration images")
+        needed = min_calibration_images(fpr)
+        if len(x) < needed and not conservative:  # before the (possibly long) model pass
+            raise TooFewCalibrationImages(len(x), fpr, needed)
         probe = [k for k in kinds if k != "typicality"]
         scores = self.compute_scores(x, probe)
         mean = float(scores["bpd"].mean())
@@ -358,7 +371,7 @@ class DensityDetector:
                 reference = {"mean_bpd": mean,
                              "bpd_scores": [float(v) for v in np.sort(scores["bpd"])]}
             out[kind] = Calibration.fit(scores[kind], fpr=fpr, kind=kind, data=data,
-                                        reference=reference)
+                                        reference=reference, conservative=conservative)
         self.calibrations.update(out)
         return out
 
@@ -386,7 +399,8 @@ class DensityDetector:
             "image_shape": list(self.spec.shape),
             "levels": self.spec.levels,
             "preset": self.preset,
-            **{k: v for k, v in self.meta.items() if k not in ("background", "path")},
+            **{k: v for k, v in self.meta.items()
+               if k not in ("background", "path", "calibration_error")},
         }
         state = dict(model.state_dict())
         if self.background is not None:
@@ -403,10 +417,14 @@ class DensityDetector:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "auto",
-             batch_size: int = 256) -> DensityDetector:
+             batch_size: int = 256, ignore_bad_calibration: bool = False) -> DensityDetector:
+        """Load a bundle. A malformed calibration.json is a BundleError, unless
+        `ignore_bad_calibration` (for recalibrating): then it is dropped and the reason
+        kept in `meta["calibration_error"]`."""
         config = read_config(path, kind="pixelcnn")
         try:
-            model_cfg = PixelCNNConfig(**config["architecture"])
+            PIXELCNN_CONFIG.check(config, "config.json")
+            model_cfg = PixelCNNConfig(**check_pixelcnn_architecture(config.get("architecture")))
         except (TypeError, ValueError, KeyError) as exc:
             raise BundleError(f"{path}: config.json has an invalid architecture ({exc})") from exc
         model = PixelCNN(model_cfg)
@@ -419,21 +437,27 @@ class DensityDetector:
                     if k not in ("format", "format_version", "kind", "architecture",
                                  "background")}
         if config.get("background") is not None:
-            bg = dict(config["background"])
             try:
-                background = PixelCNN(PixelCNNConfig(**bg.pop("architecture")))
+                bg = dict(config["background"])
+                background = PixelCNN(PixelCNNConfig(**check_pixelcnn_architecture(
+                    bg.pop("architecture", None), "config.json background.architecture")))
             except (TypeError, ValueError, KeyError) as exc:
                 raise BundleError(f"{path}: config.json has an invalid background "
                                   f"architecture ({exc})") from exc
             load_state_into(background, state, path, prefix=BACKGROUND_PREFIX)
             det.background = background.to(det.device).eval()
             det.background_meta = bg
-        doc = read_calibration(path)
-        if doc is not None:
-            try:
+        try:
+            doc = read_calibration(path)
+            if doc is not None:
                 det.calibrations, det.default_kind = parse_calibration_file(doc)
-            except (ValueError, TypeError, KeyError) as exc:
-                raise BundleError(f"{path}: corrupt calibration.json ({exc})") from exc
+        except (ValueError, TypeError, KeyError, BundleError) as exc:
+            if not ignore_bad_calibration:
+                detail = str(exc).removeprefix(f"{Path(path) / 'calibration.json'}: ")
+                raise BundleError(f"{path}: invalid calibration.json ({detail}); run "
+                                  "`pixeldefend calibrate` to replace it") from exc
+            det.calibrations, det.default_kind = {}, "bpd"
+            det.meta["calibration_error"] = str(exc)
         det.meta["path"] = str(path)
         det.meta.setdefault("package_version", __version__)
         return det

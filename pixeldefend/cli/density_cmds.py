@@ -3,7 +3,9 @@ of the CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,17 +13,16 @@ import typer
 
 from ..defaults import DEFAULT_BACKGROUND_L2, DEFAULT_MUTATION_RATE, SCORE_HELP, SCORE_KINDS
 from ..defaults import PIXELCNN_PRESETS as PRESETS
-from ..errors import UsageError
+from ..errors import TooFewCalibrationImages, UsageError
 from .app import app
 from .common import (
     DEVICE_HELP,
-    EXIT_GATE,
-    EXIT_OK,
     EXIT_USAGE,
     FORMAT_HELP,
     OVERWRITE,
     OutputFormat,
     RichTrainProgress,
+    RowStream,
     emit,
     err_console,
     fmt_float,
@@ -44,6 +45,10 @@ MUTATION_HELP = (
     "replaced by a uniformly random level. Ren et al. (2019) found 0.1-0.2 best; 0.2 wipes "
     "out shapes while keeping the local pixel statistics that confound raw likelihood, and "
     "suits short CPU training.")
+CONSERVATIVE_HELP = (
+    "When there are fewer clean calibration images than --fpr needs (about 1/fpr), use the "
+    "largest calibration score as a finite threshold instead of stopping with an error; its "
+    "false-positive rate is then not guaranteed, and this is printed and recorded.")
 BACKGROUND_PRESET_HELP = (
     "Background model size \\[default: same as the main model]. It only has to learn local "
     "statistics, so 'tiny' is a fair CPU saving on small images.")
@@ -77,12 +82,41 @@ def train_background_model(detector: DensityDetector, train_set: ImageSet, val_s
         raise
 
 
+def check_calibration_size(n: int, fpr: float, conservative: bool) -> None:
+    """Before any training: are there enough calibration images for --fpr?"""
+    from ..calibration import min_calibration_images
+
+    needed = min_calibration_images(fpr)
+    if n < needed and not conservative:
+        raise TooFewCalibrationImages(n, fpr, needed)
+
+
+def report_skipped(images: ImageSet | str) -> None:
+    """List the files --skip-unreadable left out (the library refuses them otherwise)."""
+    from ..data import ImageSet
+
+    errors = images.errors if isinstance(images, ImageSet) else []
+    for name, error in errors:
+        err_console.print(f"[yellow]skipped[/] {name}: {error}", highlight=False)
+    if errors:
+        err_console.print(f"[yellow]skipped {len(errors)} unreadable file(s)[/] "
+                          "(--skip-unreadable)", highlight=False)
+
+
 def print_calibrations(detector: DensityDetector, kinds: list[str], n: int, source: str) -> None:
+    from ..calibration import min_calibration_images
+
     for kind in kinds:
         cal = detector.calibrations[kind]
         default = " (default)" if kind == detector.default_kind else ""
         out_console.print(f"  {kind:<10} threshold {cal.threshold:.4f} {cal.unit} at FPR "
                           f"{cal.fpr:g}{default}", highlight=False)
+        if cal.conservative:
+            err_console.print(
+                f"[yellow]warning[/]: {kind}: only {cal.n} calibration images for FPR "
+                f"{cal.fpr:g} (needs {min_calibration_images(cal.fpr)}): the threshold is the "
+                f"largest clean score, {cal.threshold:.4f}; its false-positive rate is not "
+                "guaranteed (--conservative-threshold)", highlight=False)
     err_console.print(f"calibrated {', '.join(kinds)} on {n} clean images of {source}",
                       highlight=False)
 
@@ -119,6 +153,12 @@ def train(
     max_images: int | None = typer.Option(None, min=1, help="Train on at most this many "
                                                            "images (a quicker CPU run)."),
     seed: int = typer.Option(0, help="Seed for weights, shuffling and splits."),
+    skip_unreadable: bool = typer.Option(
+        False, "--skip-unreadable", help="Train on the readable files of a folder even if "
+        "some cannot be used (corrupt, or a different size than the first image); they are "
+        "listed. Without it such files are an error."),
+    conservative_threshold: bool = typer.Option(
+        False, "--conservative-threshold", help=CONSERVATIVE_HELP),
     score_kind: str = typer.Option("bpd", "--score", help=SCORE_OPTION_HELP + " Every "
                                    "available kind is calibrated; this one is the default."),
     background: bool = typer.Option(False, "--background", help="Also train the background "
@@ -178,11 +218,13 @@ def train(
     checkpoint = out.with_name(out.name + ".checkpoint")
     for folder in (checkpoint, out.with_name(out.name + ".background.checkpoint")):
         check_checkpoint_dir(folder, CHECKPOINT_FILES)
-    splits = training_splits(data, data_root, download, seed)
+    splits = training_splits(data, data_root, download, seed, skip_unreadable=skip_unreadable)
     train_set = resolve(splits["train"], None, data_root, download).head(max_images)
+    report_skipped(splits["train"])
     expect = train_set.spec
     val_set = resolve(splits["val"], expect, data_root, download)
     calib_set = resolve(splits["calib"], expect, data_root, download)
+    check_calibration_size(len(calib_set), fpr, conservative_threshold)
     test_set = resolve(splits["test"], expect, data_root, download) if "test" in splits else None
     err_console.print(
         f"data {data}: {len(train_set)} train, {len(val_set)} validation, {len(calib_set)} "
@@ -211,7 +253,8 @@ def train(
         train_background_model(detector, train_set, val_set, mutation_rate=mutation_rate,
                                preset=background_preset, settings=bg_settings,
                                checkpoint=background_checkpoint, resume=resume)
-    detector.calibrate_all(calib_set, fpr=fpr, data=calib_set.source)
+    detector.calibrate_all(calib_set, fpr=fpr, data=calib_set.source,
+                           conservative=conservative_threshold)
     detector.default_kind = score_kind
     cal = detector.calibrations["bpd"]
     metrics: dict[str, Any] = {"val_bits_per_dim": detector.meta["training"]["val_bits_per_dim"],
@@ -308,6 +351,7 @@ def train_background(
     train_set = resolve(splits["train"], expect, data_root, download).head(max_images)
     val_set = resolve(splits["val"], expect, data_root, download)
     calib_set = resolve(splits["calib"], expect, data_root, download)
+    check_calibration_size(len(calib_set), fpr, False)
     checkpoint = model.with_name(model.name + ".background.checkpoint")
     check_checkpoint_dir(checkpoint, CHECKPOINT_FILES)
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
@@ -339,6 +383,11 @@ def calibrate(
     score: str | None = typer.Option(
         None, "--score", help=SCORE_OPTION_HELP + " Calibrates this kind and makes it the "
         "bundle's default \\[default: recalibrate every available kind, keep the default]."),
+    conservative_threshold: bool = typer.Option(
+        False, "--conservative-threshold", help=CONSERVATIVE_HELP),
+    skip_unreadable: bool = typer.Option(
+        False, "--skip-unreadable", help="Calibrate on the readable files even if some "
+        "cannot be used (they are listed); without it they are an error."),
     batch_size: int = typer.Option(256, min=1),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     resize: bool = typer.Option(False, "--resize", help="Resize images to the model's size."),
@@ -358,14 +407,19 @@ def calibrate(
 
       pixeldefend calibrate --model models/digits --score complexity  [dim]# new default[/]
     """
-    from ..data import load_images
+    from ..data import load_images, refuse_unreadable
     from ..detector import DensityDetector
 
     if score is not None:
         check_score_kind(score)
     if not 0.0 < fpr < 1.0:
         raise UsageError(f"--fpr must be between 0 and 1 (exclusive), got {fpr}")
-    detector = DensityDetector.load(model, device=device, batch_size=batch_size)
+    detector = DensityDetector.load(model, device=device, batch_size=batch_size,
+                                    ignore_bad_calibration=True)
+    if "calibration_error" in detector.meta:
+        err_console.print(f"[yellow]warning[/]: replacing the invalid calibration.json of "
+                          f"{model} ({detector.meta.pop('calibration_error')})",
+                          highlight=False)
     if score is not None:
         detector.check_kind(score)
     if data is None:
@@ -374,13 +428,15 @@ def calibrate(
             raise UsageError("the bundle does not record its calibration data: pass --data")
     images = load_images(data, detector.spec, data_root=data_root, resize=resize,
                          grayscale=grayscale)
-    for name, error in images.errors:
-        err_console.print(f"[yellow]skipped[/] {name}: {error}", highlight=False)
+    refuse_unreadable(images, "calibration", skip_unreadable)
+    report_skipped(images)
     if score is not None:
-        detector.calibrate(images, fpr=fpr, kind=score, data=images.source)
+        detector.calibrate(images, fpr=fpr, kind=score, data=images.source,
+                           conservative=conservative_threshold)
         kinds = [score]
     else:
-        kinds = list(detector.calibrate_all(images, fpr=fpr, data=images.source))
+        kinds = list(detector.calibrate_all(images, fpr=fpr, data=images.source,
+                                            conservative=conservative_threshold))
     detector.save_calibration(model)
     headline = detector.default_kind if detector.default_kind in kinds else kinds[0]
     cal = detector.calibrations[headline]
@@ -404,7 +460,14 @@ def score(
     fail_on: str = typer.Option("none", help="Gate: 'anomalous' exits 1 if any image is flagged."),
     max_anomalous_fraction: float | None = typer.Option(
         None, help="Gate: exit 1 if more than this fraction of images is flagged."),
-    junit: Path | None = typer.Option(None, help="Write JUnit XML (one test case per image)."),
+    junit: Path | None = typer.Option(
+        None, help="Write JUnit XML: one test case per input plus a 'gate' case; it has a "
+        "failure or error exactly when the exit code is not 0."),
+    skip_unreadable: bool = typer.Option(
+        False, "--skip-unreadable", help="Let unreadable inputs (corrupt, wrong size, "
+        "unsupported files) pass the gate; they are still listed as error rows and counted "
+        "as skipped. Without it any unreadable input fails a gate (exit 1), or exits 2 "
+        "when no gate is set."),
     score_kind: str | None = typer.Option(
         None, "--score", help=SCORE_OPTION_HELP + " \\[default: the bundle's]"),
     batch_test: bool = typer.Option(
@@ -426,8 +489,11 @@ def score(
     """Score images: bits/dim, log-likelihood, score, conformal p-value and a verdict.
 
     Verdicts: clean, anomalous (score above the calibrated threshold) or error (the file
-    could not be read; the rest are still scored). Exit codes: 0 pass, 1 a gate failed,
-    2 bad usage or an unreadable input.
+    could not be read, or its score is NaN/infinite; the rest are still scored). Exit
+    codes: 0 pass, 1 a gate failed (an unscored input fails a gate unless
+    --skip-unreadable), 2 bad usage, or an unreadable input when no gate is set. Folder
+    scans read image and array files; hidden entries are ignored and counted, every other
+    file is an error row. JSONL and CSV rows are written as they are scored.
 
     [bold]Examples[/]
 
@@ -446,7 +512,8 @@ def score(
     from .. import reporting
     from ..data import ImageStream
     from ..detector import DensityDetector
-    from ..outputs import check_files, clear_dir, input_paths, prepare_dir
+    from ..gate import GatePolicy, JUnitWriter, Tally, decide
+    from ..outputs import OutputError, check_files, clear_dir, input_paths, prepare_dir
 
     if fail_on not in GATE_CHOICES:
         raise UsageError(f"--fail-on must be one of {', '.join(GATE_CHOICES)}, not {fail_on!r}")
@@ -474,58 +541,83 @@ def score(
                          data_root=data_root)
     if len(stream) == 0:
         raise UsageError(f"no images found in {', '.join(paths)}")
-    results: list[dict[str, Any]] = []
+    policy = GatePolicy(fail_on_anomalous=fail_on == "anomalous",
+                        max_anomalous_fraction=max_anomalous_fraction, batch_test=batch_test,
+                        skip_unreadable=skip_unreadable)
+    tally = Tally()
+    streaming = fmt in (OutputFormat.jsonl, OutputFormat.csv)
+    results: list[dict[str, Any]] = []  # kept only for table / json output
+    bpd_values = array("d")  # for --batch-test only
     taken: set[str] = set()
     if heatmap_dir is not None:
         clear_dir(heatmap_dir)
         heatmap_dir.mark()
-    with make_progress() as progress:
+    junit_writer = JUnitWriter(junit, kind, policy) if junit is not None else None
+    with contextlib.ExitStack() as stack:
+        rows_out = stack.enter_context(RowStream(fmt, reporting.SCORE_COLUMNS, output)) \
+            if streaming else None
+        progress = stack.enter_context(make_progress())
         task = progress.add_task("score", total=len(stream), status="")
         for batch in stream.batches(batch_size):
             rows = reporting.score_rows(detector, batch, kind)
             if heatmap is not None:
                 write_heatmaps(detector, batch, rows, kind, heatmap, taken)
-            results.extend(rows)
+            for row in rows:
+                tally.add(row)
+                if junit_writer is not None:
+                    junit_writer.add(row)
+                if batch_test and row["verdict"] in ("clean", "anomalous", "uncalibrated"):
+                    bpd_values.append(row["bits_per_dim"])
+            if rows_out is not None:
+                rows_out.write(rows)
+            else:
+                results.extend(rows)
             progress.update(task, advance=len(batch.names), status="")
-    doc = reporting.score_document(results, model, cal, kind)
-    summary = doc["summary"]
-    gate_failed = False
-    reasons = []
-    if batch_test:
-        bpd = np.array([r["bits_per_dim"] for r in results if r["verdict"] != "error"])
-        if bpd.size:
-            test = detector.batch_test(bpd=bpd, resamples=resamples, seed=seed)
-            doc["batch_test"] = reporting.batch_test_entry(test)
-            if fmt != OutputFormat.table or output is not None:  # else it is in the caption
-                err_console.print(reporting.batch_test_line(doc["batch_test"]), highlight=False)
-            if fail_on == "anomalous" and test.anomalous:
-                gate_failed = True
-                reasons.append(f"batch is atypical (p-value {test.p_value:.4f} <= "
-                               f"{test.alpha:g})")
-        else:
+        doc = reporting.score_document([], model, cal, kind)
+        doc["results"] = results
+        doc["summary"] = tally.summary(policy, stream.hidden)
+        batch_anomalous, batch_reason, batch_line = None, "", ""
+        if batch_test:
             doc["batch_test"] = None
-    elif fail_on == "anomalous" and summary["anomalous"] > 0:
-        gate_failed = True
-        reasons.append(f"{summary['anomalous']} anomalous image(s)")
-    scored = summary["clean"] + summary["anomalous"]
-    if max_anomalous_fraction is not None and scored:
-        fraction = summary["anomalous"] / scored
-        if fraction > max_anomalous_fraction:
-            gate_failed = True
-            reasons.append(f"anomalous fraction {fraction:.3f} > {max_anomalous_fraction:g}")
-    doc["gate"] = {"failed": gate_failed, "reasons": reasons}
-    emit(fmt, doc, results, reporting.SCORE_COLUMNS,
-         lambda: reporting.score_table(doc), output)
-    if junit is not None:
-        reporting.write_junit(junit, results, kind, doc.get("batch_test"))
+            if len(bpd_values):
+                test = detector.batch_test(bpd=np.asarray(bpd_values), resamples=resamples,
+                                           seed=seed)
+                doc["batch_test"] = reporting.batch_test_entry(test)
+                batch_line = reporting.batch_test_line(doc["batch_test"])
+                if fmt != OutputFormat.table or output is not None:  # else in the caption
+                    err_console.print(batch_line, highlight=False)
+                batch_anomalous = test.anomalous
+                batch_reason = (f"batch is atypical (p-value {test.p_value:.4f} <= "
+                                f"{test.alpha:g})")
+        result = decide(tally, policy, batch_anomalous, batch_reason)
+        doc["gate"] = result.to_dict()
+        if not streaming:
+            emit(fmt, doc, results, reporting.SCORE_COLUMNS,
+                 lambda: reporting.score_table(doc), output)
+    if junit_writer is not None:
+        try:
+            junit_writer.close(result, doc.get("batch_test"), batch_line)
+        except OSError as exc:  # checked up front; a disk that filled up since
+            raise OutputError(f"cannot write {junit}: {exc.strerror or exc}") from None
         err_console.print(f"wrote {junit}", highlight=False)
+    summary = doc["summary"]
+    extra = []
+    if tally.invalid:
+        extra.append(f"{tally.invalid} with a non-finite score")
+    if skip_unreadable and tally.unreadable:
+        extra.append(f"{tally.unreadable} unreadable skipped by --skip-unreadable")
+    if stream.hidden:
+        extra.append(f"{stream.hidden} hidden file(s)/folder(s) ignored")
     err_console.print(
-        f"{summary['n']} image(s): {summary['clean']} clean, {summary['anomalous']} anomalous, "
-        f"{summary['errors']} error(s)" + (f"; gate failed: {', '.join(reasons)}" if reasons
-                                           else ""), highlight=False)
-    if summary["errors"]:
-        raise typer.Exit(EXIT_USAGE)
-    raise typer.Exit(EXIT_GATE if gate_failed else EXIT_OK)
+        f"{summary['n']} input(s): {summary['clean']} clean, {summary['anomalous']} "
+        f"anomalous, {summary['errors']} error(s)"
+        + (f" ({'; '.join(extra)})" if extra else "")
+        + (f"; gate failed: {'; '.join(result.reasons)}" if result.failed else
+           ("; gate passed" if policy.active else "")), highlight=False)
+    if result.exit_code == EXIT_USAGE:
+        err_console.print("some inputs could not be scored (see the error rows); pass "
+                          "--skip-unreadable to accept unreadable ones", highlight=False)
+    raise typer.Exit(result.exit_code)
 
 
 def write_heatmaps(detector: DensityDetector, batch: Batch, rows: list[dict[str, Any]],
@@ -533,7 +625,7 @@ def write_heatmaps(detector: DensityDetector, batch: Batch, rows: list[dict[str,
     """A heat map PNG for every flagged image of the batch; its path goes into the row."""
     from ..localise import heatmap_name, write_heatmap
 
-    readable = [r for r in rows if r["verdict"] != "error"]
+    readable = [r for r in rows if r.get("error_kind") != "read"]  # rows with an image
     flagged = [k for k, r in enumerate(readable) if r["verdict"] == "anomalous"]
     for r in rows:
         r["heatmap"] = None

@@ -338,7 +338,9 @@ def _load_bundle(path: Path) -> tuple[nn.Module, dict[str, Any]]:
             f"{path}: bundle holds a {kind!r} model, not a classifier (train one with "
             "`pixeldefend classifier train`)")
     try:
-        cfg = ClassifierConfig.from_dict(config["architecture"])
+        from ..schema import check_classifier_architecture
+
+        cfg = ClassifierConfig.from_dict(check_classifier_architecture(config["architecture"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{path}: config.json has no valid classifier architecture "
                           f"({exc})") from exc
