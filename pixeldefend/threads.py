@@ -110,23 +110,31 @@ def apply_threads(threads: int) -> None:
 
 
 class _ThreadsOnImport(importlib.abc.MetaPathFinder):
-    """Finds `torch` the usual way, and calls `torch.set_num_threads` once it has loaded."""
+    """Finds `torch` the usual way, and calls `torch.set_num_threads` once it has loaded.
+    Stays installed until then, so a mere `importlib.util.find_spec("torch")` (an
+    availability check) does not use it up."""
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
+        self._finding = False
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        if name != "torch":
+        if name != "torch" or self._finding:
             return None
-        sys.meta_path.remove(self)  # one shot; also keeps find_spec below from recursing
-        spec = importlib.util.find_spec(name)
+        self._finding = True  # the find_spec below asks every finder, this one included
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._finding = False
         if spec is None or spec.loader is None:
             return spec
-        exec_module, threads = spec.loader.exec_module, self.threads
+        exec_module = spec.loader.exec_module
 
         def exec_then_set_threads(module: Any) -> None:
             exec_module(module)
-            module.set_num_threads(threads)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            module.set_num_threads(self.threads)
 
         spec.loader.exec_module = exec_then_set_threads  # type: ignore[method-assign]
         return spec

@@ -82,6 +82,8 @@ def test_threads_chosen_before_torch_loads_reach_torch():
     code = ("from pixeldefend.threads import apply_threads\n"
             "apply_threads(5)\n"
             "apply_threads(3)\n"
+            "import importlib.util\n"
+            "assert importlib.util.find_spec('torch') is not None  # a check, no import\n"
             "import torch\n"
             "print(torch.get_num_threads())\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
