@@ -30,22 +30,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .defaults import METHODS as METHODS
 from .errors import DataError, UsageError
 from .models.classifier import LoadedClassifier, as_loaded, check_inputs, predict_logits
 
-METHODS = ("rand", "fgsm", "bim", "pgd", "cw", "deepfool", "autoattack")
 TARGETED_METHODS = ("fgsm", "bim", "pgd", "cw")
 L2_METHODS = ("cw", "deepfool")  # clipped to the L-infinity eps ball afterwards
 DEFAULT_STEPS = {"bim": 10, "pgd": 10, "cw": 50, "deepfool": 50}
-METHOD_HELP = {
-    "rand": "uniform random integer noise in [-eps, eps] levels (a baseline, not an attack)",
-    "fgsm": "fast gradient sign method, one step of size eps (Goodfellow et al. 2015)",
-    "bim": "basic iterative method: FGSM in `steps` steps of `alpha` (Kurakin et al. 2017)",
-    "pgd": "projected gradient descent from a random start (Madry et al. 2018)",
-    "cw": "Carlini-Wagner L2 with `c`, `kappa`, `lr`, `steps`; clipped to the eps ball",
-    "deepfool": "DeepFool minimal L2 perturbation, `steps`, `overshoot`; clipped to eps ball",
-    "autoattack": "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square), L-infinity",
-}
 
 
 @contextlib.contextmanager

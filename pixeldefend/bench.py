@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .defaults import CASE_NAMES as CASE_NAMES
+from .defaults import DEFAULT_MODEL as DEFAULT_MODEL
 from .density import bits_per_dim
 from .models.pixelcnn import PixelCNN, PixelCNNConfig
 from .purify import (
@@ -31,9 +33,6 @@ from .purify import (
     reference_steps,
 )
 from .threads import default_threads
-
-DEFAULT_MODEL = Path("models/digits")
-CASE_NAMES = ("digits", "28x28x1", "32x32x3")
 
 
 @dataclass

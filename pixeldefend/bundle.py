@@ -122,11 +122,3 @@ def write_calibration(path: str | Path, calibration: dict[str, Any]) -> None:
     with dir_lock(path):
         read_config(path)
         write_json(Path(path) / CALIBRATION, calibration)
-
-
-def update_config(path: str | Path, **fields: Any) -> None:
-    """Merge fields into config.json, atomically and under the bundle's lock."""
-    with dir_lock(path):
-        config = read_config(path)
-        config.update(fields)
-        write_json(Path(path) / CONFIG, config)

@@ -80,14 +80,15 @@ from .attacks import DEFAULT_STEPS, METHODS, Eps, parse_eps, run_attack
 from .bpda import DEFAULT_STEPS as BPDA_STEPS
 from .bpda import StraightThroughPurifier, bpda_attack, default_alpha
 from .data import ImageSet
+from .defaults import DEFAULT_ATTACKS as DEFAULT_ATTACKS
+from .defaults import DEFENCES as DEFENCES
 from .errors import DataError, UsageError
 from .models.classifier import LoadedClassifier, as_loaded, check_inputs, predict_logits
+from .progress import EvalProgress as EvalProgress
 from .purify import purify, purify_fast
 
 SCHEMA = "pixeldefend.evaluate/1"
-DEFENCES = ("none", "purify", "adaptive")
 ADAPTIVE_ATTACKS = ("bpda",)
-DEFAULT_ATTACKS = ("rand", "fgsm", "bim", "pgd", "cw", "deepfool")
 DEFAULT_EPS = ("8/255", "25/255")
 DEFAULT_EPS_DEFEND = (16, 32)  # of 255 levels, as in the paper
 # cost of one image in units of "purify one image" (attack stages include scoring the
@@ -198,22 +199,6 @@ class Stage:
     weight: float  # cost per item, in "purify one image" units (for the ETA)
     cached: bool = False
     status: str = ""
-
-
-class EvalProgress:
-    """Receives progress reports; the CLI renders them with Rich. Does nothing here."""
-
-    def plan(self, stages: list[Stage]) -> None:
-        """All stages, known up front (cached ones marked), so the ETA covers the run."""
-
-    def begin(self, stage: Stage) -> None:
-        """A stage starts running (never called for cached stages)."""
-
-    def advance(self, stage: Stage, items: float, status: str = "") -> None:
-        """`items` more of the stage's items are done."""
-
-    def end(self, stage: Stage, cached: bool) -> None:
-        """A stage finished (ran, or loaded from the cache)."""
 
 
 # ------------------------------------------------------------------------- cache

@@ -32,11 +32,10 @@ import torch
 from . import __version__
 from .atomic import write_bytes, write_json, write_text
 from .data import DIGITS_LEVELS, ImageSet, ImageSpec, from_8bit, load_images, to_8bit
+from .defaults import BUILTIN_OOD as BUILTIN_OOD
 from .detector import DensityDetector
 from .errors import DataError, UsageError
 
-BUILTIN_OOD = ("noise", "constant", "inverted", "hflip", "vflip", "shuffled", "digits",
-               "photos")
 # scikit-image's bundled photographs that need no download (skimage.data loaders)
 PHOTOS = ("astronaut", "brick", "camera", "cat", "cell", "chelsea", "clock", "coffee",
           "coins", "colorwheel", "grass", "gravel", "hubble_deep_field",

@@ -9,9 +9,9 @@ Two implementations give bit-for-bit identical images:
 
 - `purify_reference`: one full forward pass per sub-pixel, in float64. Short and
   obviously correct; it *defines* the result.
-- `purify_fast`: a cached decoder (Ramachandran et al. 2017) that runs the vertical stack
-  once per row and the horizontal stack and channel head once per pixel, also in float64,
-  with the weights pre-arranged as matrices.
+- `purify_fast`: the cached decoder (`models.decoder`, Ramachandran et al. 2017) that
+  runs the vertical stack once per row and the horizontal stack and channel head once per
+  pixel, also in float64, with the weights pre-arranged as matrices.
 
 Why the results are identical, not merely close: the fast decoder's logits differ from
 the reference's only by float64 rounding (measured below 1e-12; see tests). A decision is
@@ -29,37 +29,28 @@ fallback to be bit-exact, which `purify` guarantees.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageSet
+from .defaults import DEFAULT_BATCH as DEFAULT_BATCH
 from .density import bits_per_dim
-from .errors import DataError, UsageError
+from .errors import UsageError
+from .models.decoder import CachedDecoder as CachedDecoder
+from .models.decoder import cached_logits as cached_logits
+from .models.decoder import sample as sample
 from .models.pixelcnn import PixelCNN
+from .models.pixelcnn import scaled as scaled
 
 TIE_TOLERANCE = 1e-8
-DEFAULT_BATCH = 64
-PIXEL_THREADS = 1  # intra-op threads for the per-pixel loop on the CPU (None: leave as is)
-
-# decide(c, i, j, logits (N, levels), x (N, C, H, W) long, current state) -> values (N,) long
-Decide = Callable[[int, int, int, torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 # ------------------------------------------------------------------------- helpers
-
-
-def scaled(x: torch.Tensor, levels: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Integer levels -> network inputs in [-1, 1], like `PixelCNN.scale` but in `dtype`."""
-    return x.to(dtype) * (2.0 / (levels - 1)) - 1.0
 
 
 def float64_copy(model: PixelCNN) -> PixelCNN:
@@ -104,22 +95,6 @@ def default_eps_defend(levels: int) -> int:
     return max(1, round(16 * (levels - 1) / 255))
 
 
-def _check_images(model: PixelCNN, images: torch.Tensor) -> torch.Tensor:
-    cfg = model.config
-    if images.dim() == 3:
-        images = images.unsqueeze(1)
-    if images.dim() != 4 or tuple(images.shape[1:]) != (cfg.channels, cfg.height, cfg.width):
-        raise DataError(
-            f"images are {tuple(images.shape[1:])} (C,H,W), model expects "
-            f"{(cfg.channels, cfg.height, cfg.width)}"
-        )
-    if images.is_floating_point():
-        raise DataError("images must hold integer pixel levels (uint8), not floats")
-    if images.numel() and (int(images.min()) < 0 or int(images.max()) >= cfg.levels):
-        raise DataError(f"pixel values must lie in [0, {cfg.levels - 1}]")
-    return images
-
-
 def _check_eps(eps_defend: int) -> int:
     if int(eps_defend) != eps_defend or eps_defend < 0:
         raise UsageError(f"--eps-defend must be a non-negative integer (levels), got {eps_defend}")
@@ -128,213 +103,6 @@ def _check_eps(eps_defend: int) -> int:
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-# ---------------------------------------------------------------- the fast decoder
-
-
-class CachedDecoder:
-    """Runs a `PixelCNN` one sub-pixel at a time with cached activations.
-
-    Mirrors `PixelCNN.context` / `channel_logits` exactly, with pre-arranged weights:
-
-    - per row i (once rows < i are final): the first vertical conv and every layer's
-      vertical conv over the whole row as one matmul of unfolded patches; `v_to_h` of each
-      layer (and the horizontal conv's bias) is folded into a per-row, per-pixel `base`;
-    - per pixel: the first horizontal conv, then per layer one matmul for the horizontal
-      conv over the cached columns j-k//2..j, the gate, one matmul for `h_out`; all skip
-      connections at once from a concatenated buffer; the trunk; the channel head.
-
-    The horizontal stack keeps h minus its accumulated `h_out` biases (no per-pixel bias
-    adds); the constant that removes is added back through `base` (which knows, per
-    column, how many conv taps fall on real pixels rather than zero padding).
-    """
-
-    def __init__(self, model: PixelCNN, dtype: torch.dtype = torch.float64,
-                 pixel_threads: int | None = PIXEL_THREADS) -> None:
-        cfg = model.config
-        self.cfg, self.dtype, self.device = cfg, dtype, _device(model)
-        self.pixel_threads = pixel_threads if self.device.type == "cpu" else None
-        f, c = cfg.filters, cfg.channels
-        self.r, self.r0 = cfg.kernel // 2, cfg.first_kernel // 2
-        r = self.r
-
-        def p(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to(device=self.device, dtype=dtype)
-
-        def conv_matrix(conv: nn.Conv2d) -> torch.Tensor:
-            """(out, in, kh, kw) -> (kh * kw * in, out), rows ordered (row, col, channel)."""
-            w = p(conv.weight)
-            return w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).contiguous()
-
-        self.w_in_v, self.b_in_v = conv_matrix(model.in_v), p(model.in_v.bias)
-        self.w_in_h, self.b_in_h = conv_matrix(model.in_h), p(model.in_h.bias)
-        self.w_in_vh, self.b_in_vh = conv_matrix(model.in_v_to_h), p(model.in_v_to_h.bias)
-        self.layers = []
-        acc_bias = torch.zeros(f, device=self.device, dtype=dtype)  # sum of h_out biases so far
-        for layer in model.layers:
-            w_h = conv_matrix(layer.conv_h)  # ((r+1) f, 2f), taps t <-> columns j-r+t
-            # conv_h over (h~ + acc_bias) with zero padding = conv_h over h~ + per-column
-            # constant: acc_bias times the taps that fall on real columns (j - r + t >= 0)
-            per_tap = torch.stack([acc_bias @ w_h[t * f:(t + 1) * f] for t in range(r + 1)])
-            corr = torch.stack([
-                per_tap[max(0, r - j):].sum(0) for j in range(cfg.width)
-            ])  # (W, 2f)
-            self.layers.append({
-                "w_v": conv_matrix(layer.conv_v), "b_v": p(layer.conv_v.bias),
-                "w_vout": conv_matrix(layer.v_out), "b_vout": p(layer.v_out.bias),
-                "w_vh": conv_matrix(layer.v_to_h),
-                "b_base": p(layer.v_to_h.bias) + p(layer.conv_h.bias),
-                "corr": corr,
-                "w_h": w_h,
-                "w_hout": conv_matrix(layer.h_out),
-            })
-            acc_bias = acc_bias + p(layer.h_out.bias)
-        self.w_skip = torch.cat(
-            [conv_matrix(model.in_skip)] + [conv_matrix(layer.h_skip) for layer in model.layers]
-        )
-        self.b_skip = p(model.in_skip.bias) + sum(p(layer.h_skip.bias) for layer in model.layers)
-        self.w_trunk, self.b_trunk = conv_matrix(model.trunk), p(model.trunk.bias)
-        self.w_cin = [None] + [conv_matrix(model.channel_in[i]) for i in range(1, c)]
-        self.w_mid = [conv_matrix(m) for m in model.channel_mid]
-        self.b_mid = [p(m.bias) for m in model.channel_mid]
-        self.w_out = [conv_matrix(m) for m in model.channel_out]
-        self.b_out = [p(m.bias) for m in model.channel_out]
-        self.table = scaled(torch.arange(cfg.levels, device=self.device), cfg.levels, dtype)
-
-    @torch.inference_mode()
-    def run(self, x: torch.Tensor, decide: Decide,
-            on_row: Callable[[int], None] | None = None,
-            timings: dict[str, float] | None = None) -> torch.Tensor:
-        """Decode in autoregressive order, writing each decision into `x` (long, modified
-        in place; its not-yet-decoded entries are whatever the caller put there) and
-        conditioning every later sub-pixel on it. Returns `x`.
-
-        `timings`, if given, accumulates seconds per phase: "rows" (vertical stack),
-        "pixels" (horizontal stack, skips, trunk), "head" (channel heads), "decide".
-        """
-        cfg, dt, dev = self.cfg, self.dtype, self.device
-        n, C, H, W = x.shape
-        f, r, r0, k, k0 = cfg.filters, self.r, self.r0, cfg.kernel, cfg.first_kernel
-        nl = len(self.layers)
-        tick = _Ticker(timings)
-        # network input, channels-last, padded: rows +r0 on top, cols +r0 both sides;
-        # only decided pixels are ever read
-        xin = torch.zeros((n, H + r0, W + 2 * r0, C + 1), device=dev, dtype=dt)
-        xin[:, r0:, r0:r0 + W, C] = 1.0
-        # vertical stack inputs per layer, channels-last, padded: rows +r, cols +r each side
-        vbuf = [torch.zeros((n, H + r, W + 2 * r, f), device=dev, dtype=dt) for _ in range(nl)]
-        # horizontal stack inputs (minus accumulated biases) of the current row: cols +r;
-        # the r padding columns stay zero
-        hbuf = [torch.zeros((n, W + r, f), device=dev, dtype=dt) for _ in range(nl)]
-        g_all = torch.empty((n, (nl + 1) * f), device=dev, dtype=dt)  # [h0, g_0, ..., g_nl-1]
-        h0 = g_all[:, :f]
-        for i in range(H):
-            # ---------------- vertical stack for row i (rows < i are final)
-            if i == 0:
-                v = torch.zeros((n * W, f), device=dev, dtype=dt)  # down-shift: zeros
-            else:
-                patches = xin[:, i - 1:i + r0].unfold(2, k0, 1)  # (n, r0+1, W, C+1, k0)
-                patches = patches.permute(0, 2, 1, 4, 3).reshape(n * W, -1)
-                v = torch.addmm(self.b_in_v, patches, self.w_in_v)
-            vbuf[0][:, i + r, r:r + W] = v.view(n, W, f)
-            base0 = torch.addmm(self.b_in_vh, v, self.w_in_vh).view(n, W, f)
-            base0[:, 1:] += self.b_in_h  # right-shift: column 0 gets no in_h bias
-            base0 = base0.transpose(0, 1).contiguous()  # (W, n, f)
-            bases = []
-            for li, layer in enumerate(self.layers):
-                patches = vbuf[li][:, i:i + r + 1].unfold(2, k, 1)  # (n, r+1, W, f, k)
-                patches = patches.permute(0, 2, 1, 4, 3).reshape(n * W, -1)
-                v_pre = torch.addmm(layer["b_v"], patches, layer["w_v"])  # (n W, 2f)
-                if li + 1 < nl:
-                    gv = torch.tanh(v_pre[:, :f]) * torch.sigmoid(v_pre[:, f:])
-                    out = torch.addmm(layer["b_vout"], gv, layer["w_vout"]).view(n, W, f)
-                    torch.add(vbuf[li][:, i + r, r:r + W], out,
-                              out=vbuf[li + 1][:, i + r, r:r + W])
-                base = torch.addmm(layer["b_base"], v_pre, layer["w_vh"]).view(n, W, 2 * f)
-                bases.append((base + layer["corr"]).transpose(0, 1).contiguous())  # (W, n, 2f)
-            tick("rows")
-            # ---------------- horizontal stack and head, pixel by pixel
-            xrow = xin[:, i + r0]  # (n, W + 2 r0, C + 1)
-            with _threads(self.pixel_threads):
-                for j in range(W):
-                    if j == 0:
-                        h0.copy_(base0[0])
-                    else:
-                        window = xrow[:, j - 1:j + r0].reshape(n, -1)  # columns j-1-r0 .. j-1
-                        torch.addmm(base0[j], window, self.w_in_h, out=h0)
-                    hbuf[0][:, j + r].copy_(h0)
-                    for li, layer in enumerate(self.layers):
-                        window = hbuf[li][:, j:j + r + 1].reshape(n, -1)  # columns j-r .. j
-                        pre = torch.addmm(bases[li][j], window, layer["w_h"])
-                        g = g_all[:, (li + 1) * f:(li + 2) * f]
-                        torch.mul(torch.tanh(pre[:, :f]), torch.sigmoid(pre[:, f:]), out=g)
-                        if li + 1 < nl:
-                            torch.addmm(hbuf[li][:, j + r], g, layer["w_hout"],
-                                        out=hbuf[li + 1][:, j + r])
-                    skip = torch.addmm(self.b_skip, g_all, self.w_skip)
-                    ctx = F.elu(torch.addmm(self.b_trunk, F.elu(skip), self.w_trunk))
-                    tick("pixels")
-                    for c in range(C):
-                        z = ctx if c == 0 else torch.addmm(ctx, xrow[:, j + r0, :c],
-                                                           self.w_cin[c])
-                        z = F.elu(torch.addmm(self.b_mid[c], F.elu(z), self.w_mid[c]))
-                        logits = torch.addmm(self.b_out[c], z, self.w_out[c])
-                        tick("head")
-                        value = decide(c, i, j, logits, x)
-                        x[:, c, i, j] = value
-                        xrow[:, j + r0, c] = self.table[value]
-                        tick("decide")
-            if on_row is not None:
-                on_row(i)
-        return x
-
-
-class _Ticker:
-    """Accumulates wall time between calls into named buckets; free when disabled."""
-
-    def __init__(self, timings: dict[str, float] | None) -> None:
-        self.timings = timings
-        self.last = time.perf_counter()
-
-    def __call__(self, name: str) -> None:
-        if self.timings is not None:
-            now = time.perf_counter()
-            self.timings[name] = self.timings.get(name, 0.0) + now - self.last
-            self.last = now
-
-
-@contextlib.contextmanager
-def _threads(n: int | None):
-    """Run a block with n intra-op threads: the per-pixel ops are tiny, and on a busy
-    machine a second thread waiting at every op's barrier costs more than it gives."""
-    old = torch.get_num_threads()
-    if n is None or n == old:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def cached_logits(model: PixelCNN, images: torch.Tensor,
-                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Logits (N, levels, C, H, W) of fixed images through the cached decoder (teacher
-    forcing): equal to `model(images)` up to rounding. Tests the caching on its own."""
-    images = _check_images(model, images)
-    cfg = model.config
-    out = torch.empty((images.shape[0], cfg.levels, cfg.channels, cfg.height, cfg.width),
-                      dtype=dtype, device=_device(model))
-    target = images.to(_device(model)).long()
-
-    def decide(c: int, i: int, j: int, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        out[:, :, c, i, j] = logits
-        return target[:, c, i, j]
-
-    CachedDecoder(model, dtype).run(target.clone(), decide)
-    return out
 
 
 # ----------------------------------------------------------------------- purifiers
@@ -362,7 +130,7 @@ def reference_steps(model64: PixelCNN, x: torch.Tensor, orig: torch.Tensor,
 def purify_reference(model: PixelCNN, images: torch.Tensor, eps_defend: int,
                      batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
     """Purify by brute force: one full float64 forward pass per sub-pixel. Returns uint8."""
-    images = _check_images(model, images)
+    images = model.check_images(images)
     eps = _check_eps(eps_defend)
     if eps == 0 or images.shape[0] == 0:
         return images.to(torch.uint8).clone()
@@ -432,7 +200,7 @@ def purify_fast(model: PixelCNN, images: torch.Tensor, eps_defend: int,
     same `batch_size`. Returns uint8. `stats["fallbacks"]` counts near-tie decisions
     settled by the reference's own computation; `timings` accumulates seconds per phase
     (see `CachedDecoder.run`)."""
-    images = _check_images(model, images)
+    images = model.check_images(images)
     eps = _check_eps(eps_defend)
     fallbacks = 0
     if eps == 0 or images.shape[0] == 0:
@@ -450,44 +218,6 @@ def purify_fast(model: PixelCNN, images: torch.Tensor, eps_defend: int,
     if stats is not None:
         stats["fallbacks"] = stats.get("fallbacks", 0) + fallbacks
     return out
-
-
-# --------------------------------------------------------------------------- sampler
-
-
-def sample(model: PixelCNN, n: int, generator: torch.Generator | None = None,
-           temperature: float = 1.0, batch_size: int = 256,
-           progress: Callable[[], None] | None = None,
-           dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Draw n images (uint8, (n, C, H, W)) from the model with the cached decoder.
-
-    `temperature` < 1 sharpens each conditional; draws use `generator` (a CPU generator)
-    so a seed reproduces the images. `progress()` is called after each image row of each
-    batch of `batch_size` images (H calls when n <= batch_size)."""
-    if n < 0:
-        raise UsageError("the number of samples must be non-negative")
-    if temperature <= 0:
-        raise UsageError(f"--temperature must be positive, got {temperature}")
-    cfg = model.config
-    decoder = CachedDecoder(model, dtype)
-
-    def decide(c: int, i: int, j: int, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(logits.double() / temperature, dim=1).cpu()
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(x.device)
-
-    def on_row(_i: int) -> None:
-        if progress is not None:
-            progress()
-
-    parts = []
-    for start in range(0, n, batch_size):
-        k = min(batch_size, n - start)
-        x = torch.zeros((k, cfg.channels, cfg.height, cfg.width), dtype=torch.long,
-                        device=decoder.device)
-        parts.append(decoder.run(x, decide, on_row=on_row).to(torch.uint8).cpu())
-    if not parts:
-        return torch.zeros((0, cfg.channels, cfg.height, cfg.width), dtype=torch.uint8)
-    return torch.cat(parts)
 
 
 # ---------------------------------------------------------------- high-level API
@@ -548,7 +278,7 @@ def purify(model_or_detector: Any, images: torch.Tensor | np.ndarray | ImageSet,
         images = images.images
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
-    images = _check_images(model, images).to(torch.uint8).cpu()
+    images = model.check_images(images).to(torch.uint8).cpu()
     eps = _check_eps(eps_defend)
     threshold = _threshold(detector, adaptive)
     n = images.shape[0]

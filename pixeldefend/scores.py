@@ -30,26 +30,13 @@ import numpy as np
 import torch
 
 from .data import to_8bit
+from .defaults import DEFAULT_BACKGROUND_L2 as DEFAULT_BACKGROUND_L2
+from .defaults import DEFAULT_MUTATION_RATE as DEFAULT_MUTATION_RATE
+from .defaults import SCORE_HELP as SCORE_HELP
+from .defaults import SCORE_KINDS as SCORE_KINDS
 
-SCORE_KINDS = ("bpd", "complexity", "llr", "typicality")
-SCORE_HELP = {
-    "bpd": "bits/dim under the model (raw likelihood)",
-    "complexity": "bits/dim minus PNG bits/dim (Serrà et al. 2020)",
-    "llr": "bits/dim minus background-model bits/dim (Ren et al. 2019)",
-    "typicality": "|bits/dim - mean calibration bits/dim| (Nalisnick et al. 2019)",
-}
 SCORE_UNITS = {"bpd": "bits/dim", "complexity": "bits/dim", "llr": "bits/dim",
                "typicality": "bits/dim"}
-
-# Ren et al. (2019) found mutation rates of 0.1-0.2 best (with L2 regularisation). 0.2 is
-# the upper end of that range on purpose: one sub-pixel in five replaced by noise wipes out
-# the shapes (long-range structure) the main model learns, while the local smoothness and
-# background-pixel statistics that confound raw likelihood survive, and a background model
-# trained for only a few CPU epochs needs the stronger corruption to stop learning shapes.
-DEFAULT_MUTATION_RATE = 0.2
-# L2 penalty (Adam weight decay) on the background model, as in Ren et al.: it keeps the
-# background model from fitting the semantics that the mutations leave behind.
-DEFAULT_BACKGROUND_L2 = 1e-4
 
 
 # ----------------------------------------------------------------------- complexity

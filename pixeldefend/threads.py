@@ -11,10 +11,14 @@ load average), at least 1 and at most `CAP`.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CAP = 8  # beyond this the small models here gain nothing
 
@@ -88,3 +92,49 @@ def default_threads() -> ThreadChoice:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     threads = choose_threads(cores, load, os.cpu_count() or len(cpus))
     return ThreadChoice(threads, cores, load)
+
+
+
+def apply_threads(threads: int) -> None:
+    """Make PyTorch use `threads` intra-op threads, now if it is loaded, else the moment it
+    is: the CLI chooses the count before it knows whether the command needs PyTorch at all
+    (`--help` and usage errors must not pay its seconds of import time). Environment
+    variables would not do: OpenMP caps OMP_NUM_THREADS at the cores it sees."""
+    for hook in [h for h in sys.meta_path if isinstance(h, _ThreadsOnImport)]:
+        sys.meta_path.remove(hook)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
+    else:
+        sys.meta_path.insert(0, _ThreadsOnImport(threads))
+
+
+class _ThreadsOnImport(importlib.abc.MetaPathFinder):
+    """Finds `torch` the usual way, and calls `torch.set_num_threads` once it has loaded.
+    Stays installed until then, so a mere `importlib.util.find_spec("torch")` (an
+    availability check) does not use it up."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._finding = False
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "torch" or self._finding:
+            return None
+        self._finding = True  # the find_spec below asks every finder, this one included
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._finding = False
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_set_threads(module: Any) -> None:
+            exec_module(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            module.set_num_threads(self.threads)
+
+        spec.loader.exec_module = exec_then_set_threads  # type: ignore[method-assign]
+        return spec

@@ -152,6 +152,27 @@ def test_fast_equals_reference_random_models(preset, shape, eps_values):
             assert not torch.equal(fast, x)  # something was actually decided
 
 
+def test_decoder_uses_the_callers_thread_count():
+    """--threads (torch.set_num_threads) reaches the per-pixel loop: nothing inside the
+    decoder overrides it."""
+    from pixeldefend.models.decoder import CachedDecoder
+
+    model = random_model("tiny", 1, 3, 3, 5)
+    seen = set()
+
+    def decide(c, i, j, logits, x):
+        seen.add(torch.get_num_threads())
+        return logits.argmax(1)
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        CachedDecoder(model).run(torch.zeros((2, 1, 3, 3), dtype=torch.long), decide)
+    finally:
+        torch.set_num_threads(old)
+    assert seen == {2}
+
+
 def test_cached_logits_trained_model(trained_digits, digits):
     x = digits[2].images[:8]
     with torch.no_grad():

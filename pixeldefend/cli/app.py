@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
+from ..threads import apply_threads, default_threads
 
 app = typer.Typer(
     name="pixeldefend",
@@ -27,14 +28,13 @@ def _version(value: bool) -> None:
 
 
 def _threads(value: int | None) -> int | None:
-    """--threads N, else a default that does not oversubscribe a busy machine."""
-    import torch
+    """--threads N, else a default that does not oversubscribe a busy machine.
 
+    Applied without importing PyTorch, which `--help` and usage errors never need: the
+    count takes effect when a command first loads it (`threads.apply_threads`)."""
     if not value:
-        from ..threads import default_threads
-
         value = default_threads().threads
-    torch.set_num_threads(value)
+    apply_threads(value)
     return value
 
 

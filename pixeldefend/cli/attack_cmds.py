@@ -7,34 +7,15 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
 import typer
 from rich.table import Table
 
 from .. import __version__
-from ..attacks import METHODS, default_eps, parse_eps, run_attack
-from ..data import ImageSet, ImageSpec, load_images, parse_builtin, save_image, save_npz
-from ..device import resolve_device
+from ..defaults import CLASSIFIER_PRESETS as PRESETS
+from ..defaults import METHODS
 from ..errors import DataError, UsageError
-from ..models.classifier import (
-    PRESETS,
-    ClassifierConfig,
-    LoadedClassifier,
-    ResNetClassifier,
-    count_parameters,
-    default_shift,
-    error_rate,
-    load_classifier,
-    predict_logits,
-    save_classifier,
-    split_holdout,
-    train_classifier,
-)
-from ..outputs import check_checkpoint_dir, input_paths, prepare_dir, write_marker
-from ..train import CHECKPOINT_FILES, TrainSettings, remove_checkpoint
 from .app import app
 from .common import (
     DEVICE_HELP,
@@ -49,6 +30,12 @@ from .common import (
     make_progress,
     out_console,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..data import ImageSet
+    from ..models.classifier import LoadedClassifier
 
 classifier_app = typer.Typer(
     help="Train the classifiers that `pixeldefend attack` attacks and the purifier protects.",
@@ -76,6 +63,8 @@ class ClassifierProgress(RichTrainProgress):
 
 
 def _default_out(data: str) -> Path:
+    from ..data import parse_builtin
+
     parsed = parse_builtin(data)
     name = parsed[0] if parsed else Path(data.rstrip("/")).stem or "model"
     return Path("runs") / f"{name}-classifier"  # untracked: never the shipped models/
@@ -97,6 +86,9 @@ def classifier_splits(data: str, val: str | None, test: str | None, seed: int,
     a seeded 5,000-image validation slice of the training split, test = the test split.
     Anything else: a seeded 10% validation slice, test only with --test.
     """
+    from ..data import ImageSpec, load_images, parse_builtin
+    from ..models.classifier import split_holdout
+
     def load(spec: str, expect: ImageSpec | None = None) -> ImageSet:
         return load_images(spec, expect, data_root=data_root, download=download)
 
@@ -172,6 +164,21 @@ def classifier_train(
 
       pixeldefend classifier train --data my_images/ --epochs 20   [dim]# one folder per class[/]
     """
+    import torch
+
+    from ..device import resolve_device
+    from ..models.classifier import (
+        ClassifierConfig,
+        ResNetClassifier,
+        count_parameters,
+        default_shift,
+        error_rate,
+        save_classifier,
+        train_classifier,
+    )
+    from ..outputs import check_checkpoint_dir, input_paths, prepare_dir
+    from ..train import CHECKPOINT_FILES, TrainSettings, remove_checkpoint
+
     if preset not in PRESETS:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     out = out or _default_out(data)
@@ -286,6 +293,8 @@ def _slug(name: str) -> str:
 
 def _map_labels(images: ImageSet, loaded: LoadedClassifier) -> torch.Tensor | None:
     """Data labels in the classifier's class order when both sides name their classes."""
+    import torch
+
     labels = images.labels
     if labels is None or not images.classes or not loaded.classes:
         return labels
@@ -301,7 +310,11 @@ def write_attack_output(out: Path, images: ImageSet, result: Any, manifest: dict
                         ) -> None:
     """PNGs, manifest.json and images.npz, all swapped in at once (an earlier run's folder
     is replaced whole, never mixed with the new one)."""
+    import numpy as np
+
     from ..atomic import atomic_dir, write_json
+    from ..data import save_image, save_npz
+    from ..outputs import write_marker
 
     with atomic_dir(out) as tmp:
         for rec in manifest["images"]:
@@ -413,6 +426,11 @@ def attack(
 
       pixeldefend attack photos/ -c model.ts --mean 0.5 --std 0.5 --method fgsm --eps 4/255
     """
+    from ..attacks import default_eps, parse_eps, run_attack
+    from ..data import ImageSpec, load_images
+    from ..models.classifier import load_classifier, predict_logits
+    from ..outputs import input_paths, prepare_dir
+
     method = method.lower()
     if method not in METHODS:
         raise UsageError(f"unknown --method {method!r}: choose from {', '.join(METHODS)}")

@@ -8,9 +8,8 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from ..bench import CASE_NAMES, DEFAULT_MODEL, BenchSettings, run_bench
+from ..defaults import CASE_NAMES, DEFAULT_MODEL
 from ..errors import UsageError
-from ..outputs import check_files, input_paths
 from .app import app
 from .common import OVERWRITE, OutputFormat, emit, err_console, handle_errors
 
@@ -111,6 +110,9 @@ def bench_cmd(
 
       pixeldefend bench --cases 28x28x1 --batch-size 64 --format json -o bench.json
     """
+    from ..bench import BenchSettings, run_bench
+    from ..outputs import check_files, input_paths
+
     if fmt not in (OutputFormat.table, OutputFormat.json):
         raise UsageError("bench prints --format table or json")
     chosen = tuple(c.strip() for c in cases.split(",") if c.strip())

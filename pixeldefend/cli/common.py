@@ -32,7 +32,6 @@ from rich.table import Table
 
 from ..atomic import write_text
 from ..errors import PixelDefendError
-from ..outputs import OutputError
 
 err_console = Console(stderr=True, soft_wrap=True)
 # results on a pipe or file are not squeezed into 80 columns
@@ -134,6 +133,8 @@ def rows_to_csv(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
 def emit(fmt: OutputFormat, doc: dict[str, Any], rows: list[dict[str, Any]], columns: list[str],
          table: Callable[[], Table | str], output: Path | None = None) -> None:
     """Write results in the chosen format to stdout or, atomically, to `output`."""
+    from ..outputs import OutputError
+
     if fmt == OutputFormat.json:
         text = dumps(doc)
     elif fmt == OutputFormat.jsonl:
@@ -194,6 +195,8 @@ class RowStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        from ..outputs import OutputError
+
         try:
             self._stack.__exit__(*exc)  # on success the file is published, else removed
         except OSError as error:  # checked up front; a disk that filled up since

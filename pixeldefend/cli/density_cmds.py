@@ -7,38 +7,13 @@ import contextlib
 import time
 from array import array
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import typer
 
-from .. import reporting
-from ..calibration import min_calibration_images
-from ..data import (
-    Batch,
-    ImageSet,
-    ImageStream,
-    load_images,
-    parse_builtin,
-    refuse_unreadable,
-    resolve,
-    split_slice,
-    training_splits,
-)
-from ..detector import DensityDetector
+from ..defaults import DEFAULT_BACKGROUND_L2, DEFAULT_MUTATION_RATE, SCORE_HELP, SCORE_KINDS
+from ..defaults import PIXELCNN_PRESETS as PRESETS
 from ..errors import TooFewCalibrationImages, UsageError
-from ..gate import GatePolicy, JUnitWriter, Tally, decide
-from ..models.pixelcnn import PRESETS
-from ..outputs import (
-    OutputError,
-    check_checkpoint_dir,
-    check_files,
-    clear_dir,
-    input_paths,
-    prepare_dir,
-)
-from ..scores import DEFAULT_BACKGROUND_L2, DEFAULT_MUTATION_RATE, SCORE_HELP, SCORE_KINDS
-from ..train import CHECKPOINT_FILES, TrainSettings, remove_checkpoint
 from .app import app
 from .common import (
     DEVICE_HELP,
@@ -55,6 +30,11 @@ from .common import (
     make_progress,
     out_console,
 )
+
+if TYPE_CHECKING:
+    from ..data import Batch, ImageSet
+    from ..detector import DensityDetector
+    from ..train import TrainSettings
 
 DEFAULT_MODEL = Path("models/digits")
 
@@ -104,6 +84,8 @@ def train_background_model(detector: DensityDetector, train_set: ImageSet, val_s
 
 def check_calibration_size(n: int, fpr: float, conservative: bool) -> None:
     """Before any training: are there enough calibration images for --fpr?"""
+    from ..calibration import min_calibration_images
+
     needed = min_calibration_images(fpr)
     if n < needed and not conservative:
         raise TooFewCalibrationImages(n, fpr, needed)
@@ -111,6 +93,8 @@ def check_calibration_size(n: int, fpr: float, conservative: bool) -> None:
 
 def report_skipped(images: ImageSet | str) -> None:
     """List the files --skip-unreadable left out (the library refuses them otherwise)."""
+    from ..data import ImageSet
+
     errors = images.errors if isinstance(images, ImageSet) else []
     for name, error in errors:
         err_console.print(f"[yellow]skipped[/] {name}: {error}", highlight=False)
@@ -120,6 +104,8 @@ def report_skipped(images: ImageSet | str) -> None:
 
 
 def print_calibrations(detector: DensityDetector, kinds: list[str], n: int, source: str) -> None:
+    from ..calibration import min_calibration_images
+
     for kind in kinds:
         cal = detector.calibrations[kind]
         default = " (default)" if kind == detector.default_kind else ""
@@ -138,6 +124,8 @@ def print_calibrations(detector: DensityDetector, kinds: list[str], n: int, sour
 def default_out(data: str) -> Path:
     """runs/<data name>: untracked (git-ignored), so a bare `train` in a clone never
     modifies the shipped bundles in models/."""
+    from ..data import parse_builtin, split_slice
+
     parsed = parse_builtin(split_slice(data)[0])
     name = parsed[0] if parsed else Path(data.rstrip("/")).stem or "model"
     return Path("runs") / name
@@ -209,6 +197,11 @@ def train(
 
       pixeldefend train --background --score llr         [dim]# + background model[/]
     """
+    from ..data import resolve, training_splits
+    from ..detector import DensityDetector
+    from ..outputs import check_checkpoint_dir, input_paths, prepare_dir
+    from ..train import CHECKPOINT_FILES, TrainSettings, remove_checkpoint
+
     if preset not in PRESETS:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     if not 0.0 < fpr < 1.0:
@@ -334,6 +327,11 @@ def train_background(
 
       pixeldefend train-background --model models/fashion-mnist --max-images 10000 --epochs 3
     """
+    from ..data import resolve, training_splits
+    from ..detector import DensityDetector
+    from ..outputs import check_checkpoint_dir, prepare_dir
+    from ..train import CHECKPOINT_FILES, TrainSettings, remove_checkpoint
+
     prepare_dir(model, command="train-background", bundle=True, overwrite=True,
                 option="--model")  # the bundle is rewritten whole: it may hold nothing else
     detector = DensityDetector.load(model, device=device)
@@ -409,6 +407,9 @@ def calibrate(
 
       pixeldefend calibrate --model models/digits --score complexity  [dim]# new default[/]
     """
+    from ..data import load_images, refuse_unreadable
+    from ..detector import DensityDetector
+
     if score is not None:
         check_score_kind(score)
     if not 0.0 < fpr < 1.0:
@@ -506,6 +507,14 @@ def score(
 
       pixeldefend score incoming/ --batch-test --fail-on anomalous  [dim]# whole-set gate[/]
     """
+    import numpy as np
+
+    from .. import reporting
+    from ..data import ImageStream
+    from ..detector import DensityDetector
+    from ..gate import GatePolicy, JUnitWriter, Tally, decide
+    from ..outputs import OutputError, check_files, clear_dir, input_paths, prepare_dir
+
     if fail_on not in GATE_CHOICES:
         raise UsageError(f"--fail-on must be one of {', '.join(GATE_CHOICES)}, not {fail_on!r}")
     if max_anomalous_fraction is not None and not 0.0 <= max_anomalous_fraction <= 1.0:
@@ -648,6 +657,9 @@ def info(
 
       pixeldefend info --model models/digits --format json
     """
+    from .. import reporting
+    from ..detector import DensityDetector
+
     detector = DensityDetector.load(model, device="cpu")
     doc = reporting.info_document(detector, model)
     emit(fmt, doc, [doc], list(doc), lambda: reporting.info_table(doc))
@@ -672,9 +684,12 @@ def sample(
 
       pixeldefend sample --model models/digits -n 16 --out grid.png
     """
+    import numpy as np
     import torch
 
     from ..data import image_grid, save_npz
+    from ..detector import DensityDetector
+    from ..outputs import check_files, input_paths
     from ..purify import sample as fast_sample
 
     check_files((out, "--out"), (npz, "--npz"), inputs=input_paths(model),

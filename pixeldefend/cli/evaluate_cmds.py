@@ -10,27 +10,15 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.progress import TaskID
 from rich.table import Table
 
-from ..data import ImageSpec, load_images, parse_builtin, split_slice
-from ..detector import DensityDetector
+from ..defaults import DEFAULT_ATTACKS, DEFENCES
 from ..errors import UsageError
-from ..evaluate import (
-    DEFAULT_ATTACKS,
-    DEFENCES,
-    EvalProgress,
-    EvaluateSettings,
-    Stage,
-    parse_list,
-    run_evaluation,
-)
-from ..models.classifier import load_classifier
-from ..outputs import clear_dir, input_paths, prepare_dir
-from ..report import accuracy_table, detection_table, headline, results_json, write_report
+from ..progress import EvalProgress
 from .app import app
 from .common import (
     DEVICE_HELP,
@@ -42,6 +30,9 @@ from .common import (
     make_progress,
 )
 from .common import out_console as console
+
+if TYPE_CHECKING:
+    from ..evaluate import Stage
 
 DEFAULT_MODEL = Path("models/digits")
 DEFAULT_CLASSIFIER = Path("models/digits-classifier")
@@ -144,6 +135,8 @@ def _rich_table(table: tuple[list[str], list[list[str]], list[str]], title: str)
 
 
 def _default_out(data: str) -> Path:
+    from ..data import parse_builtin, split_slice
+
     base, _ = split_slice(data)
     parsed = parse_builtin(base)
     name = f"{parsed[0]}-{parsed[1]}" if parsed else (Path(base.rstrip("/")).stem or "data")
@@ -151,6 +144,8 @@ def _default_out(data: str) -> Path:
 
 
 def _ints(text: str | None, option: str) -> tuple[int, ...] | None:
+    from ..evaluate import parse_list
+
     items = parse_list(text)
     if items is None:
         return None
@@ -244,6 +239,13 @@ def evaluate(
 
       pixeldefend evaluate ... --format json | jq '.strongest'
     """
+    from ..data import ImageSpec, load_images
+    from ..detector import DensityDetector
+    from ..evaluate import EvaluateSettings, parse_list, run_evaluation
+    from ..models.classifier import load_classifier
+    from ..outputs import clear_dir, input_paths, prepare_dir
+    from ..report import accuracy_table, detection_table, headline, results_json, write_report
+
     if fmt not in (OutputFormat.table, OutputFormat.json):
         raise UsageError("--format must be table or json")
     model_path = _default_path(model or DEFAULT_MODEL)

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
 
-from ..data import load_images
-from ..detector import DensityDetector
+from ..defaults import BUILTIN_OOD, SCORE_KINDS
 from ..errors import UsageError
-from ..ood import BUILTIN_OOD, METRICS, OODReport, evaluate_ood, make_ood_set, subsample
-from ..ood import write_report as write_ood_report
-from ..outputs import clear_dir, input_paths, prepare_dir
-from ..scores import SCORE_KINDS
 from .app import app
 from .common import (
     DEVICE_HELP,
@@ -25,6 +20,9 @@ from .common import (
     handle_errors,
     make_progress,
 )
+
+if TYPE_CHECKING:
+    from ..ood import OODReport
 
 DEFAULT_MODEL = Path("models/digits")
 
@@ -98,6 +96,12 @@ def evaluate_ood_cmd(
       pixeldefend evaluate-ood -m models/fashion-mnist --in fashion-mnist:test \\
         --out-sets digits,noise,constant,photos --out reports/ood
     """
+    from ..data import load_images
+    from ..detector import DensityDetector
+    from ..ood import METRICS, evaluate_ood, make_ood_set, subsample
+    from ..ood import write_report as write_ood_report
+    from ..outputs import clear_dir, input_paths, prepare_dir
+
     out_dir = None if out is None else prepare_dir(
         out, command="evaluate-ood", overwrite=overwrite,
         inputs=input_paths(model, in_spec, parse_list(out_sets), data_root))

@@ -7,18 +7,14 @@ manifest; `defend` scores, purifies and classifies, printing one row per image.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import typer
 from rich.table import Table
 
 from ..atomic import write_json
-from ..data import Batch, ImageStream
-from ..detector import DensityDetector
+from ..defaults import DEFAULT_BATCH
 from ..errors import UsageError
-from ..outputs import PurifyOutputs, check_files, clear_dir, input_paths, prepare_dir
-from ..purify import DEFAULT_BATCH, PurifyResult, default_eps_defend, purify
 from .app import app
 from .common import (
     DEVICE_HELP,
@@ -36,6 +32,11 @@ from .common import (
     json_safe,
     make_progress,
 )
+
+if TYPE_CHECKING:
+    from ..data import Batch
+    from ..detector import DensityDetector
+    from ..purify import PurifyResult
 
 DEFAULT_MODEL = Path("models/digits")
 GATE_CHOICES = ("none", "anomalous")
@@ -59,6 +60,8 @@ def _verdict(bpd: float, threshold: float | None) -> str:
 
 def _run_purify(detector: DensityDetector, batch: Batch, eps: int, adaptive: bool,
                 fast: bool) -> PurifyResult | None:
+    from ..purify import purify
+
     if batch.images.shape[0] == 0:
         return None
     return purify(detector, batch.images, eps, adaptive=adaptive or None, fast=fast,
@@ -67,6 +70,9 @@ def _run_purify(detector: DensityDetector, batch: Batch, eps: int, adaptive: boo
 
 def _load(model: Path, device: str, adaptive: bool, eps_defend: int | None,
           need_calibration: bool = False) -> tuple[DensityDetector, int]:
+    from ..detector import DensityDetector
+    from ..purify import default_eps_defend
+
     detector = DensityDetector.load(model, device=device)
     if (adaptive or need_calibration) and detector.bpd_threshold is None:
         raise UsageError(f"{model} has no calibrated threshold: run `pixeldefend calibrate` "
@@ -98,6 +104,8 @@ def _purify_table(doc: dict[str, Any]) -> Table:
 
 
 def _mean(values: list[float | None]) -> float | None:
+    import numpy as np
+
     vals = [v for v in values if v is not None]
     return float(np.mean(vals)) if vals else None
 
@@ -139,6 +147,9 @@ def purify_cmd(
 
       pixeldefend purify digits:test --out pur/ --format json
     """
+    from ..data import ImageStream
+    from ..outputs import PurifyOutputs, clear_dir, input_paths, prepare_dir
+
     out_dir = prepare_dir(out, command="purify", overwrite=overwrite,
                           inputs=input_paths(paths, model, data_root))
     detector, eps = _load(model, device, adaptive, eps_defend)
@@ -275,7 +286,11 @@ def defend_cmd(
 
       pixeldefend defend digits:test -c models/digits-classifier --eps-defend 2 --format json
     """
+    import numpy as np
+
+    from ..data import ImageStream
     from ..models.classifier import check_inputs, classify, load_classifier
+    from ..outputs import check_files, input_paths
 
     if fail_on not in GATE_CHOICES:
         raise UsageError(f"--fail-on must be one of {', '.join(GATE_CHOICES)}, not {fail_on!r}")

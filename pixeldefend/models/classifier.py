@@ -21,7 +21,6 @@ loading a TorchScript file runs its code and a factory imports a module, so both
 from __future__ import annotations
 
 import importlib
-import math
 import re
 import sys
 import warnings
@@ -35,21 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..defaults import CLASSIFIER_PRESETS as PRESETS
 from ..errors import BundleError, DataError, UsageError
 
 KIND = "classifier"
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # for tests: trains on digits in a second or two
-    "tiny": {"filters": 8, "stages": 2, "blocks": 1},
-    # default: 78k parameters (0.3 MB)
-    "small": {"filters": 16, "stages": 3, "blocks": 1},
-    # 4x the parameters, ~2x the time of small
-    "medium": {"filters": 32, "stages": 3, "blocks": 1},
-    # wider and deeper, for a GPU or a patient CPU
-    "base": {"filters": 32, "stages": 3, "blocks": 2},
-}
-
 
 @dataclass(frozen=True)
 class ClassifierConfig:
@@ -582,7 +570,3 @@ def classify(loaded: LoadedClassifier | nn.Module, images: torch.Tensor, levels:
     check_inputs(loaded, images)
     logits = predict_logits(loaded.model, images, levels, batch_size)
     return logits.argmax(1), torch.softmax(logits, 1)
-
-
-def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((pred.cpu() == labels.cpu()).float().mean()) if labels.numel() else math.nan

@@ -16,8 +16,10 @@ and is built in two parts so that each factor's dependencies are explicit:
 2. A per-pixel *channel head* turns the context into logits for channel c, conditioned on
    the values of channels < c of the same pixel (1x1 convolutions only), giving R->G->B.
 
-All convolutions are unpadded `nn.Conv2d` with explicit `F.pad`, so a fast decoder can
-re-run single rows or single pixels with the same weights (see `pixeldefend.purify`).
+All convolutions are unpadded `nn.Conv2d` with explicit `F.pad`, so the same weights can
+run one image row or one pixel at a time: `PixelCNN.steps()` arranges them as matrices
+(`PixelCNNSteps`, `GatedLayerSteps`, written beside the forward passes they mirror), and
+`models.decoder.CachedDecoder` runs those steps in autoregressive order.
 """
 
 from __future__ import annotations
@@ -28,14 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PRESETS: dict[str, dict[str, int]] = {
-    # for tests: builds and runs in milliseconds
-    "tiny": {"filters": 16, "layers": 2, "kernel": 3, "first_kernel": 3, "head": 32},
-    # the CPU default: trains on Fashion-MNIST in tens of minutes on 2 cores
-    "small": {"filters": 32, "layers": 5, "kernel": 3, "first_kernel": 5, "head": 64},
-    # for a GPU or a patient CPU
-    "base": {"filters": 96, "layers": 8, "kernel": 3, "first_kernel": 7, "head": 192},
-}
+from ..defaults import PIXELCNN_PRESETS as PRESETS
+from ..errors import DataError
 
 
 @dataclass(frozen=True)
@@ -86,6 +82,22 @@ def gate(x: torch.Tensor) -> torch.Tensor:
     return torch.tanh(a) * torch.sigmoid(b)
 
 
+def scaled(x: torch.Tensor, levels: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Integer levels -> network inputs in [-1, 1], in `dtype`."""
+    return x.to(dtype) * (2.0 / (levels - 1)) - 1.0
+
+
+def conv_matrix(conv: nn.Conv2d, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A conv's weight (out, in, kh, kw) as a (kh * kw * in, out) matrix, rows ordered
+    (row, col, channel): the conv over one unfolded channels-last patch is one matmul."""
+    w = conv.weight.detach().to(device=device, dtype=dtype)
+    return w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).contiguous()
+
+
+def _vector(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return t.detach().to(device=device, dtype=dtype)
+
+
 class GatedLayer(nn.Module):
     """One gated layer of both stacks.
 
@@ -113,6 +125,72 @@ class GatedLayer(nn.Module):
         h_pre = self.conv_h(F.pad(h, (r, 0, 0, 0))) + self.v_to_h(v_pre)
         g = self.dropout(gate(h_pre))
         return v + self.v_out(gate(v_pre)), h + self.h_out(g), self.h_skip(g)
+
+    def steps(self, h_bias: torch.Tensor, width: int, dtype: torch.dtype,
+              device: torch.device) -> GatedLayerSteps:
+        """This layer as row and pixel steps (see `GatedLayerSteps`); `h_bias` is the sum
+        of the `h_out` biases of the layers before it."""
+        return GatedLayerSteps(self, h_bias, width, dtype, device)
+
+
+class GatedLayerSteps:
+    """`GatedLayer.forward` one image row (vertical stack) or one pixel (horizontal stack)
+    at a time, with the convolutions as matrices over channels-last patches. Any change to
+    `GatedLayer.forward` must be made here too (tests/test_purify.py compares the two).
+
+    The horizontal stack is carried minus its accumulated `h_out` biases (no per-pixel bias
+    adds); the constant that removes comes back through the row's `base`, which knows per
+    column how many `conv_h` taps fall on real pixels rather than on zero padding.
+    """
+
+    def __init__(self, layer: GatedLayer, h_bias: torch.Tensor, width: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.f, r = layer.conv_v.in_channels, layer.k // 2
+        f = self.f
+        self.w_v, self.b_v = conv_matrix(layer.conv_v, dtype, device), \
+            _vector(layer.conv_v.bias, dtype, device)
+        self.w_vout = conv_matrix(layer.v_out, dtype, device)
+        self.b_vout = _vector(layer.v_out.bias, dtype, device)
+        self.w_vh = conv_matrix(layer.v_to_h, dtype, device)
+        self.b_base = _vector(layer.v_to_h.bias, dtype, device) + \
+            _vector(layer.conv_h.bias, dtype, device)
+        self.w_h = conv_matrix(layer.conv_h, dtype, device)  # ((r+1) f, 2f): taps j-r .. j
+        # conv_h over (h~ + h_bias) with zero padding = conv_h over h~ + a per-column
+        # constant: h_bias times the taps that fall on real columns (j - r + t >= 0)
+        per_tap = torch.stack([h_bias @ self.w_h[t * f:(t + 1) * f] for t in range(r + 1)])
+        self.corr = torch.stack([per_tap[max(0, r - j):].sum(0) for j in range(width)])
+        self.w_hout = conv_matrix(layer.h_out, dtype, device)
+        self.b_hout = _vector(layer.h_out.bias, dtype, device)
+        self.w_skip = conv_matrix(layer.h_skip, dtype, device)
+        self.b_skip = _vector(layer.h_skip.bias, dtype, device)
+
+    def row(self, patches: torch.Tensor, v: torch.Tensor, v_next: torch.Tensor | None,
+            ) -> torch.Tensor:
+        """The vertical stack over one row. `patches` (n W, (r+1) k f): unfolded input
+        rows i-r..i; `v` (n, W, f): the input row i. Writes `v + v_out(gate(v_pre))` into
+        `v_next` (the next layer's input row; None for the last layer, which needs none)
+        and returns the row's per-pixel horizontal base (W, n, 2f): v_to_h(v_pre) and the
+        biases of conv_h."""
+        n, width, f = v.shape
+        v_pre = torch.addmm(self.b_v, patches, self.w_v)  # (n W, 2f)
+        if v_next is not None:
+            gv = torch.tanh(v_pre[:, :f]) * torch.sigmoid(v_pre[:, f:])
+            out = torch.addmm(self.b_vout, gv, self.w_vout).view(n, width, f)
+            torch.add(v, out, out=v_next)
+        base = torch.addmm(self.b_base, v_pre, self.w_vh).view(n, width, 2 * f)
+        return (base + self.corr).transpose(0, 1).contiguous()
+
+    def pixel(self, window: torch.Tensor, base: torch.Tensor, g: torch.Tensor,
+              h: torch.Tensor, h_next: torch.Tensor | None) -> None:
+        """The horizontal stack at one pixel. `window` (n, (r+1) f): input columns j-r..j;
+        `base` (n, 2f): the row's base at j; `h` (n, f): the input at j. Writes the gated
+        unit into `g` (n, f; the skip connections read it) and `h + h_out(g)` into `h_next`
+        unless None."""
+        f = self.f
+        pre = torch.addmm(base, window, self.w_h)
+        torch.mul(torch.tanh(pre[:, :f]), torch.sigmoid(pre[:, f:]), out=g)
+        if h_next is not None:
+            torch.addmm(h, g, self.w_hout, out=h_next)
 
 
 class PixelCNN(nn.Module):
@@ -147,12 +225,7 @@ class PixelCNN(nn.Module):
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
         """Integer levels -> floats in [-1, 1]."""
-        return x.float() * (2.0 / (self.config.levels - 1)) - 1.0
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer images -> network input: scaled values plus a constant-one channel."""
-        xs = self.scale(x)
-        return torch.cat([xs, torch.ones_like(xs[:, :1])], dim=1)
+        return scaled(x, self.config.levels, torch.float32)
 
     def context(self, x_in: torch.Tensor) -> torch.Tensor:
         """Per-pixel features (N, head, H, W) that depend only on strictly earlier pixels."""
@@ -201,3 +274,97 @@ class PixelCNN(nn.Module):
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log p(x) in nats, one value per image."""
         return -self.nll(x).flatten(1).sum(1)
+
+    def check_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Integer images of this model's shape and levels; (N, H, W) gets a channel axis.
+        Raises DataError otherwise."""
+        cfg = self.config
+        if images.dim() == 3:
+            images = images.unsqueeze(1)
+        if images.dim() != 4 or tuple(images.shape[1:]) != (cfg.channels, cfg.height,
+                                                            cfg.width):
+            raise DataError(
+                f"images are {tuple(images.shape[1:])} (C,H,W), model expects "
+                f"{(cfg.channels, cfg.height, cfg.width)}"
+            )
+        if images.is_floating_point():
+            raise DataError("images must hold integer pixel levels (uint8), not floats")
+        if images.numel() and (int(images.min()) < 0 or int(images.max()) >= cfg.levels):
+            raise DataError(f"pixel values must lie in [0, {cfg.levels - 1}]")
+        return images
+
+    # ----------------------------------------------------- one row / one pixel at a time
+
+    def steps(self, dtype: torch.dtype = torch.float64,
+              device: torch.device | None = None) -> PixelCNNSteps:
+        """The network as row and pixel steps in `dtype` (see `PixelCNNSteps`)."""
+        return PixelCNNSteps(self, dtype, device or next(self.parameters()).device)
+
+
+class PixelCNNSteps:
+    """`PixelCNN.context` and `channel_logits` one image row or one pixel at a time, with
+    every convolution as a matrix over channels-last patches: what
+    `models.decoder.CachedDecoder` runs. Any change to the forward pass must be made here
+    too (tests/test_purify.py compares the two)."""
+
+    def __init__(self, model: PixelCNN, dtype: torch.dtype, device: torch.device) -> None:
+        cfg = model.config
+        self.config, self.dtype, self.device = cfg, dtype, device
+        m, v = (lambda conv: conv_matrix(conv, dtype, device)), \
+            (lambda t: _vector(t, dtype, device))
+        self.w_in_v, self.b_in_v = m(model.in_v), v(model.in_v.bias)
+        self.w_in_h, self.b_in_h = m(model.in_h), v(model.in_h.bias)
+        self.w_in_vh, self.b_in_vh = m(model.in_v_to_h), v(model.in_v_to_h.bias)
+        self.layers: list[GatedLayerSteps] = []
+        h_bias = torch.zeros(cfg.filters, device=device, dtype=dtype)
+        for layer in model.layers:
+            self.layers.append(layer.steps(h_bias, cfg.width, dtype, device))
+            h_bias = h_bias + self.layers[-1].b_hout
+        # all skip connections at once, from [h0, g_0, ..., g_last] side by side
+        self.w_skip = torch.cat([m(model.in_skip)] + [s.w_skip for s in self.layers])
+        self.b_skip = v(model.in_skip.bias) + sum(s.b_skip for s in self.layers)
+        self.w_trunk, self.b_trunk = m(model.trunk), v(model.trunk.bias)
+        self.w_cin = [None] + [m(model.channel_in[i]) for i in range(1, cfg.channels)]
+        self.w_mid = [m(c) for c in model.channel_mid]
+        self.b_mid = [v(c.bias) for c in model.channel_mid]
+        self.w_out = [m(c) for c in model.channel_out]
+        self.b_out = [v(c.bias) for c in model.channel_out]
+        # network input of each level
+        self.table = scaled(torch.arange(cfg.levels, device=device), cfg.levels, dtype)
+
+    def input_row(self, patches: torch.Tensor | None, n: int) -> tuple[torch.Tensor,
+                                                                          torch.Tensor]:
+        """The first vertical conv over one row, down-shifted: `patches` (n W, (r0+1) k0
+        (C+1)) are the unfolded input rows i-1-r0..i-1 (None for row 0, which sees only
+        padding). Returns v (n W, f) and the row's horizontal base (W, n, f):
+        in_v_to_h(v) plus in_h's bias (not at column 0, which the right shift pads)."""
+        cfg = self.config
+        width, f = cfg.width, cfg.filters
+        if patches is None:
+            v = torch.zeros((n * width, f), device=self.device, dtype=self.dtype)
+        else:
+            v = torch.addmm(self.b_in_v, patches, self.w_in_v)
+        base = torch.addmm(self.b_in_vh, v, self.w_in_vh).view(n, width, f)
+        base[:, 1:] += self.b_in_h
+        return v, base.transpose(0, 1).contiguous()
+
+    def input_pixel(self, window: torch.Tensor | None, base: torch.Tensor,
+                    out: torch.Tensor) -> None:
+        """The first horizontal conv at one pixel, right-shifted: `window` (n, (r0+1)(C+1))
+        holds input columns j-1-r0..j-1 (None at column 0). Writes h0 (n, f) into `out`."""
+        if window is None:
+            out.copy_(base)
+        else:
+            torch.addmm(base, window, self.w_in_h, out=out)
+
+    def context(self, units: torch.Tensor) -> torch.Tensor:
+        """The context (n, head) of one pixel from [h0, g_0, ..., g_last] (n, (L+1) f)."""
+        skip = torch.addmm(self.b_skip, units, self.w_skip)
+        return F.elu(torch.addmm(self.b_trunk, F.elu(skip), self.w_trunk))
+
+    def channel_logits(self, ctx: torch.Tensor, xs_prev: torch.Tensor, c: int) -> torch.Tensor:
+        """`PixelCNN.channel_logits` at one pixel: logits (n, levels) of channel c from the
+        context and the network inputs of channels < c (`xs_prev`, (n, c))."""
+        z = ctx if c == 0 else torch.addmm(ctx, xs_prev, self.w_cin[c])
+        z = F.elu(torch.addmm(self.b_mid[c], F.elu(z), self.w_mid[c]))
+        return torch.addmm(self.b_out[c], z, self.w_out[c])
