@@ -33,6 +33,8 @@ from torch import nn
 from .defaults import METHODS as METHODS
 from .errors import DataError, UsageError
 from .models.classifier import LoadedClassifier, as_loaded, check_inputs, predict_logits
+from .pixels import ball_levels, check_images, clip_to_ball, to_float
+from .pixels import quantise as quantise
 
 TARGETED_METHODS = ("fgsm", "bim", "pgd", "cw")
 L2_METHODS = ("cw", "deepfool")  # clipped to the L-infinity eps ball afterwards
@@ -115,15 +117,6 @@ def resolve_eps(eps: Eps | str | float | None, levels: int, eps_levels: bool = F
 # ---------------------------------------------------------------------- quantisation
 
 
-def quantise(adv: torch.Tensor, clean: torch.Tensor, levels: int, ball: int) -> torch.Tensor:
-    """Float [0, 1] adversarial images -> uint8 levels: round, clip to the eps ball (in
-    levels) around the clean uint8 images, clip to [0, levels - 1]."""
-    q = torch.round(adv.detach().float().cpu() * (levels - 1)).long()
-    base = clean.long().cpu()
-    q = torch.minimum(torch.maximum(q, base - ball), base + ball)
-    return q.clamp(0, levels - 1).to(torch.uint8)
-
-
 def perturbation_norms(adv: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor,
                                                                           torch.Tensor]:
     """Per-image L-infinity and L2 norms of (adv - clean), in pixel levels."""
@@ -162,12 +155,12 @@ class Attack:
             adv = self.run(images, goal)
         adv = adv.detach()
         if self.eps is not None:  # clip L2 attacks (a no-op for the L-infinity ones)
-            adv = torch.minimum(torch.maximum(adv, images - self.eps), images + self.eps)
+            return clip_to_ball(adv, images, self.eps)
         return adv.clamp(0.0, 1.0)
 
 
 def _rand_attack(eps: float, levels: int, seed: int) -> Callable[..., torch.Tensor]:
-    ball = int(math.floor(eps * (levels - 1) + 1e-6))
+    ball = ball_levels(eps, levels)
     generator = torch.Generator().manual_seed(seed)
 
     def run(images: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:
@@ -322,12 +315,7 @@ def run_attack(
     method = method.lower()
     if method not in METHODS:
         raise UsageError(f"unknown attack method {method!r}: choose from {', '.join(METHODS)}")
-    if images.dtype != torch.uint8:
-        raise DataError(f"images must be uint8 pixel levels, not {images.dtype}")
-    if images.dim() != 4:
-        raise DataError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
-    if images.numel() and int(images.max()) >= levels:
-        raise DataError(f"pixel value {int(images.max())} out of range for {levels} levels")
+    check_images(images, levels)
     if loaded.levels is not None and loaded.levels != levels:
         raise DataError(f"images have {levels} levels but the classifier {loaded.source} was "
                         f"trained on {loaded.levels}")
@@ -356,7 +344,7 @@ def run_attack(
         torch.manual_seed(seed)
         for lo in range(0, images.shape[0], batch_size):
             clean = images[lo : lo + batch_size]
-            x = clean.float().div(levels - 1).to(device)
+            x = to_float(clean, levels).to(device)
             y = labels[lo : lo + batch_size].to(device)
             t = None if targets is None else targets[lo : lo + batch_size].to(device)
             adv = attack(x, y, t)

@@ -35,24 +35,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import Eps, quantise, resolve_eps
+from .attacks import Eps, resolve_eps
 from .density import bits_per_dim
 from .errors import DataError, UsageError
+from .pixels import (
+    check_images,
+    clip_to_ball,
+    quantise,
+    straight_through_round,
+    to_float,
+    to_levels,
+)
 from .purify import DEFAULT_BATCH, purify_fast
 
 DEFAULT_STEPS = 100
+# the old name, for callers written before `pixels` held the contract
+straight_through_quantise = straight_through_round
 
 
 def default_alpha(eps: float, steps: int) -> float:
     """Step size: 2.5 * eps / steps (Madry et al.), so the iterates can cross the whole
     ball, but at least eps / 10 so that a short run still moves whole pixel levels."""
     return eps * max(2.5 / steps, 0.1)
-
-
-def straight_through_quantise(x: torch.Tensor, levels: int) -> torch.Tensor:
-    """Round [0, 1] floats to the pixel levels on the forward pass, identity backward."""
-    q = torch.round(x.detach().clamp(0.0, 1.0) * (levels - 1)) / (levels - 1)
-    return x + (q - x).detach()
 
 
 class StraightThroughPurifier(nn.Module):
@@ -93,9 +97,8 @@ class StraightThroughPurifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            q = torch.round(x.detach().clamp(0.0, 1.0) * (self.levels - 1)).to(torch.uint8)
-            p = self.purify_levels(q.cpu()).to(device=x.device, dtype=x.dtype)
-            p = p / (self.levels - 1)
+            q = to_levels(x, self.levels)
+            p = to_float(self.purify_levels(q.cpu()), self.levels, x.dtype).to(x.device)
         return self.classifier(x + (p - x).detach())
 
 
@@ -134,12 +137,9 @@ def bpda_attack(
     every step of every batch: images that step ran on, and how many are not fooled yet.
     Deterministic for a given seed and batch size; the global torch RNG is untouched.
     """
-    if images.dtype != torch.uint8 or images.dim() != 4:
-        raise DataError("BPDA takes uint8 images (N, C, H, W)")
+    check_images(images, levels)
     if images.shape[0] == 0:
         raise DataError("no images to attack")
-    if images.numel() and int(images.max()) >= levels:
-        raise DataError(f"pixel value {int(images.max())} out of range for {levels} levels")
     if steps < 1:
         raise UsageError(f"BPDA needs at least 1 step, got {steps}")
     if eot < 1:
@@ -166,10 +166,10 @@ def bpda_attack(
     for lo in range(0, n, batch_size):
         clean_u8 = images[lo:lo + batch_size]
         y = labels[lo:lo + batch_size]
-        x0 = clean_u8.float().div(levels - 1)
+        x0 = to_float(clean_u8, levels)
         if random_start and ball > 0:
             noise = torch.randint(-ball, ball + 1, x0.shape, generator=generator)
-            x = (x0 + noise.float() / (levels - 1)).clamp(0.0, 1.0)
+            x = (x0 + to_float(noise, levels)).clamp(0.0, 1.0)
         else:
             x = x0.clone()
         active = torch.arange(x0.shape[0])  # images not fooled yet
@@ -179,7 +179,7 @@ def bpda_attack(
             grad = torch.zeros_like(xa)
             with torch.set_grad_enabled(not last):
                 for k in range(1 if last else eot):
-                    logits = defended(straight_through_quantise(xa, levels))
+                    logits = defended(straight_through_round(xa, levels))
                     forwards += 1
                     if k == 0:
                         pred = logits.detach().argmax(1).cpu()
@@ -199,8 +199,7 @@ def bpda_attack(
             if last or len(active) == 0:
                 break
             moved = x[active] + step * grad.sign().cpu()
-            x[active] = torch.minimum(torch.maximum(moved, x0[active] - eps_used),
-                                      x0[active] + eps_used).clamp(0.0, 1.0)
+            x[active] = clip_to_ball(moved, x0[active], eps_used)
     seconds = time.perf_counter() - start
     success = first >= 0
     summary: dict[str, Any] = {

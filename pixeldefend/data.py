@@ -37,6 +37,8 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .pixels import from_8bit as from_8bit
+from .pixels import to_8bit as to_8bit
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 ARRAY_EXTENSIONS = {".npz", ".npy"}
@@ -171,22 +173,6 @@ class Batch:
 
 
 # ----------------------------------------------------------------------------- levels
-
-
-def from_8bit(values: np.ndarray, levels: int) -> np.ndarray:
-    """Map 8-bit values to `levels` levels: v -> round(v * (levels-1) / 255)."""
-    if levels == 256:
-        return values.astype(np.uint8)
-    return np.rint(values.astype(np.float64) * (levels - 1) / 255.0).astype(np.uint8)
-
-
-def to_8bit(values: np.ndarray | torch.Tensor, levels: int) -> np.ndarray:
-    """Inverse of `from_8bit`, exact on round trips: v -> round(v * 255 / (levels-1))."""
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    if levels == 256:
-        return values.astype(np.uint8)
-    return np.rint(values.astype(np.float64) * 255.0 / (levels - 1)).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------- single files

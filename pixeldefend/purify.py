@@ -47,6 +47,7 @@ from .models.decoder import cached_logits as cached_logits
 from .models.decoder import sample as sample
 from .models.pixelcnn import PixelCNN
 from .models.pixelcnn import scaled as scaled
+from .pixels import model_device, to_float, to_levels
 
 TIE_TOLERANCE = 1e-8
 
@@ -101,10 +102,6 @@ def _check_eps(eps_defend: int) -> int:
     return int(eps_defend)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 # ----------------------------------------------------------------------- purifiers
 
 
@@ -137,7 +134,7 @@ def purify_reference(model: PixelCNN, images: torch.Tensor, eps_defend: int,
     model64 = float64_copy(model)
     out = []
     for chunk in _chunks(images, batch_size):
-        orig = chunk.to(_device(model)).long()
+        orig = chunk.to(model_device(model)).long()
         x = orig.clone()
         for _ in reference_steps(model64, x, orig, eps):
             pass
@@ -337,7 +334,7 @@ class PurifiedClassifier(nn.Module):
 
     def quantise(self, x: torch.Tensor) -> torch.Tensor:
         """[0, 1] floats -> uint8 levels: round(x * (levels - 1))."""
-        return torch.round(x.detach().clamp(0.0, 1.0) * (self.levels - 1)).to(torch.uint8)
+        return to_levels(x, self.levels)
 
     def purify_floats(self, x: torch.Tensor) -> torch.Tensor:
         """Purified images as floats in [0, 1], no gradient."""
@@ -346,7 +343,7 @@ class PurifiedClassifier(nn.Module):
             result = purify(self.detector, q, self.eps_defend, adaptive=self.adaptive,
                             batch_size=self.batch_size)
             self.last_result = result
-            return result.images.to(device=x.device, dtype=x.dtype) / (self.levels - 1)
+            return to_float(result.images, self.levels, x.dtype).to(x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         purified = self.purify_floats(x)

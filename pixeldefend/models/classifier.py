@@ -36,6 +36,8 @@ from torch import nn
 
 from ..defaults import CLASSIFIER_PRESETS as PRESETS
 from ..errors import BundleError, DataError, UsageError
+from ..pixels import model_device
+from ..pixels import to_float as to_float
 
 KIND = "classifier"
 
@@ -148,11 +150,6 @@ def count_parameters(model: nn.Module) -> int:
 # ----------------------------------------------------------------------- conversion
 
 
-def to_float(images: torch.Tensor, levels: int) -> torch.Tensor:
-    """uint8 levels in [0, levels-1] -> float in [0, 1] (x / (levels - 1))."""
-    return images.float() / float(levels - 1)
-
-
 def random_shift(x: torch.Tensor, pad: int) -> torch.Tensor:
     """Shift each image by up to `pad` pixels (zero padding, then a random crop); draws
     from the global torch RNG so a resumed training run repeats it exactly."""
@@ -188,7 +185,7 @@ def split_holdout(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray
 def predict_logits(model: nn.Module, images: torch.Tensor, levels: int,
                    batch_size: int = 512, device: torch.device | None = None) -> torch.Tensor:
     """Logits for uint8 images, in batches; returns CPU float tensor (N, K)."""
-    device = device or _model_device(model)
+    device = device or model_device(model)
     model.eval()
     out = []
     for start in range(0, images.shape[0], batch_size):
@@ -302,13 +299,7 @@ class LoadedClassifier:
 
     @property
     def device(self) -> torch.device:
-        return _model_device(self.model)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+        return model_device(self.model)
 
 
 TORCHSCRIPT_SUFFIXES = {".pt", ".ts", ".pth", ".jit", ".torchscript"}
@@ -437,7 +428,7 @@ def probe_classifier(model: nn.Module, input_shape: Sequence[int],
                      device: torch.device | None = None) -> int:
     """Run one blank image through the model; return the number of classes or raise a
     DataError saying the model does not take images of this shape."""
-    device = device or _model_device(model)
+    device = device or model_device(model)
     x = torch.full((1, *input_shape), 0.5, device=device)
     try:
         with torch.no_grad():
