@@ -32,7 +32,7 @@ from torch import nn
 
 from .defaults import METHODS as METHODS
 from .errors import DataError, UsageError
-from .models.classifier import LoadedClassifier, as_loaded, check_inputs, predict_logits
+from .models.loading import LoadedClassifier, as_loaded, check_inputs, predict_logits
 from .pixels import ball_levels, check_images, clip_to_ball, to_float
 from .pixels import quantise as quantise
 

@@ -69,3 +69,4 @@ CASE_NAMES = ("digits", "28x28x1", "32x32x3")
 
 # --------------------------------------------------------------------------- purify
 DEFAULT_BATCH = 64
+GATE_CHOICES = ("none", "anomalous")  # defend --fail-on

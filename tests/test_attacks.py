@@ -22,13 +22,9 @@ from pixeldefend.attacks import (
 from pixeldefend.cli import app
 from pixeldefend.data import load_images
 from pixeldefend.errors import DataError, UsageError
-from pixeldefend.models.classifier import (
-    ClassifierConfig,
-    ResNetClassifier,
-    load_classifier,
-    save_classifier,
-    train_classifier,
-)
+from pixeldefend.models.classifier import ClassifierConfig, ResNetClassifier, save_classifier
+from pixeldefend.models.classifier_training import train_classifier
+from pixeldefend.models.loading import load_classifier
 from pixeldefend.train import TrainSettings
 
 LEVELS = 17

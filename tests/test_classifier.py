@@ -13,18 +13,10 @@ from pixeldefend.bundle import save_bundle
 from pixeldefend.cli import app
 from pixeldefend.data import load_images
 from pixeldefend.errors import BundleError, DataError, UsageError
-from pixeldefend.models.classifier import (
-    ClassifierConfig,
-    ResNetClassifier,
-    check_inputs,
-    classify,
-    error_rate,
-    load_classifier,
-    random_shift,
-    save_classifier,
-    to_float,
-    train_classifier,
-)
+from pixeldefend.models.classifier import ClassifierConfig, ResNetClassifier, save_classifier
+from pixeldefend.models.classifier_training import error_rate, random_shift, train_classifier
+from pixeldefend.models.loading import check_inputs, classify, load_classifier
+from pixeldefend.pixels import to_float
 from pixeldefend.train import TrainSettings
 
 LEVELS = 17
@@ -285,3 +277,15 @@ def test_shipped_fashion_classifier(repo):
     head = test.head(500)
     pred, _ = classify(loaded, head.images, head.levels)
     assert (pred == head.labels).float().mean() >= 0.9
+
+
+def test_old_import_paths_still_work():
+    """Branches written before the split import these from models.classifier."""
+    from pixeldefend.models import classifier, classifier_training, loading
+
+    assert classifier.load_classifier is loading.load_classifier
+    assert classifier.LoadedClassifier is loading.LoadedClassifier
+    assert classifier.predict_logits is loading.predict_logits
+    assert classifier.train_classifier is classifier_training.train_classifier
+    with pytest.raises(AttributeError):
+        classifier.no_such_name  # noqa: B018

@@ -15,7 +15,7 @@ from rich.table import Table
 from .. import __version__
 from ..defaults import CLASSIFIER_PRESETS as PRESETS
 from ..defaults import METHODS
-from ..errors import DataError, UsageError
+from ..errors import UsageError
 from .app import app
 from .common import (
     DEVICE_HELP,
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..data import ImageSet
-    from ..models.classifier import LoadedClassifier
+    from ..models.loading import LoadedClassifier
 
 classifier_app = typer.Typer(
     help="Train the classifiers that `pixeldefend attack` attacks and the purifier protects.",
@@ -45,7 +45,6 @@ classifier_app = typer.Typer(
 app.add_typer(classifier_app, name="classifier")
 
 DEFAULT_CLASSIFIER = Path("models/digits-classifier")
-HOLDOUT = 5000  # validation images carved from a large built-in training split
 SMALL_SET = 10_000  # fewer training images than this: more epochs by default
 
 
@@ -68,53 +67,6 @@ def _default_out(data: str) -> Path:
     parsed = parse_builtin(data)
     name = parsed[0] if parsed else Path(data.rstrip("/")).stem or "model"
     return Path("runs") / f"{name}-classifier"  # untracked: never the shipped models/
-
-
-def _need_labels(images: ImageSet, what: str) -> torch.Tensor:
-    if images.labels is None:
-        raise DataError(f"{images.source}: {what} images have no labels (use a labelled data "
-                        "set, an .npz with 'labels', or one sub-folder per class)")
-    return images.labels
-
-
-def classifier_splits(data: str, val: str | None, test: str | None, seed: int,
-                      data_root: str | None, download: bool
-                      ) -> tuple[ImageSet, ImageSet, ImageSet | None]:
-    """(train, validation, test) for a training spec.
-
-    digits: the fixed digits:train / :val / :test splits. Fashion-MNIST, MNIST, CIFAR-10:
-    a seeded 5,000-image validation slice of the training split, test = the test split.
-    Anything else: a seeded 10% validation slice, test only with --test.
-    """
-    from ..data import ImageSpec, load_images, parse_builtin
-    from ..models.classifier import split_holdout
-
-    def load(spec: str, expect: ImageSpec | None = None) -> ImageSet:
-        return load_images(spec, expect, data_root=data_root, download=download)
-
-    parsed = parse_builtin(data)
-    test_spec = test
-    if parsed is not None and parsed[0] == "digits" and parsed[1] in ("all", "train"):
-        train_set = load("digits:train")
-        val_set = load(val or "digits:val")
-        test_spec = test or "digits:test"
-    else:
-        full = load(data)
-        if val is not None:
-            train_set, val_set = full, load(val, full.spec)
-        else:
-            n_val = HOLDOUT if len(full) >= 10 * HOLDOUT else max(1, len(full) // 10)
-            if len(full) < 10:
-                raise DataError(f"{data}: {len(full)} images are too few to hold out a "
-                                "validation set (need at least 10)")
-            train_idx, val_idx = split_holdout(len(full), n_val, seed)
-            train_set, val_set = full.subset(train_idx.tolist()), full.subset(val_idx.tolist())
-            val_set.source = f"{full.source} (seeded {n_val}-image holdout, seed {seed})"
-            train_set.source = f"{full.source} (minus the holdout)"
-        if test_spec is None and parsed is not None and parsed[1] == "train":
-            test_spec = f"{parsed[0]}:test"
-    test_set = load(test_spec, train_set.spec) if test_spec else None
-    return train_set, val_set, test_set
 
 
 @classifier_app.command("train")
@@ -166,16 +118,15 @@ def classifier_train(
     """
     import torch
 
+    from ..data import classifier_splits, require_labels
     from ..device import resolve_device
     from ..models.classifier import (
         ClassifierConfig,
         ResNetClassifier,
         count_parameters,
-        default_shift,
-        error_rate,
         save_classifier,
-        train_classifier,
     )
+    from ..models.classifier_training import default_shift, error_rate, train_classifier
     from ..outputs import check_checkpoint_dir, input_paths, prepare_dir
     from ..train import CHECKPOINT_FILES, TrainSettings, remove_checkpoint
 
@@ -187,9 +138,9 @@ def classifier_train(
     checkpoint = out.with_name(out.name + ".checkpoint")
     check_checkpoint_dir(checkpoint, CHECKPOINT_FILES)
     train_set, val_set, test_set = classifier_splits(data, val, test, seed, data_root, download)
-    train_labels = _need_labels(train_set, "training")
-    val_labels = _need_labels(val_set, "validation")
-    test_labels = _need_labels(test_set, "test") if test_set is not None else None
+    train_labels = require_labels(train_set, "training")
+    val_labels = require_labels(val_set, "validation")
+    test_labels = require_labels(test_set, "test") if test_set is not None else None
     num_classes = max(len(train_set.classes or []), int(train_labels.max()) + 1, 2)
     spec = train_set.spec
     cfg = ClassifierConfig.from_preset(preset, spec.channels, spec.height, spec.width,
@@ -428,7 +379,7 @@ def attack(
     """
     from ..attacks import default_eps, parse_eps, run_attack
     from ..data import ImageSpec, load_images
-    from ..models.classifier import load_classifier, predict_logits
+    from ..models.loading import load_classifier, predict_logits
     from ..outputs import input_paths, prepare_dir
 
     method = method.lower()

@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from ..atomic import write_json
-from ..defaults import DEFAULT_BATCH
+from ..defaults import DEFAULT_BATCH, DEFAULT_MODEL, GATE_CHOICES
 from ..errors import UsageError
 from .app import app
 from .common import (
@@ -34,17 +34,8 @@ from .common import (
 )
 
 if TYPE_CHECKING:
-    from ..data import Batch
     from ..detector import DensityDetector
-    from ..purify import PurifyResult
 
-DEFAULT_MODEL = Path("models/digits")
-GATE_CHOICES = ("none", "anomalous")
-PURIFY_COLUMNS = ["path", "output", "bits_per_dim_before", "bits_per_dim_after", "purified",
-                  "changed", "verdict", "error"]
-DEFEND_COLUMNS = ["path", "label", "bits_per_dim_before", "p_value", "verdict", "purified",
-                  "bits_per_dim_after", "changed", "pred_before", "pred", "prob", "correct",
-                  "error"]
 
 EPS_HELP = ("Purification radius in pixel levels (default: 16/255 of the level range, as "
             "in the paper: 16 for 8-bit images, 1 for 17-level digits).")
@@ -52,33 +43,16 @@ ADAPTIVE_HELP = ("Purify only images whose bits/dim exceed the model's calibrate
                  "the rest pass through untouched (adaptive PixelDefend).")
 
 
-def _verdict(bpd: float, threshold: float | None) -> str:
-    if threshold is None:
-        return "uncalibrated"
-    return "anomalous" if bpd > threshold else "clean"
-
-
-def _run_purify(detector: DensityDetector, batch: Batch, eps: int, adaptive: bool,
-                fast: bool) -> PurifyResult | None:
-    from ..purify import purify
-
-    if batch.images.shape[0] == 0:
-        return None
-    return purify(detector, batch.images, eps, adaptive=adaptive or None, fast=fast,
-                  batch_size=DEFAULT_BATCH)
-
-
 def _load(model: Path, device: str, adaptive: bool, eps_defend: int | None,
           need_calibration: bool = False) -> tuple[DensityDetector, int]:
+    from ..defend import eps_for
     from ..detector import DensityDetector
-    from ..purify import default_eps_defend
 
     detector = DensityDetector.load(model, device=device)
     if (adaptive or need_calibration) and detector.bpd_threshold is None:
         raise UsageError(f"{model} has no calibrated threshold: run `pixeldefend calibrate` "
                          "first (needed by --adaptive and --fail-on)")
-    eps = default_eps_defend(detector.spec.levels) if eps_defend is None else eps_defend
-    return detector, eps
+    return detector, eps_for(detector, eps_defend)
 
 
 # -------------------------------------------------------------------------- purify
@@ -101,13 +75,6 @@ def _purify_table(doc: dict[str, Any]) -> Table:
                      f"mean bits/dim {fmt_float(s['mean_bpd_before'])} -> "
                      f"{fmt_float(s['mean_bpd_after'])}")
     return table
-
-
-def _mean(values: list[float | None]) -> float | None:
-    import numpy as np
-
-    vals = [v for v in values if v is not None]
-    return float(np.mean(vals)) if vals else None
 
 
 @app.command("purify")
@@ -148,6 +115,7 @@ def purify_cmd(
       pixeldefend purify digits:test --out pur/ --format json
     """
     from ..data import ImageStream
+    from ..defend import PURIFY_COLUMNS, purify_rows, summarise_purify
     from ..outputs import PurifyOutputs, clear_dir, input_paths, prepare_dir
 
     out_dir = prepare_dir(out, command="purify", overwrite=overwrite,
@@ -160,43 +128,19 @@ def purify_cmd(
     plan = PurifyOutputs.plan(paths, out, spec.levels)
     clear_dir(out_dir)  # ours (marker) and --overwrite: no stale copies of an earlier run
     out_dir.mark()
-    rows: list[dict[str, Any]] = []
-    threshold = detector.bpd_threshold
     with make_progress() as progress:
         task = progress.add_task("purify", total=len(stream), status="")
-        for batch in stream.batches(batch_size):
-            result = _run_purify(detector, batch, eps, adaptive, not reference)
-            labels = batch.labels.tolist() if batch.labels is not None else None
-            k = 0
-            for name, error in zip(batch.names, batch.errors, strict=True):
-                if error is not None:
-                    rows.append({"path": name, "output": None, "bits_per_dim_before": None,
-                                 "bits_per_dim_after": None, "purified": None, "changed": None,
-                                 "verdict": "error", "error": error})
-                    continue
-                assert result is not None
-                target = plan.add(name, result.images[k], labels[k] if labels else None)
-                rows.append({
-                    "path": name, "output": target,
-                    "bits_per_dim_before": float(result.bpd_before[k]),
-                    "bits_per_dim_after": float(result.bpd_after[k]),
-                    "purified": bool(result.purified[k]), "changed": int(result.changed[k]),
-                    "verdict": _verdict(float(result.bpd_before[k]), threshold), "error": None,
-                })
-                k += 1
-            progress.update(task, advance=len(batch.names), status="")
+        rows = purify_rows(detector, stream.batches(batch_size), eps, adaptive,
+                           fast=not reference, keep=plan.add,
+                           progress=lambda k: progress.update(task, advance=k))
     plan.flush()
-    errors = sum(r["error"] is not None for r in rows)
+    summary = summarise_purify(rows)
+    errors = summary["errors"]
     doc = {
-        "model": str(model), "eps_defend": eps, "adaptive": adaptive, "threshold": threshold,
+        "model": str(model), "eps_defend": eps, "adaptive": adaptive,
+        "threshold": detector.bpd_threshold,
         "implementation": "reference" if reference else "fast", "out": str(out),
-        "summary": {
-            "n": len(rows), "purified": sum(bool(r["purified"]) for r in rows),
-            "errors": errors,
-            "mean_bpd_before": _mean([r["bits_per_dim_before"] for r in rows]),
-            "mean_bpd_after": _mean([r["bits_per_dim_after"] for r in rows]),
-        },
-        "images": rows,
+        "summary": summary, "images": rows,
     }
     write_json(out / "manifest.json", json_safe(doc))
     emit(fmt, doc, rows, PURIFY_COLUMNS, lambda: _purify_table(doc))
@@ -286,10 +230,9 @@ def defend_cmd(
 
       pixeldefend defend digits:test -c models/digits-classifier --eps-defend 2 --format json
     """
-    import numpy as np
-
     from ..data import ImageStream
-    from ..models.classifier import check_inputs, classify, load_classifier
+    from ..defend import DEFEND_COLUMNS, defend
+    from ..models.loading import load_classifier
     from ..outputs import check_files, input_paths
 
     if fail_on not in GATE_CHOICES:
@@ -302,74 +245,20 @@ def defend_cmd(
     loaded = load_classifier(classifier, device=device, mean=_floats(mean, "--mean"),
                              std=_floats(std, "--std"), input_shape=spec.shape,
                              trust_code=trust_code)
-    classes = loaded.classes
     stream = ImageStream(paths, spec, resize=resize, grayscale=grayscale, data_root=data_root)
     if len(stream) == 0:
         raise UsageError(f"no images found in {', '.join(paths)}")
-    classes = classes or stream.classes
-    cal = detector.calibrations.get("bpd")  # verdicts here are on bits/dim
-    threshold = detector.bpd_threshold
-    rows: list[dict[str, Any]] = []
-
-    def name_of(label: int) -> str | int:
-        return classes[label] if classes and 0 <= label < len(classes) else label
-
+    classes = loaded.classes or stream.classes
     with make_progress() as progress:
         task = progress.add_task("defend", total=len(stream), status="")
-        for batch in stream.batches(batch_size):
-            result = _run_purify(detector, batch, eps, adaptive, True)
-            if result is not None:
-                check_inputs(loaded, batch.images, batch.labels)
-                pred_before, _ = classify(loaded, batch.images, spec.levels, batch_size)
-                pred, probs = classify(loaded, result.images, spec.levels, batch_size)
-                p_values = cal.p_values(result.bpd_before) if cal is not None else None
-            labels = batch.labels.tolist() if batch.labels is not None else None
-            k = 0
-            for name, error in zip(batch.names, batch.errors, strict=True):
-                if error is not None:
-                    rows.append({c: None for c in DEFEND_COLUMNS} | {
-                        "path": name, "verdict": "error", "error": error,
-                        "pred_before_name": None, "pred_name": None})
-                    continue
-                assert result is not None
-                label = labels[k] if labels else None
-                p = int(pred[k])
-                rows.append({
-                    "path": name, "label": label,
-                    "bits_per_dim_before": float(result.bpd_before[k]),
-                    "p_value": None if p_values is None else float(p_values[k]),
-                    "verdict": _verdict(float(result.bpd_before[k]), threshold),
-                    "purified": bool(result.purified[k]),
-                    "bits_per_dim_after": float(result.bpd_after[k]),
-                    "changed": int(result.changed[k]),
-                    "pred_before": int(pred_before[k]), "pred": p,
-                    "pred_before_name": name_of(int(pred_before[k])), "pred_name": name_of(p),
-                    "prob": float(probs[k, p]),
-                    "correct": None if label is None else p == label,
-                    "error": None,
-                })
-                k += 1
-            progress.update(task, advance=len(batch.names), status="")
-    ok = [r for r in rows if r["error"] is None]
-    labelled = [r for r in ok if r["label"] is not None]
-    summary = {
-        "n": len(rows), "anomalous": sum(r["verdict"] == "anomalous" for r in ok),
-        "purified": sum(bool(r["purified"]) for r in ok),
-        "errors": len(rows) - len(ok),
-        "mean_bpd_before": _mean([r["bits_per_dim_before"] for r in ok]),
-        "mean_bpd_after": _mean([r["bits_per_dim_after"] for r in ok]),
-        "labelled": len(labelled),
-        "accuracy_before": (float(np.mean([r["pred_before"] == r["label"] for r in labelled]))
-                            if labelled else None),
-        "accuracy_after": float(np.mean([r["correct"] for r in labelled])) if labelled else None,
-    }
-    gate_failed = fail_on == "anomalous" and summary["anomalous"] > 0
+        result = defend(detector, loaded, stream.batches(batch_size), eps, adaptive=adaptive,
+                        fail_on=fail_on, classes=classes, batch_size=batch_size,
+                        progress=lambda k: progress.update(task, advance=k))
+    rows, summary, gate_failed = result.rows, result.summary, result.gate_failed
     doc = {
         "model": str(model), "classifier": str(classifier), "eps_defend": eps,
-        "adaptive": adaptive, "threshold": threshold, "classes": classes, "summary": summary,
-        "gate": {"failed": gate_failed,
-                 "reasons": [f"{summary['anomalous']} anomalous image(s)"] if gate_failed
-                 else []},
+        "adaptive": adaptive, "threshold": detector.bpd_threshold, "classes": classes,
+        "summary": summary, "gate": {"failed": gate_failed, "reasons": result.gate_reasons},
         "images": rows,
     }
     emit(fmt, doc, rows, DEFEND_COLUMNS, lambda: _defend_table(doc), output)
