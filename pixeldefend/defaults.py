@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = Path("models/digits")
+DEFAULT_CLASSIFIER = Path("models/digits-classifier")
 
 # ------------------------------------------------------------------ models.pixelcnn
 PIXELCNN_PRESETS: dict[str, dict[str, int]] = {

@@ -302,3 +302,29 @@ def test_cli_attack_fashion_mnist_at_8_over_255(runner, repo):
     summary = json.loads(result.stdout)
     assert summary["data"] == "fashion-mnist:test[:48]" and summary["eps_ball_levels"] == 8
     assert summary["clean_accuracy"] > 0.8 and summary["adversarial_accuracy"] < 0.5
+
+
+def test_attack_pipeline_from_python(tmp_path):
+    """The `attack` pipeline runs without the CLI: labels from the data, the summary the
+    CLI prints, and the output folder it writes."""
+    import json
+
+    from pixeldefend.attack_pipeline import (
+        attack_dataset,
+        attack_manifest,
+        load_attack_images,
+        write_attack_output,
+    )
+    from pixeldefend.models.loading import as_loaded
+
+    torch.manual_seed(0)
+    loaded = as_loaded(ResNetClassifier(ClassifierConfig.from_preset("tiny", 1, 8, 8, 10, 17)))
+    images = load_attack_images(loaded, "digits:test", n=4)
+    summary, result = attack_dataset(loaded, images, "fgsm", "2", eps_levels=True)
+    assert summary["labels_from"] == "data" and summary["n"] == 4
+    assert summary["eps_ball_levels"] == 2 and int(result.linf.max()) <= 2
+    manifest = attack_manifest(summary, result)
+    write_attack_output(tmp_path / "adv", images, result, manifest)
+    saved = json.loads((tmp_path / "adv" / "manifest.json").read_text())
+    assert [r["file"] for r in saved["images"]] == [r["file"] for r in manifest["images"]]
+    assert all((tmp_path / "adv" / r["file"]).is_file() for r in saved["images"])

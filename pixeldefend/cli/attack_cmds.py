@@ -4,7 +4,6 @@ the detector and the purifier with. Thin: the maths lives in `pixeldefend.attack
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,9 +11,8 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.table import Table
 
-from .. import __version__
 from ..defaults import CLASSIFIER_PRESETS as PRESETS
-from ..defaults import METHODS
+from ..defaults import DEFAULT_CLASSIFIER, METHODS
 from ..errors import UsageError
 from .app import app
 from .common import (
@@ -29,13 +27,12 @@ from .common import (
     handle_errors,
     make_progress,
     out_console,
+    parse_floats,
 )
 
 if TYPE_CHECKING:
-    import torch
 
-    from ..data import ImageSet
-    from ..models.loading import LoadedClassifier
+    pass
 
 classifier_app = typer.Typer(
     help="Train the classifiers that `pixeldefend attack` attacks and the purifier protects.",
@@ -44,7 +41,6 @@ classifier_app = typer.Typer(
 )
 app.add_typer(classifier_app, name="classifier")
 
-DEFAULT_CLASSIFIER = Path("models/digits-classifier")
 SMALL_SET = 10_000  # fewer training images than this: more epochs by default
 
 
@@ -210,79 +206,6 @@ def classifier_train(
 # --------------------------------------------------------------------------- attack
 
 
-def resolve_classifier_path(spec: str | None) -> str:
-    """The default classifier: ./models/digits-classifier, else the one in the source tree."""
-    if spec is not None:
-        return spec
-    if DEFAULT_CLASSIFIER.exists():
-        return str(DEFAULT_CLASSIFIER)
-    shipped = Path(__file__).resolve().parents[2] / DEFAULT_CLASSIFIER
-    if shipped.exists():
-        return str(shipped)
-    raise UsageError(f"no --classifier given and no {DEFAULT_CLASSIFIER} here: train one with "
-                     "`pixeldefend classifier train` or pass --classifier")
-
-
-def parse_floats(text: str | None, option: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        values = [float(v) for v in re.split(r"[,\s]+", text.strip()) if v]
-    except ValueError as exc:
-        raise UsageError(f"{option} takes comma-separated numbers, e.g. 0.485,0.456,0.406"
-                         ) from exc
-    if not values:
-        raise UsageError(f"{option} needs at least one number")
-    return values
-
-
-def _slug(name: str) -> str:
-    stem = Path(name).stem if ("/" in name or "\\" in name) else name
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", stem).strip("-")
-    return slug[-40:] or "image"
-
-
-def _map_labels(images: ImageSet, loaded: LoadedClassifier) -> torch.Tensor | None:
-    """Data labels in the classifier's class order when both sides name their classes."""
-    import torch
-
-    labels = images.labels
-    if labels is None or not images.classes or not loaded.classes:
-        return labels
-    if list(images.classes) == list(loaded.classes):
-        return labels
-    if all(c in loaded.classes for c in images.classes):
-        lookup = torch.tensor([loaded.classes.index(c) for c in images.classes])
-        return lookup[labels]
-    return labels
-
-
-def write_attack_output(out: Path, images: ImageSet, result: Any, manifest: dict[str, Any]
-                        ) -> None:
-    """PNGs, manifest.json and images.npz, all swapped in at once (an earlier run's folder
-    is replaced whole, never mixed with the new one)."""
-    import numpy as np
-
-    from ..atomic import atomic_dir, write_json
-    from ..data import save_image, save_npz
-    from ..outputs import write_marker
-
-    with atomic_dir(out) as tmp:
-        for rec in manifest["images"]:
-            save_image(tmp / rec["file"], result.adversarial[rec["index"]], images.levels)
-        extra: dict[str, np.ndarray] = {
-            "clean": images.images.numpy().astype(np.uint8),
-            "clean_pred": result.clean_pred.numpy().astype(np.int64),
-            "adv_pred": result.adv_pred.numpy().astype(np.int64),
-            "names": np.array(images.names),
-        }
-        if result.targets is not None:
-            extra["targets"] = result.targets.numpy().astype(np.int64)
-        save_npz(tmp / "images.npz", result.adversarial, images.levels, result.labels, **extra)
-        write_json(tmp / "manifest.json", manifest)
-        write_marker(tmp, "attack")
-
-
 def attack_table(summary: dict[str, Any]) -> Table:
     s = summary
     table = Table(title=f"{s['method']} attack, eps {s['eps']:.4g} "
@@ -377,9 +300,14 @@ def attack(
 
       pixeldefend attack photos/ -c model.ts --mean 0.5 --std 0.5 --method fgsm --eps 4/255
     """
-    from ..attacks import default_eps, parse_eps, run_attack
-    from ..data import ImageSpec, load_images
-    from ..models.loading import load_classifier, predict_logits
+    from ..attack_pipeline import (
+        attack_dataset,
+        attack_manifest,
+        load_attack_images,
+        resolve_classifier_path,
+        write_attack_output,
+    )
+    from ..models.loading import load_classifier
     from ..outputs import input_paths, prepare_dir
 
     method = method.lower()
@@ -387,63 +315,42 @@ def attack(
         raise UsageError(f"unknown --method {method!r}: choose from {', '.join(METHODS)}")
     if paths and data is not None:
         raise UsageError("give image paths or --data, not both")
-    classifier = resolve_classifier_path(classifier)
+    try:
+        classifier = resolve_classifier_path(classifier)
+    except UsageError as exc:  # the library's message does not know the flag
+        raise UsageError(f"no --classifier given and no {DEFAULT_CLASSIFIER} here: train "
+                         "one with `pixeldefend classifier train` or pass --classifier"
+                         ) from exc
     if out is not None:
         prepare_dir(out, command="attack", overwrite=overwrite,
                     inputs=input_paths(paths, data, classifier, classifier_weights, data_root))
     loaded = load_classifier(classifier, device=device,
                              mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
                              factory_weights=classifier_weights, trust_code=trust_code)
-    if not paths and data is None:
-        data = (loaded.config.get("data") or {}).get("test")
-        if not data:
-            raise UsageError("pass --data SPEC or image paths (the classifier does not record "
-                             "a test split)")
-    expect = None
-    if loaded.input_shape is not None and loaded.levels is not None:
-        expect = ImageSpec(*loaded.input_shape, loaded.levels)
-    sources: str | list[str] = list(paths) if paths else str(data)
-    images = load_images(sources, expect, data_root=data_root, resize=resize,
-                         grayscale=grayscale)
+    if not paths and data is None and not (loaded.config.get("data") or {}).get("test"):
+        raise UsageError("pass --data SPEC or image paths (the classifier does not record "
+                         "a test split)")
+    images = load_attack_images(loaded, paths or data, data_root=data_root, resize=resize,
+                                grayscale=grayscale, n=n)
     for name, error in images.errors:
         err_console.print(f"[yellow]skipped[/] {name}: {error}", highlight=False)
-    images = images.head(n)
-    labels = _map_labels(images, loaded)
-    labels_from = "data"
-    if labels is None:
-        pred = predict_logits(loaded.model, images.images, images.levels, batch_size).argmax(1)
-        labels, labels_from = pred, "clean predictions"
+    if images.labels is None:
         err_console.print("[yellow]note[/]: the images have no labels; attacking the "
                           "classifier's clean predictions instead", highlight=False)
-    budget = parse_eps(eps, images.levels, eps_levels) if eps is not None \
-        else default_eps(images.levels)
-    step = None
-    if alpha is not None:
-        step = parse_eps(alpha, images.levels, eps_levels).fraction
     with make_progress() as progress:
         task = progress.add_task(f"attack {method}", total=len(images), status="")
-        result = run_attack(
-            loaded, images.images, labels, images.levels, method, budget, steps=steps,
-            alpha=step, c=c, kappa=kappa, lr=lr, overshoot=overshoot, targeted=targeted,
-            seed=seed, batch_size=batch_size, names=images.names,
-            progress=lambda k: progress.update(task, advance=k))
-    summary = {"classifier": loaded.source, "data": images.source, "labels_from": labels_from,
-               **result.summary}
+        summary, result = attack_dataset(
+            loaded, images, method, eps, eps_levels=eps_levels, alpha=alpha, steps=steps,
+            c=c, kappa=kappa, lr=lr, overshoot=overshoot, targeted=targeted, seed=seed,
+            batch_size=batch_size, progress=lambda k: progress.update(task, advance=k))
     for warning in summary["warnings"]:
         err_console.print(f"[yellow]warning[/]: {warning}", highlight=False)
     if out is not None:
-        records = []
-        for rec in result.records:
-            rec = dict(rec)
-            rec["file"] = (f"{rec['index']:05d}_{_slug(rec['name'])}_label{rec['label']}"
-                           f"_pred{rec['adv_pred']}.png")
-            records.append(rec)
-        manifest = {"tool": "pixeldefend", "version": __version__, "command": "attack",
-                    **summary, "files": {"images": "images.npz"}, "images": records}
+        manifest = attack_manifest(summary, result)
         write_attack_output(out, images, result, manifest)
         summary["out"] = str(out)
-        err_console.print(f"wrote {len(records)} PNGs, manifest.json and images.npz to {out}",
-                          highlight=False)
+        err_console.print(f"wrote {len(manifest['images'])} PNGs, manifest.json and "
+                          f"images.npz to {out}", highlight=False)
     columns = ["index", "name", "label", "clean_pred", "adv_pred", "success", "linf", "l2"]
     if targeted:
         columns.insert(5, "target")

@@ -12,6 +12,7 @@ import functools
 import io
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Iterable
 from enum import Enum
@@ -31,7 +32,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ..atomic import write_text
-from ..errors import PixelDefendError
+from ..errors import PixelDefendError, UsageError
 
 err_console = Console(stderr=True, soft_wrap=True)
 # results on a pipe or file are not squeezed into 80 columns
@@ -204,6 +205,19 @@ class RowStream:
                 from None
         if self.output is not None and exc[0] is None:
             err_console.print(f"wrote {self.output}", highlight=False)
+
+
+def parse_floats(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in re.split(r"[,\s]+", text.strip()) if v]
+    except ValueError as exc:
+        raise UsageError(f"{option} takes comma-separated numbers, e.g. 0.485,0.456,0.406"
+                         ) from exc
+    if not values:
+        raise UsageError(f"{option} needs at least one number")
+    return values
 
 
 def fmt_float(value: float | None, digits: int = 3) -> str:

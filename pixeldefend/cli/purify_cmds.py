@@ -31,6 +31,7 @@ from .common import (
     handle_errors,
     json_safe,
     make_progress,
+    parse_floats,
 )
 
 if TYPE_CHECKING:
@@ -152,15 +153,6 @@ def purify_cmd(
 # -------------------------------------------------------------------------- defend
 
 
-def _floats(text: str | None, option: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.replace(",", " ").split()]
-    except ValueError as exc:
-        raise UsageError(f"{option} takes comma-separated numbers, got {text!r}") from exc
-
-
 def _defend_table(doc: dict[str, Any]) -> Table:
     s = doc["summary"]
     table = Table(title=f"defend: eps_defend {doc['eps_defend']}"
@@ -242,8 +234,8 @@ def defend_cmd(
     detector, eps = _load(model, device, adaptive, eps_defend,
                           need_calibration=fail_on != "none")
     spec = detector.spec
-    loaded = load_classifier(classifier, device=device, mean=_floats(mean, "--mean"),
-                             std=_floats(std, "--std"), input_shape=spec.shape,
+    loaded = load_classifier(classifier, device=device, mean=parse_floats(mean, "--mean"),
+                             std=parse_floats(std, "--std"), input_shape=spec.shape,
                              trust_code=trust_code)
     stream = ImageStream(paths, spec, resize=resize, grayscale=grayscale, data_root=data_root)
     if len(stream) == 0:
