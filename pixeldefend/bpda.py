@@ -8,8 +8,8 @@ the gradient is the classifier's gradient at the purified image, applied to x. W
 projected gradient descent (Madry et al. 2018) attacks the defended classifier itself.
 
 `bpda_attack` runs that PGD against any "defended model" (float [0, 1] images -> logits)
-whose backward pass is already straight-through: `StraightThroughPurifier` (PixelDefend,
-adaptive or not; `purify.PurifiedClassifier` computes the same), or the bare classifier
+whose backward pass is already straight-through: `purify.PurifiedClassifier` (PixelDefend,
+adaptive or not; `StraightThroughPurifier` is its old name here), or the bare classifier
 (then BPDA is plain PGD). Like every attack in
 `pixeldefend.attacks`, iterates are quantised to the images' pixel levels and clipped to
 the eps ball in levels: the forward pass always sees the image a PNG would hold (the
@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import Eps, resolve_eps
-from .density import bits_per_dim
 from .errors import DataError, UsageError
 from .pixels import (
     check_images,
@@ -44,9 +43,8 @@ from .pixels import (
     quantise,
     straight_through_round,
     to_float,
-    to_levels,
 )
-from .purify import DEFAULT_BATCH, purify_fast
+from .purify import StraightThroughPurifier as StraightThroughPurifier
 
 DEFAULT_STEPS = 100
 # the old name, for callers written before `pixels` held the contract
@@ -57,49 +55,6 @@ def default_alpha(eps: float, steps: int) -> float:
     """Step size: 2.5 * eps / steps (Madry et al.), so the iterates can cross the whole
     ball, but at least eps / 10 so that a short run still moves whole pixel levels."""
     return eps * max(2.5 / steps, 0.1)
-
-
-class StraightThroughPurifier(nn.Module):
-    """classifier(purify(x)) on the forward pass, identity through purification on the
-    backward pass: the model BPDA attacks.
-
-    The same computation as `purify.PurifiedClassifier` (which this must match, see the
-    tests), but it scores bits/dim only when adaptive purification needs them to choose
-    the images, and never after purifying: inside a 100-step attack loop that halves the
-    cost of a step. `threshold`: adaptive PixelDefend (purify only images above it, in
-    bits/dim), None purifies every image.
-    """
-
-    def __init__(self, model: nn.Module, classifier: nn.Module, eps_defend: int,
-                 threshold: float | None = None, batch_size: int = DEFAULT_BATCH) -> None:
-        super().__init__()
-        self.density = model
-        self.classifier = getattr(classifier, "model", classifier)
-        self.eps_defend = int(eps_defend)
-        self.threshold = threshold
-        self.batch_size = batch_size
-        self.levels = model.config.levels
-        self.purified_last: int = 0  # images purified by the last forward pass
-
-    def purify_levels(self, q: torch.Tensor) -> torch.Tensor:
-        """uint8 levels -> purified uint8 levels (only those above the threshold)."""
-        out = q.clone()
-        if self.threshold is None:
-            chosen = torch.arange(q.shape[0])
-        else:
-            bpd = bits_per_dim(self.density, q, max(self.batch_size, 1))
-            chosen = torch.from_numpy(np.flatnonzero(bpd.numpy() > self.threshold))
-        if len(chosen):
-            out[chosen] = purify_fast(self.density, q[chosen], self.eps_defend,
-                                      self.batch_size)
-        self.purified_last = int(len(chosen))
-        return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            q = to_levels(x, self.levels)
-            p = to_float(self.purify_levels(q.cpu()), self.levels, x.dtype).to(x.device)
-        return self.classifier(x + (p - x).detach())
 
 
 @dataclass

@@ -328,3 +328,20 @@ def test_attack_pipeline_from_python(tmp_path):
     saved = json.loads((tmp_path / "adv" / "manifest.json").read_text())
     assert [r["file"] for r in saved["images"]] == [r["file"] for r in manifest["images"]]
     assert all((tmp_path / "adv" / r["file"]).is_file() for r in saved["images"])
+
+
+def test_attack_registry_is_the_one_place():
+    """The CLI's torch-free choice list is the registry's keys, and every derived table
+    comes from the registry's entries."""
+    from pixeldefend import attacks, defaults
+
+    assert defaults.METHODS == tuple(attacks.ATTACKS) == attacks.METHODS
+    assert attacks.TARGETED_METHODS == ("fgsm", "bim", "pgd", "cw")
+    assert attacks.L2_METHODS == ("cw", "deepfool")
+    assert attacks.DEFAULT_STEPS == {"bim": 10, "pgd": 10, "cw": 50, "deepfool": 50}
+    assert set(attacks.ATTACK_COST) == set(attacks.METHODS)
+    for name, spec in attacks.ATTACKS.items():
+        assert spec.name == name and spec.help and spec.norm in ("linf", "l2")
+        assert spec.cost > 0 and set(spec.needs) <= {"eps", "num_classes"}
+    with pytest.raises(UsageError, match="choose from"):
+        attacks.attack_spec("nope")
