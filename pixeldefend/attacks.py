@@ -362,6 +362,39 @@ def _rate(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
+def _check_attack_inputs(loaded: LoadedClassifier, images: torch.Tensor, labels: Any,
+                         levels: int) -> tuple[torch.Tensor, int]:
+    """(labels as a CPU long tensor, the classifier's number of classes), or a DataError."""
+    check_images(images, levels)
+    if loaded.levels is not None and loaded.levels != levels:
+        raise DataError(f"images have {levels} levels but the classifier {loaded.source} was "
+                        f"trained on {loaded.levels}")
+    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+    if labels.shape != (images.shape[0],):
+        raise DataError(f"{images.shape[0]} images but labels of shape {tuple(labels.shape)}")
+    if images.shape[0] == 0:
+        raise DataError("no images to attack")
+    return labels, check_inputs(loaded, images, labels)
+
+
+def _records(labels: torch.Tensor, clean_pred: torch.Tensor, adv_pred: torch.Tensor,
+             targets: torch.Tensor | None, success: torch.Tensor, linf: torch.Tensor,
+             l2: torch.Tensor, names: list[str] | None) -> list[dict[str, Any]]:
+    """One record per image: labels, predictions, success and perturbation norms."""
+    records = []
+    for i in range(int(labels.shape[0])):
+        rec: dict[str, Any] = {
+            "index": i, "name": names[i] if names else str(i),
+            "label": int(labels[i]), "clean_pred": int(clean_pred[i]),
+            "adv_pred": int(adv_pred[i]), "success": bool(success[i]),
+            "linf": int(linf[i]), "l2": round(float(l2[i]), 4),
+        }
+        if targets is not None:
+            rec["target"] = int(targets[i])
+        records.append(rec)
+    return records
+
+
 def run_attack(
     classifier: nn.Module | LoadedClassifier,
     images: torch.Tensor,
@@ -391,16 +424,7 @@ def run_attack(
     """
     loaded = as_loaded(classifier)
     method = attack_spec(method).name
-    check_images(images, levels)
-    if loaded.levels is not None and loaded.levels != levels:
-        raise DataError(f"images have {levels} levels but the classifier {loaded.source} was "
-                        f"trained on {loaded.levels}")
-    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
-    if labels.shape != (images.shape[0],):
-        raise DataError(f"{images.shape[0]} images but labels of shape {tuple(labels.shape)}")
-    if images.shape[0] == 0:
-        raise DataError("no images to attack")
-    num_classes = check_inputs(loaded, images, labels)
+    labels, num_classes = _check_attack_inputs(loaded, images, labels, levels)
     budget = resolve_eps(eps, levels, eps_levels)
     ball = budget.ball
     eps_used = ball / (levels - 1)  # attack inside the ball a quantised image can reach
@@ -435,18 +459,8 @@ def run_attack(
     correct = clean_pred == labels
     success = (adv_pred == targets) if targets is not None else (adv_pred != labels)
     n = int(images.shape[0])
-    records = []
-    for i in range(n):
-        rec: dict[str, Any] = {
-            "index": i, "name": names[i] if names else str(i),
-            "label": int(labels[i]), "clean_pred": int(clean_pred[i]),
-            "adv_pred": int(adv_pred[i]),
-            "success": bool(correct[i] and success[i]),
-            "linf": int(linf[i]), "l2": round(float(l2[i]), 4),
-        }
-        if targets is not None:
-            rec["target"] = int(targets[i])
-        records.append(rec)
+    records = _records(labels, clean_pred, adv_pred, targets, correct & success, linf, l2,
+                       names)
     params = {k: v for k, v in attack.params.items() if k != "eps"}
     summary: dict[str, Any] = {
         "method": method,

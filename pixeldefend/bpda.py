@@ -67,6 +67,22 @@ class BPDAResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def _check_inputs(images: torch.Tensor, labels: Any, levels: int, steps: int,
+                  eot: int) -> torch.Tensor:
+    """The labels as a CPU long tensor, or a DataError / UsageError naming the problem."""
+    check_images(images, levels)
+    if images.shape[0] == 0:
+        raise DataError("no images to attack")
+    if steps < 1:
+        raise UsageError(f"BPDA needs at least 1 step, got {steps}")
+    if eot < 1:
+        raise UsageError(f"eot must be at least 1, got {eot}")
+    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+    if labels.shape != (images.shape[0],):
+        raise DataError(f"{images.shape[0]} images but labels of shape {tuple(labels.shape)}")
+    return labels
+
+
 def bpda_attack(
     defended: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
@@ -92,16 +108,7 @@ def bpda_attack(
     every step of every batch: images that step ran on, and how many are not fooled yet.
     Deterministic for a given seed and batch size; the global torch RNG is untouched.
     """
-    check_images(images, levels)
-    if images.shape[0] == 0:
-        raise DataError("no images to attack")
-    if steps < 1:
-        raise UsageError(f"BPDA needs at least 1 step, got {steps}")
-    if eot < 1:
-        raise UsageError(f"--eot must be at least 1, got {eot}")
-    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
-    if labels.shape != (images.shape[0],):
-        raise DataError(f"{images.shape[0]} images but labels of shape {tuple(labels.shape)}")
+    labels = _check_inputs(images, labels, levels, steps, eot)
     budget = resolve_eps(eps, levels, eps_levels)
     ball = budget.ball
     eps_used = ball / (levels - 1)

@@ -236,6 +236,19 @@ def test_cli_classifier_train(runner, tmp_path):
     assert load_classifier(out).num_classes == 10
 
 
+def test_cli_classifier_train_csv_is_csv(runner, tmp_path):
+    """--format csv writes a header and one row of metrics, not a dict repr."""
+    import csv
+    import io
+
+    result = runner.invoke(app, ["classifier", "train", "--preset", "tiny", "--epochs", "1",
+                                 "--out", str(tmp_path / "c"), "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(rows) == 1 and rows[0]["bundle"] == str(tmp_path / "c")
+    assert 0 <= float(rows[0]["val_accuracy"]) <= 1 and rows[0]["epochs"] == "1"
+
+
 def test_cli_classifier_train_usage_errors(runner, tmp_path):
     result = runner.invoke(app, ["classifier", "train", "--preset", "huge",
                                  "--out", str(tmp_path / "x")])

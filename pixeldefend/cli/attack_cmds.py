@@ -4,9 +4,8 @@ the detector and the purifier with. Thin: the maths lives in `pixeldefend.attack
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -16,23 +15,22 @@ from ..defaults import DEFAULT_CLASSIFIER, METHODS
 from ..errors import UsageError
 from .app import app
 from .common import (
-    DEVICE_HELP,
-    OVERWRITE,
-    TRUST_CODE_HELP,
+    DataRoot,
+    Device,
+    Download,
+    Grayscale,
     OutputFormat,
+    Overwrite,
     RichTrainProgress,
+    TrustCode,
     emit,
     err_console,
+    flag,
     fmt_float,
     handle_errors,
     make_progress,
-    out_console,
     parse_floats,
 )
-
-if TYPE_CHECKING:
-
-    pass
 
 classifier_app = typer.Typer(
     help="Train the classifiers that `pixeldefend attack` attacks and the purifier protects.",
@@ -40,9 +38,6 @@ classifier_app = typer.Typer(
     rich_markup_mode="rich",
 )
 app.add_typer(classifier_app, name="classifier")
-
-SMALL_SET = 10_000  # fewer training images than this: more epochs by default
-
 
 class ClassifierProgress(RichTrainProgress):
     """Training progress worded for a classifier: loss and validation accuracy."""
@@ -87,15 +82,15 @@ def classifier_train(
     val: str | None = typer.Option(None, help="Validation images \\[default: see above]."),
     test: str | None = typer.Option(None, help="Test images \\[default: the data's test split]."),
     seed: int = typer.Option(0, help="Seed for weights, shuffling, augmentation and splits."),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    resume: bool = typer.Option(False, "--resume",
-                                help="Continue an interrupted run from its last checkpoint."),
-    data_root: str | None = typer.Option(None, help="Folder holding data set files."),
-    download: bool = typer.Option(False, "--download",
-                                  help="Let torchvision download the data set if missing."),
-    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f",
-                                     help="table or json."),
-    overwrite: bool = OVERWRITE,
+    device: Device = "auto",
+    resume: Annotated[bool, flag("--resume", help="Continue an interrupted run from its "
+                                                  "last checkpoint.")] = False,
+    data_root: DataRoot = None,
+    download: Download = False,
+    fmt: Annotated[OutputFormat, typer.Option(
+        "--format", "-f", help="table: one line; json: the metrics; jsonl or csv: them as "
+                               "one row.")] = OutputFormat.table,
+    overwrite: Overwrite = False,
 ) -> None:
     """Train a small ResNet classifier and write it as a bundle (safetensors + JSON).
 
@@ -112,19 +107,12 @@ def classifier_train(
 
       pixeldefend classifier train --data my_images/ --epochs 20   [dim]# one folder per class[/]
     """
-    import torch
-
-    from ..data import classifier_splits, require_labels
+    from ..data import classifier_splits
     from ..device import resolve_device
-    from ..models.classifier import (
-        ClassifierConfig,
-        ResNetClassifier,
-        count_parameters,
-        save_classifier,
-    )
-    from ..models.classifier_training import default_shift, error_rate, train_classifier
+    from ..models.classifier import count_parameters, save_classifier
+    from ..models.classifier_training import fit_classifier, plan_classifier
     from ..outputs import check_checkpoint_dir, input_paths, prepare_dir
-    from ..train import CHECKPOINT_FILES, TrainSettings, remove_checkpoint
+    from ..train import CHECKPOINT_FILES, remove_checkpoint
 
     if preset not in PRESETS:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
@@ -133,74 +121,36 @@ def classifier_train(
                 overwrite=overwrite, bundle=True)
     checkpoint = out.with_name(out.name + ".checkpoint")
     check_checkpoint_dir(checkpoint, CHECKPOINT_FILES)
-    train_set, val_set, test_set = classifier_splits(data, val, test, seed, data_root, download)
-    train_labels = require_labels(train_set, "training")
-    val_labels = require_labels(val_set, "validation")
-    test_labels = require_labels(test_set, "test") if test_set is not None else None
-    num_classes = max(len(train_set.classes or []), int(train_labels.max()) + 1, 2)
-    spec = train_set.spec
-    cfg = ClassifierConfig.from_preset(preset, spec.channels, spec.height, spec.width,
-                                       num_classes, spec.levels)
-    epochs = epochs or (40 if len(train_set) < SMALL_SET else 10)
-    shift = default_shift(spec.height, spec.width) if shift is None else shift
-    settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr,
-                             lr_decay=round(0.05 ** (1 / max(1, epochs - 1)), 6),
-                             weight_decay=1e-4, grad_clip=5.0, seed=seed)
+    splits = classifier_splits(data, val, test, seed, data_root, download)
+    plan = plan_classifier(*splits, preset=preset, epochs=epochs, batch_size=batch_size,
+                           lr=lr, shift=shift, seed=seed)
     dev = resolve_device(device)
-    torch.manual_seed(seed)
-    model = ResNetClassifier(cfg)
+    train_set, val_set, test_set = splits
     err_console.print(
         f"data {data}: {len(train_set)} train, {len(val_set)} validation"
         f"{f', {len(test_set)} test' if test_set is not None else ''} images, "
-        f"{spec.describe()}, {num_classes} classes; preset {preset} "
-        f"({count_parameters(model):,} parameters), {epochs} epochs, shifts of up to "
-        f"{shift} px, on {dev}", highlight=False)
-    start = time.perf_counter()
+        f"{train_set.spec.describe()}, {plan.model.config.num_classes} classes; preset "
+        f"{preset} ({count_parameters(plan.model):,} parameters), {plan.settings.epochs} "
+        f"epochs, shifts of up to {plan.shift} px, on {dev}", highlight=False)
     try:
         with ClassifierProgress() as progress:
-            result = train_classifier(model, train_set.images, train_labels, val_set.images,
-                                      val_labels, settings, dev, checkpoint_dir=checkpoint,
-                                      resume=resume, progress=progress, shift=shift)
+            meta = fit_classifier(plan, data, dev, checkpoint_dir=checkpoint, resume=resume,
+                                  progress=progress)
     except KeyboardInterrupt:
         err_console.print(f"[yellow]interrupted[/]: continue with the same command plus "
                           f"--resume (checkpoint in {checkpoint})")
         raise
-    seconds = time.perf_counter() - start
-    model.eval()
-    val_acc = 1.0 - result.best_val
-    test_acc = None
-    if test_set is not None and test_labels is not None:
-        test_acc = 1.0 - error_rate(model, test_set.images, test_labels, spec.levels)
-    metrics = {"val_accuracy": round(val_acc, 5),
-               "test_accuracy": None if test_acc is None else round(test_acc, 5),
-               "train_seconds": round(seconds, 1), "epochs": epochs,
-               "best_epoch": result.best_epoch + 1}
-    meta = {
-        "input": "float images in [0, 1], shape (N, C, H, W) -> logits (N, num_classes); "
-                 "uint8 levels x map to x / (levels - 1)",
-        "classes": train_set.classes or [str(i) for i in range(num_classes)],
-        "data": {"spec": data, "train": train_set.source, "n_train": len(train_set),
-                 "val": val_set.source, "n_val": len(val_set),
-                 "test": None if test_set is None else test_set.source,
-                 "n_test": 0 if test_set is None else len(test_set)},
-        "metrics": metrics,
-        "training": {"settings": settings.__dict__, "preset": preset,
-                     "shift": shift, "history": result.history,
-                     "parameters": count_parameters(model)},
-    }
-    save_classifier(out, model, meta)
+    save_classifier(out, plan.model, meta)
     remove_checkpoint(checkpoint)
     err_console.print(f"wrote bundle {out}", highlight=False)
+    metrics = meta["metrics"]
     doc = {"bundle": str(out), **metrics, "n_test": meta["data"]["n_test"],
-           "parameters": count_parameters(model)}
-    if fmt == OutputFormat.json:
-        emit(fmt, doc, [doc], list(doc), lambda: "")
-        return
-    out_console.print(
-        f"test accuracy {fmt_float(test_acc, 4)}"
-        f"{f' on {len(test_set)} images' if test_set is not None else ''}"
-        f" (validation {val_acc:.4f}); {epochs} epochs in {seconds:.0f} s -> {out}",
-        highlight=False)
+           "parameters": count_parameters(plan.model)}
+    line = (f"test accuracy {fmt_float(metrics['test_accuracy'], 4)}"
+            f"{f' on {len(test_set)} images' if test_set is not None else ''}"
+            f" (validation {metrics['val_accuracy']:.4f}); {metrics['epochs']} epochs in "
+            f"{metrics['train_seconds']:.0f} s -> {out}")
+    emit(fmt, doc, [doc], list(doc), lambda: line)
 
 
 # --------------------------------------------------------------------------- attack
@@ -232,12 +182,12 @@ def attack(
     paths: list[str] | None = typer.Argument(
         None, help="Images, folders (labels from sub-folder names) or .npz files; "
                    "instead of --data."),
-    method: str = typer.Option("pgd", "--method", "-m", help=f"One of {', '.join(METHODS)}."),
+    method: str = typer.Option("pgd", "--method", help=f"One of {', '.join(METHODS)}."),
     eps: str | None = typer.Option(
         None, help="Budget as a fraction of the pixel range: 8/255 or 0.03; with "
                    "--eps-levels, whole pixel levels \\[default: 8/255, at least 1 level]."),
-    eps_levels: bool = typer.Option(False, "--eps-levels",
-                                    help="Read --eps as a number of pixel levels."),
+    eps_levels: Annotated[bool, flag("--eps-levels",
+                                     help="Read --eps as a number of pixel levels.")] = False,
     steps: int | None = typer.Option(None, min=1, help="Iterations (bim, pgd, cw, deepfool)."),
     alpha: str | None = typer.Option(
         None, help="Step size for bim/pgd, as a fraction (2/255) or, with --eps-levels, "
@@ -249,9 +199,8 @@ def attack(
     overshoot: float = typer.Option(
         0.02, help="DeepFool: overshoot (the clipped, quantised result keeps more of a "
                    "larger one, e.g. 1)."),
-    targeted: bool = typer.Option(False, "--targeted",
-                                  help="Aim for a random wrong label (seeded); fgsm, bim, "
-                                       "pgd, cw."),
+    targeted: Annotated[bool, flag("--targeted", help="Aim for a random wrong label "
+                                   "(seeded); fgsm, bim, pgd, cw.")] = False,
     data: str | None = typer.Option(
         None, "--data", "-d",
         help="Labelled images: digits:test, fashion-mnist:test, a folder, an .npz "
@@ -271,16 +220,16 @@ def attack(
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Write PNGs, manifest.json and images.npz to this folder."),
     batch_size: int = typer.Option(128, min=1),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    fmt: OutputFormat = typer.Option(
-        OutputFormat.table, "--format", "-f",
-        help="table or json: the summary; jsonl or csv: one row per image."),
-    data_root: str | None = typer.Option(None, help="Folder holding data set files."),
-    resize: bool = typer.Option(False, "--resize", help="Resize images to the classifier's "
-                                                        "size."),
-    grayscale: bool = typer.Option(False, "--grayscale", help="Convert colour/gray to match."),
-    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
-    overwrite: bool = OVERWRITE,
+    device: Device = "auto",
+    fmt: Annotated[OutputFormat, typer.Option(
+        "--format", "-f", help="table or json: the summary; jsonl or csv: one row per "
+                               "image.")] = OutputFormat.table,
+    data_root: DataRoot = None,
+    resize: Annotated[bool, flag("--resize", help="Resize images to the classifier's "
+                                                  "size.")] = False,
+    grayscale: Grayscale = False,
+    trust_code: TrustCode = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Attack a classifier; save quantised adversarial images and report its accuracy.
 

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterable
 from enum import Enum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -52,16 +52,40 @@ class OutputFormat(str, Enum):
 
 DEVICE_HELP = "auto (CUDA if available, else CPU), cpu, cuda or cuda:N."
 FORMAT_HELP = "Output format for results on stdout (or --output)."
-OVERWRITE = typer.Option(
-    False, "--overwrite",
-    help="Replace outputs that already exist. Only files and folders pixeldefend created "
-         "are ever replaced (output folders carry a .pixeldefend-output.json marker; "
-         "bundles a pixeldefend config.json), never a folder it did not create, never an "
-         "input of the same call.")
+OVERWRITE_HELP = (
+    "Replace outputs that already exist. Only files and folders pixeldefend created "
+    "are ever replaced (output folders carry a .pixeldefend-output.json marker; "
+    "bundles a pixeldefend config.json), never a folder it did not create, never an "
+    "input of the same call.")
 TRUST_CODE_HELP = (
     "Allow classifiers that run code when loaded: TorchScript files (torch.jit.load) and "
     "package.module:factory specs. Only for files and modules you trust. Classifier "
     "bundles need no flag.")
+
+
+def flag(*decls: str, help: str) -> Any:  # noqa: A002 (Typer's own keyword)
+    """An on/off option shown without a `<bool>` type (it takes no value)."""
+    return typer.Option(*decls, help=help, metavar="")
+
+
+OVERWRITE = typer.Option(False, "--overwrite", help=OVERWRITE_HELP, metavar="")
+
+# Options several commands share, declared once: `device: Device = "auto"`.
+ImagePaths = Annotated[list[str], typer.Argument(
+    help="Images, folders, .npz/.npy files or built-in data specs such as digits:test.")]
+Device = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
+ModelBundle = Annotated[Path, typer.Option("--model", "-m", help="Model bundle directory.")]
+Format = Annotated[OutputFormat, typer.Option("--format", "-f", help=FORMAT_HELP)]
+StdoutFormat = Annotated[OutputFormat, typer.Option(
+    "--format", "-f", help="Output format for results on stdout.")]
+DataRoot = Annotated[str | None, typer.Option("--data-root",
+                                              help="Folder holding data set files.")]
+Download = Annotated[bool, flag("--download",
+                                help="Let torchvision download the data set if missing.")]
+Resize = Annotated[bool, flag("--resize", help="Resize images to the model's size.")]
+Grayscale = Annotated[bool, flag("--grayscale", help="Convert colour/gray to match.")]
+Overwrite = Annotated[bool, flag("--overwrite", help=OVERWRITE_HELP)]
+TrustCode = Annotated[bool, flag("--trust-code", help=TRUST_CODE_HELP)]
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:

@@ -6,8 +6,9 @@ manifest; `defend` scores, purifies and classifies, printing one row per image.
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -17,16 +18,23 @@ from ..defaults import DEFAULT_BATCH, DEFAULT_MODEL, GATE_CHOICES
 from ..errors import UsageError
 from .app import app
 from .common import (
-    DEVICE_HELP,
     EXIT_GATE,
     EXIT_OK,
     EXIT_USAGE,
-    FORMAT_HELP,
-    OVERWRITE,
-    TRUST_CODE_HELP,
+    DataRoot,
+    Device,
+    Format,
+    Grayscale,
+    ImagePaths,
+    ModelBundle,
     OutputFormat,
+    Overwrite,
+    Resize,
+    StdoutFormat,
+    TrustCode,
     emit,
     err_console,
+    flag,
     fmt_float,
     handle_errors,
     json_safe,
@@ -37,6 +45,9 @@ from .common import (
 if TYPE_CHECKING:
     from ..detector import DensityDetector
 
+
+# --fail-on's choices, listed by --help and checked by Typer
+GateChoice = Enum("GateChoice", {c: c for c in GATE_CHOICES}, type=str)  # type: ignore[misc]
 
 EPS_HELP = ("Purification radius in pixel levels (default: 16/255 of the level range, as "
             "in the paper: 16 for 8-bit images, 1 for 17-level digits).")
@@ -81,22 +92,21 @@ def _purify_table(doc: dict[str, Any]) -> Table:
 @app.command("purify")
 @handle_errors
 def purify_cmd(
-    paths: list[str] = typer.Argument(..., help="Images, folders, .npz/.npy files or built-in "
-                                               "data specs such as digits:test."),
+    paths: ImagePaths,
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the purified images and "
                                                       "manifest.json."),
-    model: Path = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model bundle directory."),
+    model: ModelBundle = DEFAULT_MODEL,
     eps_defend: int | None = typer.Option(None, "--eps-defend", "-e", min=0, help=EPS_HELP),
-    adaptive: bool = typer.Option(False, "--adaptive", help=ADAPTIVE_HELP),
-    reference: bool = typer.Option(False, "--reference", help="Use the slow reference "
-                                   "implementation (one forward pass per sub-pixel)."),
-    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help=FORMAT_HELP),
+    adaptive: Annotated[bool, flag("--adaptive", help=ADAPTIVE_HELP)] = False,
+    reference: Annotated[bool, flag("--reference", help="Use the slow reference "
+                                    "implementation (one forward pass per sub-pixel).")] = False,
+    fmt: StdoutFormat = OutputFormat.table,
     batch_size: int = typer.Option(DEFAULT_BATCH, min=1, help="Images read per batch."),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    resize: bool = typer.Option(False, "--resize", help="Resize images to the model's size."),
-    grayscale: bool = typer.Option(False, "--grayscale", help="Convert colour/gray to match."),
-    data_root: str | None = typer.Option(None, help="Folder holding data set files."),
-    overwrite: bool = OVERWRITE,
+    device: Device = "auto",
+    resize: Resize = False,
+    grayscale: Grayscale = False,
+    data_root: DataRoot = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Purify images (PixelDefend): move each sub-pixel, within +-eps_defend levels of its
     value, to the most likely value given the already purified pixels.
@@ -182,28 +192,28 @@ def _defend_table(doc: dict[str, Any]) -> Table:
 @app.command("defend")
 @handle_errors
 def defend_cmd(
-    paths: list[str] = typer.Argument(..., help="Images, folders, .npz/.npy files or built-in "
-                                               "data specs such as digits:test."),
+    paths: ImagePaths,
     classifier: str = typer.Option(..., "--classifier", "-c", help="Classifier: bundle "
                                    "directory, TorchScript file or package.module:factory "
                                    "(these two run code: need --trust-code)."),
-    model: Path = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model bundle directory."),
+    model: ModelBundle = DEFAULT_MODEL,
     eps_defend: int | None = typer.Option(None, "--eps-defend", "-e", min=0, help=EPS_HELP),
-    adaptive: bool = typer.Option(False, "--adaptive", help=ADAPTIVE_HELP),
-    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help=FORMAT_HELP),
+    adaptive: Annotated[bool, flag("--adaptive", help=ADAPTIVE_HELP)] = False,
+    fmt: Format = OutputFormat.table,
     output: Path | None = typer.Option(None, "--output", "-o", help="Write results here."),
-    fail_on: str = typer.Option("none", help="Gate: 'anomalous' exits 1 if any input was "
-                                "flagged (bits/dim above the calibrated threshold)."),
+    fail_on: Annotated[GateChoice, typer.Option(
+        "--fail-on", help="Gate: 'anomalous' exits 1 if any input was flagged (bits/dim "
+                          "above the calibrated threshold).")] = GateChoice.none,
     mean: str | None = typer.Option(None, help="Per-channel mean the classifier expects, "
                                     "e.g. 0.49,0.48,0.45."),
     std: str | None = typer.Option(None, help="Per-channel std the classifier expects."),
     batch_size: int = typer.Option(DEFAULT_BATCH, min=1, help="Images read per batch."),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    resize: bool = typer.Option(False, "--resize", help="Resize images to the model's size."),
-    grayscale: bool = typer.Option(False, "--grayscale", help="Convert colour/gray to match."),
-    data_root: str | None = typer.Option(None, help="Folder holding data set files."),
-    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
-    overwrite: bool = OVERWRITE,
+    device: Device = "auto",
+    resize: Resize = False,
+    grayscale: Grayscale = False,
+    data_root: DataRoot = None,
+    trust_code: TrustCode = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Score, purify and classify: the PixelDefend pipeline in front of a classifier.
 
@@ -227,12 +237,10 @@ def defend_cmd(
     from ..models.loading import load_classifier
     from ..outputs import check_files, input_paths
 
-    if fail_on not in GATE_CHOICES:
-        raise UsageError(f"--fail-on must be one of {', '.join(GATE_CHOICES)}, not {fail_on!r}")
     check_files((output, "--output"), overwrite=overwrite,
                 inputs=input_paths(paths, model, classifier, data_root))
     detector, eps = _load(model, device, adaptive, eps_defend,
-                          need_calibration=fail_on != "none")
+                          need_calibration=fail_on != GateChoice.none)
     spec = detector.spec
     loaded = load_classifier(classifier, device=device, mean=parse_floats(mean, "--mean"),
                              std=parse_floats(std, "--std"), input_shape=spec.shape,
@@ -244,7 +252,7 @@ def defend_cmd(
     with make_progress() as progress:
         task = progress.add_task("defend", total=len(stream), status="")
         result = defend(detector, loaded, stream.batches(batch_size), eps, adaptive=adaptive,
-                        fail_on=fail_on, classes=classes, batch_size=batch_size,
+                        fail_on=fail_on.value, classes=classes, batch_size=batch_size,
                         progress=lambda k: progress.update(task, advance=k))
     rows, summary, gate_failed = result.rows, result.summary, result.gate_failed
     doc = {
