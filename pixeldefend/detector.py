@@ -1,9 +1,10 @@
 """DensityDetector: a PixelCNN plus calibrated thresholds, in the spirit of scikit-learn's
 outlier detectors (fit / score_samples / calibrate / predict / p_values / save / load).
 
-Scores are "higher = more anomalous"; the default kind is bits/dim. The other kinds
-(input complexity, likelihood ratio against a background model, typicality; maths in
-scores.py) are computed from the same single model pass, each with its own calibration.
+Scores are "higher = more anomalous". All kinds (bits/dim, input complexity, likelihood
+ratio against a background model, typicality; maths in scores.py; and `dose`, the
+default gate score, dose.py) are computed from the same single model pass, each with its
+own calibration.
 """
 
 from __future__ import annotations
@@ -30,19 +31,23 @@ from .calibration import Calibration, calibration_file, parse_calibration_file
 from .data import ImageSet, ImageSpec
 from .density import LN2, bits_per_dim, nll_map, nll_nats
 from .device import resolve_device
+from .dose import DoseModel, split_halves
 from .errors import BundleError, DataError, UsageError
 from .models.pixelcnn import PixelCNN, PixelCNNConfig
 from .scores import (
+    DEFAULT_CODEC,
     DEFAULT_MUTATION_RATE,
     SCORE_KINDS,
+    SCORE_UNITS,
     TypicalityTest,
+    codec_bits_per_dim,
     complexity_score,
     llr_score,
     mutate,
-    png_bits_per_dim,
     typicality_score,
     typicality_test,
 )
+from .statistics import ModelPass, model_pass
 from .train import TrainProgress, TrainResult, TrainSettings, run_training
 
 ImagesLike = ImageSet | torch.Tensor | np.ndarray
@@ -255,26 +260,51 @@ class DensityDetector:
         raise UsageError("score 'typicality' needs clean calibration bits/dim: run "
                          "`pixeldefend calibrate`")
 
+    def dose_model(self) -> DoseModel:
+        """The fitted statistics density of the `dose` score (from its calibration)."""
+        cal = self.calibrations.get("dose")
+        if cal is None or "statistics" not in cal.reference:
+            raise UsageError("score 'dose' needs a calibration (its density is fitted on "
+                             "clean images): run `pixeldefend calibrate`")
+        return DoseModel.from_reference(cal.reference)
+
+    def model_pass(self, images: ImagesLike, progress: Callable[[int], None] | None = None
+                   ) -> ModelPass:
+        """Per-pixel NLL, predictive entropy and feature norms from one model pass."""
+        return model_pass(self._require_model(), self._check(images), self.batch_size,
+                          progress)
+
     def compute_scores(self, images: ImagesLike, kinds: Sequence[str] | None = None,
                        progress: Callable[[int], None] | None = None,
-                       typicality_mean: float | None = None) -> dict[str, np.ndarray]:
+                       typicality_mean: float | None = None,
+                       dose: DoseModel | None = None) -> dict[str, np.ndarray]:
         """Several score kinds from one model pass (plus one background pass for `llr`).
 
         Returns a dict with `nll_nats` and `bpd` always, and one array per kind asked for
-        (all available kinds when `kinds` is None). `typicality_mean` overrides the stored
-        clean mean (used while calibrating).
+        (all available kinds when `kinds` is None). `typicality_mean` and `dose` override
+        the stored clean mean and statistics density (used while calibrating).
         """
         kinds = list(self.available_kinds if kinds is None else kinds)
         for kind in kinds:
             self.check_kind(kind)
         x = self._check(images)
         model = self._require_model()
-        nll = nll_nats(model, x, self.batch_size, progress).numpy()
+        out: dict[str, np.ndarray] = {}
+        if "dose" in kinds:
+            dose = dose or self.dose_model()
+            run = model_pass(model, x, self.batch_size, progress)
+            nll = run.nll.double().flatten(1).sum(1).numpy()
+            out["dose_statistics"] = dose.features(run, self.codec_bpd(x, out))
+        else:
+            nll = nll_nats(model, x, self.batch_size, progress).numpy()
         bpd = nll / (x[0].numel() * LN2) if len(x) else np.zeros(0)
-        out: dict[str, np.ndarray] = {"nll_nats": nll, "bpd": bpd}
+        out.update({"nll_nats": nll, "bpd": bpd})
         for kind in kinds:
-            if kind == "complexity":
-                out[kind] = complexity_score(bpd, png_bits_per_dim(x, self.spec.levels))
+            if kind == "dose":
+                assert dose is not None
+                out[kind] = dose.score(out["dose_statistics"])
+            elif kind == "complexity":
+                out[kind] = complexity_score(bpd, self.codec_bpd(x, out))
             elif kind == "llr":
                 assert self.background is not None
                 out["background_bpd"] = bits_per_dim(self.background, x, self.batch_size).numpy()
@@ -283,6 +313,13 @@ class DensityDetector:
                 mean = self.typicality_reference() if typicality_mean is None else typicality_mean
                 out[kind] = typicality_score(bpd, mean)
         return out
+
+    def codec_bpd(self, x: torch.Tensor, cache: dict[str, np.ndarray]) -> np.ndarray:
+        """Lossless-codec bits/dim of the images (the complexity estimator), computed once
+        per `compute_scores` call and kept in `cache` under `codec_bpd`."""
+        if "codec_bpd" not in cache:
+            cache["codec_bpd"] = codec_bits_per_dim(x, self.spec.levels, DEFAULT_CODEC)
+        return cache["codec_bpd"]
 
     def score_samples(self, images: ImagesLike, kind: str | None = None,
                       progress: Callable[[int], None] | None = None) -> np.ndarray:
@@ -346,7 +383,7 @@ class DensityDetector:
         x = self._check(images)
         if len(x) == 0:
             raise UsageError("no calibration images")
-        probe = [k for k in kinds if k != "typicality"]
+        probe = [k for k in kinds if k not in ("typicality", "dose")]
         scores = self.compute_scores(x, probe)
         mean = float(scores["bpd"].mean())
         if "typicality" in kinds:
@@ -354,13 +391,29 @@ class DensityDetector:
         out = {}
         for kind in kinds:
             reference: dict[str, Any] = {}
+            kind_scores = scores.get(kind)
             if kind == "typicality":
                 reference = {"mean_bpd": mean,
                              "bpd_scores": [float(v) for v in np.sort(scores["bpd"])]}
-            out[kind] = Calibration.fit(scores[kind], fpr=fpr, kind=kind, data=data,
-                                        reference=reference)
+            elif kind == "dose":
+                kind_scores, reference = self._calibrate_dose(x)
+            out[kind] = Calibration.fit(kind_scores, fpr=fpr, kind=kind, data=data,
+                                        unit=SCORE_UNITS[kind], reference=reference)
         self.calibrations.update(out)
         return out
+
+    def _calibrate_dose(self, x: torch.Tensor) -> tuple[np.ndarray, dict[str, Any]]:
+        """Split conformal: fit the statistics density on one seeded half of the clean
+        images, return the other half's scores (the conformal calibration scores)."""
+        fit_idx, cal_idx = split_halves(len(x))
+        try:
+            dose = DoseModel.fit(self.model_pass(x[torch.from_numpy(fit_idx)]),
+                                 self.codec_bpd(x[torch.from_numpy(fit_idx)], {}))
+        except ValueError as exc:
+            raise UsageError(f"score 'dose': {exc}") from exc
+        held = self.compute_scores(x[torch.from_numpy(cal_idx)], ["dose"], dose=dose)
+        reference = {**dose.to_reference(), "n_calibration": int(len(cal_idx))}
+        return held["dose"], reference
 
     def _calibration_for(self, kind: str | None) -> Calibration:
         kind = kind or self.default_kind

@@ -34,9 +34,15 @@ from .atomic import write_bytes, write_json, write_text
 from .data import DIGITS_LEVELS, ImageSet, ImageSpec, from_8bit, load_images, to_8bit
 from .detector import DensityDetector
 from .errors import DataError, UsageError
+from .synthetic import GENERATED, TRANSFORMS, generate, transform
 
-BUILTIN_OOD = ("noise", "constant", "inverted", "hflip", "vflip", "shuffled", "digits",
-               "photos")
+BUILTIN_OOD = ("characters", "rendered-digits", "strokes", "shapes", "blobs", "photos",
+               "noise", "constant", "rot90", "shift", "contrast", "patch", "digits",
+               "inverted", "hflip", "vflip", "shuffled")
+# far-OOD sets (foreign content) and near-OOD transforms of in-distribution images
+FAR_OOD = ("characters", "rendered-digits", "strokes", "shapes", "blobs", "photos", "noise",
+           "constant")
+NEAR_OOD = TRANSFORMS
 # scikit-image's bundled photographs that need no download (skimage.data loaders)
 PHOTOS = ("astronaut", "brick", "camera", "cat", "cell", "chelsea", "clock", "coffee",
           "coins", "colorwheel", "grass", "gravel", "hubble_deep_field",
@@ -111,15 +117,18 @@ def _photo(name: str) -> np.ndarray:
     return array.astype(np.uint8)
 
 
-def photo_crops(spec: ImageSpec, n: int, seed: int = 0) -> torch.Tensor:
+def photo_crops(spec: ImageSpec, n: int, seed: int = 0, variant: str | None = None
+                ) -> torch.Tensor:
     """n random square crops (1 to 8 times the model's size) of scikit-image's sample
-    photographs, converted to the model's shape."""
+    photographs, converted to the model's shape. variant ``dev`` / ``test`` draws only
+    from the even / odd photographs of PHOTOS (None: all of them)."""
     try:
         import skimage.data  # noqa: F401
     except ImportError as exc:
         raise DataError("the 'photos' set needs scikit-image (pip install scikit-image)") from exc
     rng = np.random.default_rng(seed)
-    photos = [_photo(name) for name in PHOTOS]
+    names = {None: PHOTOS, "dev": PHOTOS[0::2], "test": PHOTOS[1::2]}[variant]
+    photos = [_photo(name) for name in names]
     target = max(spec.height, spec.width)
     crops = []
     for _ in range(n):
@@ -135,7 +144,15 @@ def photo_crops(spec: ImageSpec, n: int, seed: int = 0) -> torch.Tensor:
 
 def make_ood_set(name: str, spec: ImageSpec, in_set: ImageSet, n: int, seed: int = 0,
                  data_root: str | None = None, download: bool = False) -> ImageSet:
-    """One OOD set by name (see BUILTIN_OOD) or data spec, n images at most."""
+    """One OOD set by name (see BUILTIN_OOD) or data spec, n images at most.
+
+    A built-in name may end in ``:dev``: the same recipe with other seeds, fonts and
+    photographs (synthetic.py), for choosing settings without touching the reported sets.
+    """
+    variant = "test"
+    if name.endswith(":dev") and name[:-4] in BUILTIN_OOD:
+        name, variant = name[:-4], "dev"
+        seed = seed + 1_000_003
     gen = torch.Generator().manual_seed(seed)
     x = in_set.images[:n]
     levels = spec.levels
@@ -163,8 +180,14 @@ def make_ood_set(name: str, spec: ImageSpec, in_set: ImageSet, n: int, seed: int
         return _named(images[torch.from_numpy(keep)], spec, name,
                       f"scikit-learn digits resized to {spec.describe()}")
     if name == "photos":
-        return _named(photo_crops(spec, n, seed), spec, name,
-                      "crops of scikit-image sample photographs")
+        return _named(photo_crops(spec, n, seed, variant), spec, name,
+                      f"crops of scikit-image sample photographs (set {variant})")
+    if name in GENERATED:
+        return _named(generate(name, spec, n, seed, variant), spec, name,
+                      f"{name} (synthetic, variant {variant})")
+    if name in TRANSFORMS:
+        return _named(transform(name, x, spec, seed, variant), spec, name,
+                      f"{name} of {in_set.source}")
     try:
         images = load_images(name, data_root=data_root, download=download)
     except DataError as exc:
@@ -233,6 +256,10 @@ def evaluate_ood(detector: DensityDetector, in_set: ImageSet, out_sets: dict[str
             kinds.remove("typicality")
             notes.append("typicality skipped: the bundle has no calibration "
                          "(run `pixeldefend calibrate`)")
+    if "dose" in kinds and "dose" not in detector.calibrations:
+        kinds.remove("dose")
+        notes.append("dose skipped: the bundle has no calibration (run `pixeldefend "
+                     "calibrate`)")
     if "llr" not in detector.available_kinds and "llr" not in kinds:
         notes.append("llr skipped: the bundle has no background model "
                      "(add one with `pixeldefend train-background`)")

@@ -24,7 +24,13 @@ from ..data import (
 from ..detector import DensityDetector
 from ..errors import UsageError
 from ..models.pixelcnn import PRESETS
-from ..scores import DEFAULT_BACKGROUND_L2, DEFAULT_MUTATION_RATE, SCORE_HELP, SCORE_KINDS
+from ..scores import (
+    DEFAULT_BACKGROUND_L2,
+    DEFAULT_MUTATION_RATE,
+    DEFAULT_SCORE,
+    SCORE_HELP,
+    SCORE_KINDS,
+)
 from ..train import TrainSettings, remove_checkpoint
 from .app import app
 from .common import (
@@ -121,7 +127,7 @@ def train(
     max_images: int | None = typer.Option(None, min=1, help="Train on at most this many "
                                                            "images (a quicker CPU run)."),
     seed: int = typer.Option(0, help="Seed for weights, shuffling and splits."),
-    score_kind: str = typer.Option("bpd", "--score", help=SCORE_OPTION_HELP + " Every "
+    score_kind: str = typer.Option(DEFAULT_SCORE, "--score", help=SCORE_OPTION_HELP + " Every "
                                    "available kind is calibrated; this one is the default."),
     background: bool = typer.Option(False, "--background", help="Also train the background "
                                     "model of the llr score and store it in the bundle."),
@@ -207,7 +213,7 @@ def train(
     metrics: dict[str, Any] = {"val_bits_per_dim": detector.meta["training"]["val_bits_per_dim"],
                                "train_seconds": round(time.perf_counter() - start, 1)}
     if test_set is not None:
-        metrics["test_bits_per_dim"] = float(detector.score_samples(test_set).mean())
+        metrics["test_bits_per_dim"] = float(detector.score_samples(test_set, "bpd").mean())
     detector.meta["data"] = {
         "spec": data,
         "train": train_set.source, "n_train": len(train_set),
@@ -573,6 +579,6 @@ def sample(
         Image.fromarray(grid).save(tmp, format="PNG")
     if npz is not None:
         save_npz(npz, images, spec.levels)
-    bpd = detector.score_samples(images)
+    bpd = detector.score_samples(images, "bpd")
     out_console.print(f"wrote {out} ({n} samples, mean {bpd.mean():.3f} bits/dim)",
                       highlight=False)

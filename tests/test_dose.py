@@ -1,0 +1,121 @@
+"""The `dose` score: statistics with known answers, the density, persistence, the gate."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pixeldefend.dose import DoseModel, compute_statistics, split_halves, window_size
+from pixeldefend.scores import CODECS, codec_bits_per_dim
+from pixeldefend.statistics import (
+    ModelPass,
+    hottest_window,
+    location_stats,
+    model_pass,
+    pixel_quantile,
+    pixel_spread,
+    surprise_gap,
+    window_max,
+)
+
+LN2 = math.log(2.0)
+
+
+def test_surprise_gap_is_nll_minus_entropy_in_bits():
+    nll = torch.full((2, 1, 2, 2), 2 * LN2)
+    entropy = torch.full((2, 1, 2, 2), LN2)
+    entropy[1] = 2 * LN2
+    assert np.allclose(surprise_gap(nll, entropy), [1.0, 0.0])
+
+
+def test_pixel_quantile_and_spread_known_answers():
+    bits = np.arange(100, dtype=np.float64).reshape(1, 10, 10)
+    assert pixel_quantile(bits, 0.5)[0] == pytest.approx(49.5)
+    assert pixel_quantile(bits, 1.0)[0] == 99.0
+    assert pixel_spread(np.array([[[1.0, 3.0], [1.0, 3.0]]]))[0] == pytest.approx(1.0)
+
+
+def test_window_max_finds_a_hot_square_and_normalises_per_location():
+    clean = np.zeros((4, 8, 8))
+    clean[::2] += 1.0  # per-location mean 0.5, std 0.5
+    mean, std = location_stats(clean)
+    assert np.allclose(mean, 0.5) and np.allclose(std, 0.5)
+    img = np.full((1, 8, 8), 0.5)  # exactly typical: z = 0 everywhere
+    assert window_max(img, mean, std, 3)[0] == pytest.approx(0.0)
+    img[0, 2:5, 4:7] = 2.5  # z = 4 on a 3x3 square
+    assert window_max(img, mean, std, 3)[0] == pytest.approx(4.0)
+    assert hottest_window(img, mean, std, 3)[0].tolist() == [2, 4, 5, 7]
+    # the std floor keeps an always-identical location finite
+    _, std0 = location_stats(np.zeros((3, 2, 2)))
+    assert np.all(std0 == 0.05)
+
+
+def test_codecs_are_lossless_sizes_and_rank_noise_above_flat():
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (1, 1, 28, 28), dtype=np.uint8)
+    flat = np.zeros((1, 1, 28, 28), dtype=np.uint8)
+    for codec in CODECS:
+        a, b = codec_bits_per_dim(np.concatenate([flat, noise]), 256, codec)
+        assert a < b, codec
+        assert b > 6.0, codec  # uniform noise cannot be compressed much below 8 bits
+
+
+def test_grid_means_known_answer():
+    from pixeldefend.statistics import grid_means
+
+    bits = np.zeros((1, 4, 4))
+    bits[0, :2, 2:] = 4.0  # top-right quarter
+    assert grid_means(bits, 2)[0].tolist() == [0.0, 4.0, 0.0, 0.0]
+
+
+def test_window_size_scales_with_the_image():
+    assert window_size(28, 28) == 3 and window_size(8, 8) == 2
+
+
+def test_dose_density_is_half_squared_mahalanobis_and_round_trips():
+    rng = np.random.default_rng(0)
+    n = 400
+    nll = torch.from_numpy(rng.gamma(2.0, 1.0, (n, 1, 6, 6))).float()
+    run = ModelPass(nll=nll, entropy=nll * 0.9, feature_norm=rng.normal(5, 1, n))
+    codec = rng.normal(4, 0.5, n)
+    dose = DoseModel.fit(run, codec, ["bpd", "gap", "feature_norm"])
+    x = dose.features(run, codec)
+    assert x.shape == (n, 3)
+    assert np.allclose(x[:, 0], run.bits_per_dim)
+    # known answer: lambda 1 is the identity, so with an identity precision the score is
+    # half the squared standardised distance
+    plain = DoseModel(statistics=["bpd"], center=np.array([1.0]), scale=np.array([2.0]),
+                      lambdas=np.array([1.0]), mean=np.array([0.0]), precision=np.eye(1),
+                      location_mean=np.zeros((2, 2)), location_std=np.ones((2, 2)),
+                      window=2, n_fit=10)
+    assert np.allclose(plain.score(np.array([[1.0], [5.0], [-3.0]])), [0.0, 2.0, 2.0])
+    assert plain.score(np.array([[np.nan]]))[0] == np.inf  # fails closed
+    far = dose.center + 10 * dose.scale
+    assert dose.score(far[None])[0] > np.quantile(dose.score(x), 0.99)
+    again = DoseModel.from_reference(dose.to_reference())
+    assert np.array_equal(again.score(x), dose.score(x))
+    with pytest.raises(ValueError):
+        DoseModel.fit(run, codec, ["nope"])
+
+
+def test_split_halves_is_a_seeded_partition():
+    a, b = split_halves(11)
+    assert sorted(np.concatenate([a, b]).tolist()) == list(range(11))
+    assert len(a) == 5 and np.array_equal(split_halves(11)[0], a)
+
+
+def test_model_pass_nll_matches_the_density_module(tiny_bundle):
+    from pixeldefend.density import nll_map
+    from pixeldefend.detector import DensityDetector
+
+    det = DensityDetector.load(tiny_bundle, device="cpu")
+    x = torch.randint(0, det.spec.levels, (5, *det.spec.shape), dtype=torch.uint8)
+    run = model_pass(det.model, x)
+    assert torch.allclose(run.nll, nll_map(det.model, x), atol=1e-5)
+    assert (run.entropy >= 0).all() and run.feature_norm.shape == (5,)
+    stats = compute_statistics(run, np.zeros(5), ["bpd", "window"], *location_stats(
+        run.pixel_bits), 2)
+    assert stats.shape == (5, 2)
