@@ -224,12 +224,15 @@ class OODReport:
     out: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> source, n, ...
     out_scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # fraction of the in-distribution images flagged at each calibrated threshold
+    in_flagged: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "in": {"source": self.in_source, "n": int(len(self.in_scores["bpd"])),
-                   "mean": {k: float(np.mean(self.in_scores[k])) for k in self.kinds}},
+                   "mean": {k: float(np.mean(self.in_scores[k])) for k in self.kinds},
+                   "flagged": self.in_flagged},
             "kinds": self.kinds,
             "metrics": list(METRICS),
             "out_sets": [{"name": name, **entry} for name, entry in self.out.items()],
@@ -241,6 +244,13 @@ class OODReport:
         """One flat row per (OOD set, score kind), for CSV and tests."""
         return [{"out_set": name, "kind": kind, **entry["metrics"][kind]}
                 for name, entry in self.out.items() for kind in self.kinds]
+
+
+def flagged_fractions(detector: DensityDetector, scores: dict[str, np.ndarray],
+                      kinds: Sequence[str]) -> dict[str, float]:
+    """Fraction of images above each calibrated kind's threshold (the gate's verdict)."""
+    return {k: float(detector.calibrations[k].predict(scores[k]).mean())
+            for k in kinds if k in detector.calibrations and len(scores[k])}
 
 
 def evaluate_ood(detector: DensityDetector, in_set: ImageSet, out_sets: dict[str, ImageSet],
@@ -270,7 +280,7 @@ def evaluate_ood(detector: DensityDetector, in_set: ImageSet, out_sets: dict[str
 
     in_scores = run("in", in_set)
     report = OODReport(model=model, in_source=in_set.source, kinds=kinds, in_scores=in_scores,
-                       notes=notes)
+                       notes=notes, in_flagged=flagged_fractions(detector, in_scores, kinds))
     for name, images in out_sets.items():
         scores = run(name, images)
         report.out_scores[name] = scores
@@ -279,6 +289,7 @@ def evaluate_ood(detector: DensityDetector, in_set: ImageSet, out_sets: dict[str
             "n": len(images),
             "mean": {k: float(np.mean(scores[k])) for k in kinds},
             "metrics": {k: ood_metrics(in_scores[k], scores[k]) for k in kinds},
+            "flagged": flagged_fractions(detector, scores, kinds),
         }
     return report
 
@@ -292,6 +303,19 @@ def markdown_table(report: OODReport, metric: str = "auroc") -> str:
              "|---|---:|" + "---:|" * len(report.kinds)]
     for name, entry in report.out.items():
         cells = [f"{entry['metrics'][k][metric]:.3f}" for k in report.kinds]
+        lines.append(f"| {name} | {entry['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def flagged_table(report: OODReport) -> str:
+    """Fraction flagged at each calibrated threshold: in-distribution first, then OOD."""
+    kinds = [k for k in report.kinds if k in report.in_flagged]
+    lines = ["| set | n | " + " | ".join(f"`{k}`" for k in kinds) + " |",
+             "|---|---:|" + "---:|" * len(kinds),
+             f"| in-distribution | {len(report.in_scores['bpd'])} | "
+             + " | ".join(f"{report.in_flagged[k]:.3f}" for k in kinds) + " |"]
+    for name, entry in report.out.items():
+        cells = [f"{entry.get('flagged', {}).get(k, float('nan')):.3f}" for k in kinds]
         lines.append(f"| {name} | {entry['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -348,6 +372,9 @@ def report_markdown(report: OODReport, histograms: dict[str, str]) -> str:
     ]
     for metric in METRICS:
         parts += [f"## {METRIC_NAMES[metric]}", "", markdown_table(report, metric), ""]
+    if report.in_flagged:
+        parts += ["## Flagged at the calibrated threshold", "",
+                  flagged_table(report), ""]
     parts += ["## OOD sets", ""]
     parts += [f"- **{name}**: {entry['source']}" for name, entry in report.out.items()]
     if report.notes:

@@ -35,6 +35,14 @@ class ModelPass:
         return self.nll.double().sum(1).numpy() / LN2
 
     @property
+    def surprise_bits(self) -> np.ndarray:
+        """(N, H, W) |NLL - predicted entropy| in bits per pixel (channels summed): how far
+        each pixel's surprise is from what the model expected, in either direction. A
+        pasted patch shows up here (the model is confidently wrong at its edges and
+        unexpectedly certain inside) more than in the NLL itself."""
+        return (self.nll.double() - self.entropy.double()).abs().sum(1).numpy() / LN2
+
+    @property
     def bits_per_dim(self) -> np.ndarray:
         n = self.nll.shape[0]
         return self.nll.double().reshape(n, -1).mean(1).numpy() / LN2

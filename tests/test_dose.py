@@ -72,7 +72,7 @@ def test_grid_means_known_answer():
 
 
 def test_window_size_scales_with_the_image():
-    assert window_size(28, 28) == 3 and window_size(8, 8) == 2
+    assert window_size(28, 28) == 6 and window_size(8, 8) == 2
 
 
 def test_dose_density_is_half_squared_mahalanobis_and_round_trips():
