@@ -509,7 +509,14 @@ def write_heatmaps(detector: DensityDetector, batch: Batch, rows: list[dict[str,
     if not flagged:
         return
     images = batch.images[flagged]
-    nll = detector.nll_map(images)
+    local = None
+    if "dose" in detector.calibrations:  # the local-anomaly map (localise.py)
+        from ..localise import local_map
+
+        run = detector.model_pass(images)
+        nll, local = run.nll, local_map(run, detector.dose_model())
+    else:
+        nll = detector.nll_map(images)
     for j, k in enumerate(flagged):
         r = readable[k]
         path = folder / heatmap_name(r["path"], taken)
@@ -517,7 +524,8 @@ def write_heatmaps(detector: DensityDetector, batch: Batch, rows: list[dict[str,
         title = (f"{r['path']}\nbits/dim {r['bits_per_dim']:.3f}"
                  + (f"   {kind} {r['score']:.3f}" if kind != "bpd" else "")
                  + (f"   p-value {p:.3f}" if p is not None else ""))
-        write_heatmap(path, images[j], detector.spec.levels, nll[j], title)
+        write_heatmap(path, images[j], detector.spec.levels, nll[j], title,
+                      None if local is None else local[j])
         r["heatmap"] = str(path)
 
 
