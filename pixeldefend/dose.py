@@ -122,13 +122,14 @@ class DoseModel:
         if unknown:
             raise ValueError(f"unknown statistics {unknown}: choose from {STATISTICS}")
         n = len(codec_bpd)
-        if n < len(statistics) + 2:
-            raise ValueError(f"the dose density needs more than {len(statistics) + 1} clean "
-                             f"images to fit, got {n}")
         mean, std = location_stats(run.surprise_bits)
         h, w = mean.shape
         k = window_size(h, w)
         x = compute_statistics(run, codec_bpd, statistics, mean, std, k)
+        if n < x.shape[1] + 2:
+            raise ValueError(f"the density of {x.shape[1]} statistics needs at least "
+                             f"{x.shape[1] + 2} clean images to fit (half of the calibration "
+                             f"images), got {n}")
         if not np.all(np.isfinite(x)):
             raise ValueError("clean statistics are not finite")
         center = x.mean(axis=0)

@@ -110,7 +110,7 @@ def _codec_bytes(pixels: np.ndarray, codec: str) -> int:
     if codec == "png":
         image.save(buf, format="PNG", compress_level=9)
     elif codec == "webp":
-        image.save(buf, format="WEBP", lossless=True, quality=100, method=6)
+        image.save(buf, format="WEBP", lossless=True, quality=100, method=4)
     elif codec == "jpeg2000":
         image.save(buf, format="JPEG2000", irreversible=False)
     else:
