@@ -28,7 +28,8 @@ def _bench_table(doc: dict[str, Any]) -> Table:
     table = Table(title=f"pixeldefend bench: torch {sysinfo['torch']}, {sysinfo['threads']} "
                         f"thread(s), {sysinfo['cpu_count']} CPU(s), batch "
                         f"{doc['settings']['batch_size']}")
-    for col in ("case", "score img/s", "dose img/s", "fast img/s", "reference img/s", "speed-up vs ref",
+    for col in ("case", "score img/s", "dose img/s", "fast img/s", "reference img/s",
+                "speed-up vs ref",
                 "fast ÷ score time", "train step s", "fast time split", "identical",
                 "peak MB"):
         table.add_column(col, justify="left" if col in ("case", "fast time split") else "right",
