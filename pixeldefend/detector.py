@@ -379,10 +379,16 @@ class DensityDetector:
         default kind. Typicality is measured from these images' own mean bits/dim."""
         if not 0.0 < fpr < 1.0:
             raise UsageError(f"--fpr must be between 0 and 1 (exclusive), got {fpr}")
+        implicit = kinds is None
         kinds = list(self.available_kinds if kinds is None else kinds)
         x = self._check(images)
         if len(x) == 0:
             raise UsageError("no calibration images")
+        if implicit and "dose" in kinds and not self.can_fit_dose(len(x)):
+            # too few images for the statistics density: leave `dose` uncalibrated (a
+            # gate on it then fails with a clear error) rather than lose the others
+            kinds.remove("dose")
+            self.calibrations.pop("dose", None)
         probe = [k for k in kinds if k not in ("typicality", "dose")]
         scores = self.compute_scores(x, probe)
         mean = float(scores["bpd"].mean())
@@ -401,6 +407,13 @@ class DensityDetector:
                                         unit=SCORE_UNITS[kind], reference=reference)
         self.calibrations.update(out)
         return out
+
+    def can_fit_dose(self, n_images: int) -> bool:
+        """Enough clean images for `dose`: half fit its density, half calibrate."""
+        from .dose import DEFAULT_STATISTICS, GRID
+
+        columns = len(DEFAULT_STATISTICS) - 1 + GRID * GRID
+        return n_images // 2 >= columns + 2 and n_images - n_images // 2 >= 20
 
     def _calibrate_dose(self, x: torch.Tensor) -> tuple[np.ndarray, dict[str, Any]]:
         """Split conformal: fit the statistics density on one seeded half of the clean

@@ -23,7 +23,9 @@ from pixeldefend.errors import UsageError
 from pixeldefend.localise import heatmap_name, pixel_bits
 from pixeldefend.ood import subsample
 from pixeldefend.scores import (
+    DEFAULT_CODEC,
     SCORE_KINDS,
+    codec_bits_per_dim,
     complexity_score,
     llr_score,
     mutate,
@@ -59,7 +61,7 @@ def test_png_bits_per_dim_is_the_png_size_and_tiny_for_a_constant_image():
 def test_complexity_is_model_bits_minus_compressor_bits(tiny_bundle):
     det = DensityDetector.load(tiny_bundle, device="cpu")
     x = load_images("digits:test[:12]")
-    expected = det.score_samples(x, "bpd") - png_bits_per_dim(x.images, 17)
+    expected = det.score_samples(x, "bpd") - codec_bits_per_dim(x.images, 17, DEFAULT_CODEC)
     assert np.allclose(det.score_samples(x, "complexity"), expected)
     assert np.allclose(complexity_score(np.array([3.0]), np.array([1.25])), [1.75])
 

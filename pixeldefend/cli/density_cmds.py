@@ -209,6 +209,10 @@ def train(
                                checkpoint=background_checkpoint, resume=resume)
     detector.calibrate_all(calib_set, fpr=fpr, data=calib_set.source)
     detector.default_kind = score_kind
+    if score_kind not in detector.calibrations:
+        err_console.print(f"[yellow]warning[/]: {len(calib_set)} calibration images are too "
+                          f"few for score {score_kind!r}; gate with --score bpd or run "
+                          "`pixeldefend calibrate` with more clean images", highlight=False)
     cal = detector.calibrations["bpd"]
     metrics: dict[str, Any] = {"val_bits_per_dim": detector.meta["training"]["val_bits_per_dim"],
                                "train_seconds": round(time.perf_counter() - start, 1)}
@@ -233,7 +237,8 @@ def train(
         f"test bits/dim {fmt_float(test, 4)}  (validation {metrics['val_bits_per_dim']:.4f}); "
         f"threshold {cal.threshold:.4f} bits/dim at FPR {fpr:g} from {cal.n} calibration "
         f"images; {seconds:.0f} s", highlight=False)
-    print_calibrations(detector, list(detector.available_kinds), len(calib_set),
+    print_calibrations(detector, [k for k in detector.available_kinds
+                                  if k in detector.calibrations], len(calib_set),
                        calib_set.source)
 
 
@@ -312,7 +317,8 @@ def train_background(
     remove_checkpoint(checkpoint)
     err_console.print(f"wrote bundle {model} (background model added, {seconds:.0f} s)",
                       highlight=False)
-    print_calibrations(detector, list(detector.available_kinds), len(calib_set),
+    print_calibrations(detector, [k for k in detector.available_kinds
+                                  if k in detector.calibrations], len(calib_set),
                        calib_set.source)
 
 
