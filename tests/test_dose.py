@@ -75,7 +75,7 @@ def test_window_size_scales_with_the_image():
     assert window_size(28, 28) == 6 and window_size(8, 8) == 2
 
 
-def test_dose_density_is_half_squared_mahalanobis_and_round_trips():
+def test_dose_density_known_answers_and_round_trip():
     rng = np.random.default_rng(0)
     n = 400
     nll = torch.from_numpy(rng.gamma(2.0, 1.0, (n, 1, 6, 6))).float()
@@ -88,10 +88,19 @@ def test_dose_density_is_half_squared_mahalanobis_and_round_trips():
     # known answer: lambda 1 is the identity, so with an identity precision the score is
     # half the squared standardised distance
     plain = DoseModel(statistics=["bpd"], center=np.array([1.0]), scale=np.array([2.0]),
-                      lambdas=np.array([1.0]), mean=np.array([0.0]), precision=np.eye(1),
-                      location_mean=np.zeros((2, 2)), location_std=np.ones((2, 2)),
-                      window=2, n_fit=10)
-    assert np.allclose(plain.score(np.array([[1.0], [5.0], [-3.0]])), [0.0, 2.0, 2.0])
+                      lambdas=np.array([1.0]), weights=np.ones(1), means=np.zeros((1, 1)),
+                      precision_chol=np.ones((1, 1, 1)), location_mean=np.zeros((2, 2)),
+                      location_std=np.ones((2, 2)), window=2, n_fit=10)
+    const = 0.5 * np.log(2 * np.pi)
+    assert np.allclose(plain.score(np.array([[1.0], [5.0], [-3.0]])),
+                       np.array([0.0, 2.0, 2.0]) + const)
+    # two equal components at -/+ 1 (std 1): density 0.5 N(0;-1,1) + 0.5 N(0;1,1) at 0
+    two = DoseModel(statistics=["bpd"], center=np.zeros(1), scale=np.ones(1),
+                    lambdas=np.ones(1), weights=np.array([0.5, 0.5]),
+                    means=np.array([[-1.0], [1.0]]), precision_chol=np.ones((2, 1, 1)),
+                    location_mean=np.zeros((2, 2)), location_std=np.ones((2, 2)), window=2,
+                    n_fit=10)
+    assert two.score(np.zeros((1, 1)))[0] == pytest.approx(0.5 + const)
     assert plain.score(np.array([[np.nan]]))[0] == np.inf  # fails closed
     far = dose.center + 10 * dose.scale
     assert dose.score(far[None])[0] > np.quantile(dose.score(x), 0.99)
@@ -147,11 +156,31 @@ def test_local_map_puts_the_hottest_square_on_a_hot_region():
     entropy[:, :, 4:7, 6:9] += 3.0  # ... except a 3x3 square
     run = ModelPass(nll=nll, entropy=entropy, feature_norm=np.zeros(3))
     dose = DoseModel(statistics=["bpd"], center=np.zeros(1), scale=np.ones(1),
-                     lambdas=np.ones(1), mean=np.zeros(1), precision=np.eye(1),
-                     location_mean=np.zeros((12, 12)), location_std=np.ones((12, 12)),
-                     window=3, n_fit=10)
+                     lambdas=np.ones(1), weights=np.ones(1), means=np.zeros((1, 1)),
+                     precision_chol=np.ones((1, 1, 1)), location_mean=np.zeros((12, 12)),
+                     location_std=np.ones((12, 12)), window=3, n_fit=10)
     assert hottest_boxes(run, dose).tolist() == [[4, 6, 7, 9]] * 3
     heat = local_map(run, dose)
     assert heat.shape == (3, 12, 12) and np.allclose(heat[:, 4:7, 6:9], 3.0 / LN2)  # bits
     assert boxes_overlap(np.array([[0, 0, 2, 2]]), np.array([[1, 1, 3, 3]]))[0]
     assert not boxes_overlap(np.array([[0, 0, 2, 2]]), np.array([[2, 2, 3, 3]]))[0]
+
+
+def test_mixture_score_matches_sklearn_and_lw_single_component():
+    from sklearn.mixture import GaussianMixture
+
+    from pixeldefend.dose import fit_mixture
+
+    rng = np.random.default_rng(0)
+    y = np.concatenate([rng.normal(-3, 1, (300, 2)), rng.normal(3, 0.5, (300, 2))])
+    gm = GaussianMixture(2, covariance_type="full", random_state=0).fit(y)
+    model = DoseModel(statistics=["bpd", "gap"], center=np.zeros(2), scale=np.ones(2),
+                      lambdas=np.ones(2), weights=gm.weights_, means=gm.means_,
+                      precision_chol=gm.precisions_cholesky_,
+                      location_mean=np.zeros((2, 2)), location_std=np.ones((2, 2)),
+                      window=2, n_fit=600)
+    assert np.allclose(model.score(y), -gm.score_samples(y))
+    weights, means, _ = fit_mixture(y)
+    assert len(weights) >= 2  # BIC sees the two clusters
+    weights, means, chol = fit_mixture(rng.normal(size=(30, 2)))
+    assert len(weights) == 1 and chol.shape == (1, 2, 2)  # few points: one shrunk Gaussian
