@@ -13,7 +13,12 @@ Built-in OOD sets need no download (`BUILTIN_OOD`):
   structure differs;
 - ``digits``: scikit-learn's 8x8 digits resized to the model's size and levels;
 - ``photos``: crops of scikit-image's bundled sample photographs, converted to the model's
-  shape (gray or colour, size, levels).
+  shape (gray or colour, size, levels);
+- ``characters``, ``rendered-digits``, ``strokes``, ``shapes``, ``blobs`` (synthetic.py:
+  glyphs from system fonts, pen strokes, geometric shapes, smooth images) and the
+  near-OOD transforms ``rot90``, ``shift``, ``contrast``, ``patch`` of the
+  in-distribution images. ``NAME:dev`` is the same recipe with other fonts, photographs
+  and seeds, for choosing settings without touching the reported sets.
 
 Any data spec (``mnist:test``, a folder, an .npz) works too, converted to the model's
 shape when it differs.

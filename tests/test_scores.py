@@ -309,3 +309,16 @@ def test_cli_train_with_background(runner, tmp_path):
     assert not (tmp_path / "m.background.checkpoint").exists()
     result = run(runner, "train", "--preset", "tiny", "--score", "llr", "--out", tmp_path / "x")
     assert result.exit_code == 2 and "--background" in result.stderr
+
+
+def test_cli_heatmap_draws_the_local_map_with_a_dose_calibration(runner, tiny_bundle_background,
+                                                                 mixed_dir, tmp_path):
+    out = tmp_path / "maps"
+    result = run(runner, "score", mixed_dir, "--model", tiny_bundle_background, "--score",
+                 "dose", "--heatmap", out, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)["results"]
+    noise = next(r for r in rows if r["path"].endswith("noise.png"))
+    assert noise["verdict"] == "anomalous" and noise["heatmap"] is not None
+    with Image.open(noise["heatmap"]) as img:
+        assert img.width >= 400

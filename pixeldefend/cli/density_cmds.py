@@ -342,7 +342,9 @@ def calibrate(
     """Recompute thresholds on clean images and store them in the bundle (atomically).
 
     Each score kind gets its own threshold and clean calibration scores (conformal
-    p-values); `typicality` also stores the clean bits/dim its batch test resamples.
+    p-values); `typicality` also stores the clean bits/dim its batch test resamples;
+    `dose` fits its statistics density on a seeded half of the images and sets its
+    threshold on the other half (split conformal).
 
     [bold]Examples[/]
 
