@@ -184,3 +184,24 @@ def test_mixture_score_matches_sklearn_and_lw_single_component():
     assert len(weights) >= 2  # BIC sees the two clusters
     weights, means, chol = fit_mixture(rng.normal(size=(30, 2)))
     assert len(weights) == 1 and chol.shape == (1, 2, 2)  # few points: one shrunk Gaussian
+
+
+def test_model_pass_known_answers_on_a_model_with_fixed_outputs():
+    """Zero output layer: uniform predictions, so NLL = entropy = ln(levels) everywhere;
+    constant trunk: every context feature vector is elu(bias), so its norm is known."""
+    from pixeldefend.models.pixelcnn import PixelCNN, PixelCNNConfig
+
+    model = PixelCNN(PixelCNNConfig.from_preset("tiny", 1, 5, 5, 7))
+    with torch.no_grad():
+        model.trunk.weight.zero_()
+        model.trunk.bias.copy_(torch.linspace(-1.0, 2.0, model.trunk.bias.numel()))
+        model.channel_out[0].weight.zero_()
+        model.channel_out[0].bias.zero_()
+    x = torch.randint(0, 7, (3, 1, 5, 5), dtype=torch.uint8)
+    run = model_pass(model, x)
+    assert torch.allclose(run.nll, torch.full_like(run.nll, math.log(7)), atol=1e-5)
+    assert torch.allclose(run.entropy, run.nll, atol=1e-5)
+    assert np.allclose(surprise_gap(run.nll, run.entropy), 0.0, atol=1e-5)
+    assert np.allclose(run.bits_per_dim, math.log2(7), atol=1e-5)
+    expected = float(torch.nn.functional.elu(model.trunk.bias.detach()).norm())
+    assert np.allclose(run.feature_norm, expected, atol=1e-5)
