@@ -30,6 +30,7 @@ from .purify import (
     purify_reference,
     reference_steps,
 )
+from .threads import default_threads
 
 DEFAULT_MODEL = Path("models/digits")
 CASE_NAMES = ("digits", "28x28x1", "32x32x3")
@@ -48,13 +49,21 @@ class BenchCase:
 class BenchSettings:
     batch_size: int = 64
     quick: bool = False
-    reference_budget: float = 20.0  # seconds of reference steps per case before extrapolating
+    # seconds of reference steps per case before extrapolating; None: 4 with quick, else
+    # 20; 0: no budget, the reference always runs in full (results independent of load)
+    reference_budget: float | None = None
     threads: int | None = None
     train_step: bool = True
     cases: tuple[str, ...] = CASE_NAMES
     model: Path = DEFAULT_MODEL
     seed: int = 0
     profile: bool = False  # also profile fast purification per operator (torch.profiler)
+
+    def budget(self) -> float:
+        """Seconds of reference purification per case; 0 means no budget."""
+        if self.reference_budget is not None:
+            return self.reference_budget
+        return 4.0 if self.quick else 20.0
 
 
 def _random_case(name: str, shape: tuple[int, int, int], levels: int, n: int, eps: int,
@@ -165,7 +174,7 @@ def run_case(case: BenchCase, settings: BenchSettings,
     fast_s = time.perf_counter() - start
     top_ops = _profile_fast(model, images, eps) if settings.profile else None
     log(f"{case.name}: reference purification")
-    budget = 4.0 if settings.quick else settings.reference_budget
+    budget = settings.budget()
     model64 = float64_copy(model)
     orig = images.long()
     x = orig.clone()
@@ -174,7 +183,7 @@ def run_case(case: BenchCase, settings: BenchSettings,
     with torch.inference_mode():
         for _ in reference_steps(model64, x, orig, eps):
             done += 1
-            if time.perf_counter() - start > budget and done < steps_total:
+            if budget and time.perf_counter() - start > budget and done < steps_total:
                 break
     ref_elapsed = time.perf_counter() - start
     extrapolated = done < steps_total
@@ -244,6 +253,7 @@ def system_info() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "threads_default": default_threads().describe(),
         "cpu_count": os.cpu_count(), "machine": platform.machine(),
         "load_average_1m": None if load is None else load[0],
     }
@@ -264,7 +274,7 @@ def run_bench(settings: BenchSettings,
     return {
         "system": {**info_before, "load_average_1m_after": load_after},
         "settings": {"batch_size": settings.batch_size, "quick": settings.quick,
-                     "reference_budget_s": 4.0 if settings.quick else settings.reference_budget},
+                     "reference_budget_s": settings.budget() or None},
         "notes": [
             "reference: one full float64 forward pass per sub-pixel; when it would take "
             "longer than the budget it is timed on its first sub-pixels and extrapolated "

@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .atomic import atomic_dir, write_json
+from .atomic import atomic_dir, dir_lock, write_json
 from .errors import BundleError
 
 FORMAT = "pixeldefend-bundle"
@@ -30,7 +30,9 @@ def save_bundle(
     meta: dict[str, Any] | None = None,
     calibration: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a whole bundle atomically (a crash leaves the previous bundle intact)."""
+    """Write a whole bundle atomically: the directory is swapped in one step
+    (`atomic.atomic_dir`), so a crash leaves the previous bundle intact and a reader
+    always finds a complete one; concurrent saves queue on a lock beside the bundle."""
     path = Path(path)
     config = {
         "format": FORMAT,
@@ -41,6 +43,9 @@ def save_bundle(
         **(meta or {}),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    from .outputs import prepare_dir  # the swap replaces the folder: only ever a bundle
+
+    prepare_dir(path, command="save", bundle=True, overwrite=True, option="bundle")
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS))
         write_json(tmp / CONFIG, config)
@@ -111,12 +116,17 @@ def read_calibration(path: str | Path) -> dict[str, Any] | None:
 
 
 def write_calibration(path: str | Path, calibration: dict[str, Any]) -> None:
-    read_config(path)
-    write_json(Path(path) / CALIBRATION, calibration)
+    """Replace calibration.json, atomically and under the bundle's lock (a concurrent
+    `save_bundle` swaps the whole directory: without the lock this write could land in
+    the copy being retired)."""
+    with dir_lock(path):
+        read_config(path)
+        write_json(Path(path) / CALIBRATION, calibration)
 
 
 def update_config(path: str | Path, **fields: Any) -> None:
-    """Merge fields into config.json, atomically."""
-    config = read_config(path)
-    config.update(fields)
-    write_json(Path(path) / CONFIG, config)
+    """Merge fields into config.json, atomically and under the bundle's lock."""
+    with dir_lock(path):
+        config = read_config(path)
+        config.update(fields)
+        write_json(Path(path) / CONFIG, config)

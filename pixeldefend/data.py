@@ -11,6 +11,13 @@ Sources (a *spec* is one string):
 Files are decoded with Pillow (torchvision's own decoders lack BMP and TIFF, and Pillow
 tells us the bit depth, which we must check). Every file problem becomes a per-file
 error string, never an exception that stops a batch.
+
+Every file is checked before it is decoded: an image's declared size against a pixel
+budget (from its header), an array's declared shape x item size against a byte budget
+(from the .npy header, and for .npz from the zip directory), so a 1 KB file cannot make
+us allocate gigabytes. Folder scans report what they do not read: hidden entries are
+ignored but counted, and unreadable folders, dangling links, special files and unknown
+extensions become error items.
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import stat
 import struct
+import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +54,46 @@ CIFAR10_CLASSES = [
     "dog", "frog", "horse", "ship", "truck",
 ]
 BUILTIN = ("digits", "fashion-mnist", "mnist", "cifar10")
+# Largest image we decode: width x height from the header, checked before decoding.
+MAX_IMAGE_PIXELS = 4096 * 4096
+# Largest array we load from an .npy / .npz (all members together): shape x item size
+# from the headers / the zip directory. 512 MiB holds CIFAR-10's 50,000 training images
+# three times over; raise it with $PIXELDEFEND_MAX_ARRAY_BYTES for bigger arrays.
+MAX_ARRAY_BYTES = int(os.environ.get("PIXELDEFEND_MAX_ARRAY_BYTES", 512 << 20))
+
+
+def safe_name(name: str) -> str:
+    """A file name fit for any output: undecodable bytes (surrogate escapes) and control
+    characters become visible escapes such as \\x1b, so JSON, CSV, tables and XML stay valid."""
+    if name.isprintable():
+        return name
+    out = []
+    for ch in name:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # a byte os.fsdecode could not decode
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif not ch.isprintable():
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _require_regular_file(path: Path) -> int:
+    """The file's size; DataError for anything but a regular file (a FIFO would block)."""
+    try:
+        info = path.stat()
+    except FileNotFoundError as exc:
+        if path.is_symlink():
+            raise DataError("dangling symbolic link") from exc
+        raise DataError("no such file or directory") from exc
+    except OSError as exc:
+        raise DataError(f"cannot read file: {exc.strerror or exc}") from exc
+    if stat.S_ISDIR(info.st_mode):
+        raise DataError("is a folder")
+    if not stat.S_ISREG(info.st_mode):
+        raise DataError("not a regular file (device, pipe or socket)")
+    return info.st_size
 
 
 @dataclass(frozen=True)
@@ -148,14 +198,11 @@ def decode_image_file(
     """Read one image file as uint8 (C, H, W) in the expected levels, or raise DataError."""
     from PIL import Image, UnidentifiedImageError
 
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise DataError(f"cannot read file: {exc.strerror or exc}") from exc
-    if size == 0:
+    if _require_regular_file(path) == 0:
         raise DataError("empty file (0 bytes)")
     try:
         with Image.open(path) as img:
+            _check_header(img, expect, resize)
             img.load()
             mode = img.mode
             if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -185,11 +232,6 @@ def decode_image_file(
                         f"{expect.channels}; pass --grayscale to convert"
                     )
                 if (img.height, img.width) != (expect.height, expect.width):
-                    if not resize:
-                        raise DataError(
-                            f"image is {img.width}x{img.height} (WxH), model expects "
-                            f"{expect.width}x{expect.height}; pass --resize to convert"
-                        )
                     img = img.resize((expect.width, expect.height), Image.Resampling.BILINEAR)
             array = np.asarray(img, dtype=np.uint8)
     except DataError:
@@ -199,7 +241,11 @@ def decode_image_file(
         if kind:
             raise DataError(f"corrupt or truncated {kind} file") from exc
         raise DataError("not an image file Pillow can decode") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"image declares more pixels than the budget; refused before "
+                        f"decoding ({exc})") from exc
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, struct.error,
+            zlib.error, IndexError, TypeError) as exc:
         raise DataError(f"corrupt or truncated image: {exc}") from exc
     if array.ndim == 2:
         array = array[None]
@@ -207,6 +253,24 @@ def decode_image_file(
         array = array.transpose(2, 0, 1)
     levels = expect.levels if expect is not None else 256
     return from_8bit(array, levels)
+
+
+def _check_header(img, expect: ImageSpec | None, resize: bool) -> None:
+    """Refuse before decoding: multi-frame files, sizes over the pixel budget, and (without
+    --resize) any size other than the model's."""
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        raise DataError(f"has {frames} frames (multi-page or animated): only single-frame "
+                        "images are scored; extract the frame you mean")
+    width, height = img.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DataError(f"image declares {width}x{height} pixels, more than the budget of "
+                        f"{MAX_IMAGE_PIXELS:,} pixels; refused before decoding")
+    if expect is not None and not resize and (height, width) != (expect.height, expect.width):
+        raise DataError(
+            f"image is {width}x{height} (WxH), model expects "
+            f"{expect.width}x{expect.height}; pass --resize to convert"
+        )
 
 
 _MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8": "JPEG", b"BM": "BMP", b"GIF8": "GIF",
@@ -237,29 +301,98 @@ def _normalise_array(images: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(images)
 
 
+def _check_npy_header(fh, name: str, available: int) -> None:
+    """Read an .npy header from `fh` and refuse, before any data is read, arrays that
+    declare more than MAX_ARRAY_BYTES, more bytes than the file holds, or objects."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(fh)
+        reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = reader(fh, max_header_size=10_000)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
+        raise DataError(f"{name}: not a valid .npy array ({exc})") from exc
+    if dtype.hasobject:
+        raise DataError(f"{name}: holds Python objects; only numeric arrays are read")
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if nbytes > MAX_ARRAY_BYTES:
+        raise DataError(f"{name}: declares {nbytes:,} bytes ({shape} {dtype}), more than the "
+                        f"budget of {MAX_ARRAY_BYTES:,}; refused before loading")
+    if nbytes > available - fh.tell():
+        raise DataError(f"{name}: truncated (declares {nbytes:,} bytes of data, the file "
+                        f"holds {max(0, available - fh.tell()):,})")
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npy (under 'images') or .npz file, each checked by its header."""
+    size = _require_regular_file(path)
+    if path.suffix.lower() == ".npy":
+        with open(path, "rb") as fh:
+            _check_npy_header(fh, path.name, size)
+        return {"images": np.load(path, allow_pickle=False)}
+    with zipfile.ZipFile(path) as archive:
+        members = [m for m in archive.infolist() if not m.is_dir()]
+        total = sum(m.file_size for m in members)
+        if total > MAX_ARRAY_BYTES:
+            raise DataError(f"holds {total:,} bytes uncompressed, more than the budget of "
+                            f"{MAX_ARRAY_BYTES:,}; refused before loading")
+        arrays: dict[str, np.ndarray] = {}
+        for member in members:
+            key = member.filename.removesuffix(".npy")
+            if key not in ("images", "labels", "levels"):
+                continue
+            with archive.open(member) as fh:
+                _check_npy_header(fh, f"member {member.filename!r}", member.file_size)
+            with archive.open(member) as fh:
+                arrays[key] = np.lib.format.read_array(fh, allow_pickle=False)
+    if "images" not in arrays:
+        found = [m.filename for m in members]
+        raise DataError(f".npz has no 'images' array (found {found})")
+    return arrays
+
+
+def _array_levels(value: np.ndarray) -> int:
+    """The `levels` entry: a single integer from 2 to 256."""
+    if value.size != 1 or not (np.issubdtype(value.dtype, np.integer)
+                               or value.dtype == np.float64 and float(value.flat[0]).is_integer()):
+        raise DataError(f"'levels' must be a single integer, found a {value.dtype} array of "
+                        f"shape {value.shape}")
+    levels = int(value.flat[0])
+    if not 2 <= levels <= 256:
+        raise DataError(f"'levels' must be between 2 and 256, found {levels}")
+    return levels
+
+
+def _array_labels(value: np.ndarray, n: int) -> np.ndarray:
+    """The `labels` entry: n non-negative integers."""
+    if not np.issubdtype(value.dtype, np.integer):
+        raise DataError(f"'labels' must be integers, found {value.dtype}")
+    if value.ndim != 1 or value.shape[0] != n:
+        raise DataError(f"'labels' has shape {value.shape}, expected ({n},) to match the images")
+    if value.size and value.min() < 0:
+        raise DataError("'labels' must be non-negative")
+    return value.astype(np.int64)
+
+
 def load_array_file(path: Path, expect: ImageSpec | None) -> ImageSet:
     """Read .npz (keys `images`, optional `labels`, `levels`) or .npy of uint8 images.
 
     Arrays without a `levels` entry are taken as 8-bit and mapped to the model's levels.
+    Headers are checked against MAX_ARRAY_BYTES before anything is loaded.
     """
     try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
-                if "images" not in archive:
-                    raise DataError(f"{path}: .npz has no 'images' array (found {archive.files})")
-                images = archive["images"]
-                labels = archive["labels"] if "labels" in archive else None
-                stored_levels = int(archive["levels"]) if "levels" in archive else None
-        else:
-            images = np.load(path, allow_pickle=False)
-            labels, stored_levels = None, None
-    except DataError:
-        raise
-    except (OSError, ValueError, EOFError) as exc:
+        arrays = _read_arrays(path)
+        images = arrays["images"]
+        stored_levels = _array_levels(arrays["levels"]) if "levels" in arrays else None
+    except DataError as exc:
+        raise DataError(f"{path}: {exc}") from exc
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError,
+            TypeError, MemoryError, NotImplementedError, RuntimeError) as exc:
         raise DataError(f"{path}: cannot read array file: {exc}") from exc
+    if images.size == 0:
+        raise DataError(f"{path}: holds no images (array of shape {images.shape})")
     if images.dtype != np.uint8:
-        if np.issubdtype(images.dtype, np.integer) and images.size and images.min() >= 0 \
-                and images.max() <= 255:
+        if (np.issubdtype(images.dtype, np.integer) or images.dtype == np.bool_) \
+                and images.min() >= 0 and images.max() <= 255:
             images = images.astype(np.uint8)
         else:
             raise DataError(f"{path}: images must be uint8 integers, found {images.dtype}")
@@ -279,13 +412,20 @@ def load_array_file(path: Path, expect: ImageSpec | None) -> ImageSet:
             levels = expect.levels
     if images.size and int(images.max()) >= levels:
         raise DataError(f"{path}: values up to {int(images.max())} but only {levels} levels")
-    names = [f"{path}[{i}]" for i in range(images.shape[0])]
+    labels = None
+    if "labels" in arrays:
+        try:
+            labels = _array_labels(arrays["labels"], images.shape[0])
+        except DataError as exc:
+            raise DataError(f"{path}: {exc}") from exc
+    base = safe_name(str(path))
+    names = [f"{base}[{i}]" for i in range(images.shape[0])]
     return ImageSet(
         images=torch.from_numpy(images),
         levels=levels,
         names=names,
-        labels=None if labels is None else torch.from_numpy(np.asarray(labels).astype(np.int64)),
-        source=str(path),
+        labels=None if labels is None else torch.from_numpy(labels),
+        source=base,
     )
 
 
@@ -501,46 +641,115 @@ def load_spec(spec: str, data_root: str | None = None, download: bool = False) -
 # ------------------------------------------------------------------ folders and files
 
 
+@dataclass
+class FolderScan:
+    """What a recursive folder walk found, in sorted depth-first order.
+
+    `entries` holds a path string for every image or array file and a (name, error) pair
+    for everything that cannot be read (unreadable folder, dangling link, special file,
+    unknown extension, link loop); hidden entries (names starting with '.') are not
+    read but counted in `hidden`.
+    """
+
+    entries: list[str | tuple[str, str]] = field(default_factory=list)
+    hidden: int = 0
+
+    @property
+    def files(self) -> list[str]:
+        return [e for e in self.entries if isinstance(e, str)]
+
+    @property
+    def problems(self) -> list[tuple[str, str]]:
+        return [e for e in self.entries if not isinstance(e, str)]
+
+
+def scan_folder(root: Path, scan: FolderScan | None = None) -> FolderScan:
+    """Walk `root` (following links to folders, once each), without decoding anything."""
+    scan = scan if scan is not None else FolderScan()
+    wanted = IMAGE_EXTENSIONS | ARRAY_EXTENSIONS
+    seen: set[tuple[int, int]] = set()
+
+    def listing(folder: str) -> Iterator[os.DirEntry] | None:
+        try:
+            info = os.stat(folder)
+            key = (info.st_dev, info.st_ino)
+            if key in seen:
+                scan.entries.append((safe_name(folder), "symbolic link loop: folder already "
+                                                        "scanned"))
+                return None
+            seen.add(key)
+            with os.scandir(folder) as it:
+                return iter(sorted(it, key=lambda e: e.name))
+        except OSError as exc:
+            scan.entries.append((safe_name(folder),
+                                 f"cannot list folder: {exc.strerror or exc}"))
+            return None
+
+    stack = [listing(str(root))]
+    while stack:
+        top = stack[-1]
+        entry = next(top, None) if top is not None else None
+        if entry is None:
+            stack.pop()
+            continue
+        if entry.name.startswith("."):
+            scan.hidden += 1
+            continue
+        try:
+            is_dir, is_file = entry.is_dir(), entry.is_file()
+            is_link = entry.is_symlink()
+        except OSError as exc:
+            scan.entries.append((safe_name(entry.path), f"cannot read: {exc.strerror or exc}"))
+            continue
+        if is_dir:
+            stack.append(listing(entry.path))
+        elif is_link and not os.path.exists(entry.path):
+            scan.entries.append((safe_name(entry.path), "dangling symbolic link"))
+        elif not is_file:
+            scan.entries.append((safe_name(entry.path),
+                                 "not a regular file (device, pipe or socket)"))
+        elif os.path.splitext(entry.name)[1].lower() in wanted:
+            scan.entries.append(entry.path)
+        else:
+            suffix = os.path.splitext(entry.name)[1] or "(no extension)"
+            scan.entries.append((safe_name(entry.path), f"unsupported file type {suffix}: "
+                                 "not read (images: " + ", ".join(sorted(IMAGE_EXTENSIONS))
+                                 + "; arrays: .npz, .npy)"))
+    return scan
+
+
 def list_image_files(path: Path) -> list[Path]:
     """Every file under a folder (recursive, sorted) that looks like an image or array."""
-    wanted = IMAGE_EXTENSIONS | ARRAY_EXTENSIONS
-    return sorted(
-        p for p in path.rglob("*")
-        if p.is_file() and p.suffix.lower() in wanted and not p.name.startswith(".")
-    )
+    return [Path(f) for f in scan_folder(path).files]
 
 
-def _folder_classes(root: Path, files: list[Path]) -> list[str] | None:
-    """Class names when every image sits exactly one sub-folder below `root`."""
-    if not files:
-        return None
-    parents = {f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) == 2}
-    if any(len(f.relative_to(root).parts) != 2 for f in files):
-        return None
-    return sorted(parents)
+def _class_folder(root: str, file: str) -> str | None:
+    """The sub-folder of `root` that holds `file` directly, or None (deeper or at the top)."""
+    head, sep, tail = os.path.relpath(file, root).partition(os.sep)
+    return head if sep and os.sep not in tail else None
 
 
-def expand_inputs(inputs: Sequence[str]) -> list[tuple[Path, int | None, list[str] | None]]:
-    """Paths -> list of (file, label, classes); folders are expanded recursively."""
-    out: list[tuple[Path, int | None, list[str] | None]] = []
-    for raw in inputs:
-        path = Path(raw).expanduser()
-        if path.is_dir():
-            files = list_image_files(path)
-            classes = _folder_classes(path, files)
-            for f in files:
-                label = classes.index(f.relative_to(path).parts[0]) if classes else None
-                out.append((f, label, classes))
-        else:
-            out.append((path, None, None))
-    return out
+def _folder_classes(root: str, files: Sequence[str | tuple[str, str]]) -> list[str] | None:
+    """Class names when every image sits exactly one sub-folder below `root` (a streaming
+    pass: nothing per file is kept)."""
+    names: set[str] = set()
+    for f in files:
+        if not isinstance(f, str):
+            continue
+        folder = _class_folder(root, f)
+        if folder is None:
+            return None
+        names.add(folder)
+    return sorted(names) or None
 
 
 class ImageStream:
-    """Reads many files lazily in batches, so memory does not grow with the file count.
+    """Reads many files lazily in batches, so memory does not grow with the file count
+    (only the file names are listed up front).
 
-    Array files (.npz/.npy) are expanded into their images; unreadable files yield one
-    error item each, and the stream goes on.
+    Array files (.npz/.npy) are expanded into their images; unreadable files and folder
+    problems yield one error item each, and the stream goes on. Hidden entries of
+    scanned folders are skipped and counted in `hidden`.
     """
 
     def __init__(self, inputs: Sequence[str], expect: ImageSpec,
@@ -550,46 +759,65 @@ class ImageStream:
         self.resize = resize
         self.grayscale = grayscale
         self.builtin: list[ImageSet] = []
-        self.files: list[tuple[Path, int | None, list[str] | None]] = []
+        self.entries: list[str | tuple[str, str]] = []
+        self.labels: list[int | None] = []
+        self.hidden = 0
         self.classes: list[str] | None = None
-        plain: list[str] = []
         for raw in inputs:
             parsed = parse_builtin(raw)
+            path = Path(raw).expanduser()
             if parsed is not None:
                 self.builtin.append(conform(load_spec(raw, data_root, download), expect))
-            elif not Path(raw).expanduser().exists():
-                self.files.append((Path(raw), None, None))  # reported as a per-file error
+            elif path.is_dir():
+                scan = scan_folder(path)
+                self.hidden += scan.hidden
+                clean_scan = all(isinstance(e, str) for e in scan.entries)
+                classes = _folder_classes(str(path), scan.entries) if clean_scan else None
+                if classes:
+                    self.classes = classes
+                index = {name: k for k, name in enumerate(classes or [])}
+                for e in scan.entries:
+                    self.entries.append(e)
+                    self.labels.append(index[_class_folder(str(path), e)]  # type: ignore[index]
+                                       if classes and isinstance(e, str) else None)
+                if not scan.entries:
+                    self.entries.append((safe_name(raw), "folder holds no image files"
+                                         + (f" ({scan.hidden} hidden entries ignored)"
+                                            if scan.hidden else "")))
+                    self.labels.append(None)
+            elif not path.exists() and not path.is_symlink():
+                self.entries.append((safe_name(raw), "no such file or directory"))
+                self.labels.append(None)
             else:
-                plain.append(raw)
-        self.files += expand_inputs(plain)
-        for _, _, classes in self.files:
-            if classes:
-                self.classes = classes
+                self.entries.append(str(path))
+                self.labels.append(None)
         for s in self.builtin:
             self.classes = self.classes or s.classes
 
+    @property
+    def files(self) -> list[str]:
+        return [e for e in self.entries if isinstance(e, str)]
+
     def __len__(self) -> int:
         """Number of items, counting an array file as one until it is opened."""
-        return sum(len(s) for s in self.builtin) + len(self.files)
+        return sum(len(s) for s in self.builtin) + len(self.entries)
 
     def items(self) -> Iterator[tuple[str, np.ndarray | None, int | None, str | None]]:
         for s in self.builtin:
             for i in range(len(s)):
                 label = None if s.labels is None else int(s.labels[i])
                 yield s.names[i], s.images[i].numpy(), label, None
-        for path, label, _ in self.files:
-            name = str(path)
-            if not path.exists():
-                yield name, None, None, "no such file or directory"
+        for entry, label in zip(self.entries, self.labels, strict=True):
+            if not isinstance(entry, str):
+                yield entry[0], None, None, entry[1]
                 continue
-            if path.is_dir():
-                yield name, None, None, "folder holds no image files"
-                continue
+            path = Path(entry)
+            name = safe_name(entry)
             if path.suffix.lower() in ARRAY_EXTENSIONS:
                 try:
                     arrays = load_array_file(path, self.expect)
                 except DataError as exc:
-                    yield name, None, None, str(exc).removeprefix(f"{path}: ")
+                    yield name, None, None, str(exc).removeprefix(f"{name}: ")
                     continue
                 for i in range(len(arrays)):
                     lab = None if arrays.labels is None else int(arrays.labels[i])
@@ -709,8 +937,12 @@ def load_images(
 
 
 def _infer_spec(inputs: Sequence[str]) -> ImageSpec:
-    for path, _, _ in expand_inputs(inputs):
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
+    for raw in inputs:
+        root = Path(raw).expanduser()
+        for file in scan_folder(root).files if root.is_dir() else [raw]:
+            path = Path(file)
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
             try:
                 array = decode_image_file(path, None)
             except DataError:
@@ -770,24 +1002,44 @@ def image_grid(images: torch.Tensor, levels: int, ncol: int | None = None,
 # ---------------------------------------------------------------------- training splits
 
 
+def refuse_unreadable(images: ImageSet, what: str, skip_unreadable: bool = False) -> ImageSet:
+    """Fail closed on files a whole-set command could not use (wrong size, corrupt, ...):
+    a DataError saying how many and which, unless the caller explicitly allows skipping
+    them (then they stay listed in `images.errors` for the caller to print)."""
+    if images.errors and not skip_unreadable:
+        n_bad = len(images.errors)
+        shown = "; ".join(f"{name}: {error}" for name, error in images.errors[:3])
+        more = f"; and {n_bad - 3} more" if n_bad > 3 else ""
+        raise DataError(f"{n_bad} of {n_bad + len(images)} input files cannot be used for "
+                        f"{what} ({shown}{more}); fix or remove them, or pass "
+                        "--skip-unreadable to go on without them")
+    return images
+
+
 def training_splits(spec: str, data_root: str | None = None, download: bool = False,
-                    seed: int = 0) -> dict[str, str | ImageSet]:
+                    seed: int = 0, skip_unreadable: bool = False
+                    ) -> dict[str, str | ImageSet]:
     """Split a training source into train / val / calib (/ test) sets.
 
     Returns, per split, either a spec string (built-in data, so a bundle can record
     exactly where its calibration images came from) or an ImageSet (folders, arrays).
-    - digits: the fixed seeded splits digits:train / :val / :calib / :test;
-    - fashion-mnist, mnist, cifar10: the last 2 x 2,000 training images (the files are
-      already in random order) are validation and calibration; test = the test split;
-    - anything else: a seeded 80 / 10 / 10 split, no test set.
+    - digits (or digits:all / digits:train): the fixed seeded splits digits:train / :val /
+      :calib / :test;
+    - fashion-mnist, mnist, cifar10 (:train): the last 2 x 2,000 training images (the files
+      are already in random order) are validation and calibration; test = the test split;
+    - anything else, including an explicitly named other split such as digits:test or a
+      slice: a seeded 80 / 10 / 10 split of exactly those images, no test set.
+    An unknown split is a DataError listing the valid ones. Unreadable files (e.g. a
+    different size than the first image) are an error unless `skip_unreadable`; the
+    skipped ones are then listed in the train split's `.errors`.
     """
     base, part = split_slice(spec)
     parsed = parse_builtin(base)
     if parsed is not None and part is None:
         name, split = parsed
-        if name == "digits":
+        if name == "digits" and split in ("all", "train"):
             return {k: f"digits:{k}" for k in ("train", "val", "calib", "test")}
-        if split == "train":
+        if name != "digits" and split == "train":
             n = len(load_builtin(name, "train", data_root, download))
             hold = min(2000, n // 10)
             return {
@@ -796,12 +1048,15 @@ def training_splits(spec: str, data_root: str | None = None, download: bool = Fa
                 "calib": f"{name}:train[{n - hold}:]",
                 "test": f"{name}:test",
             }
-    images = load_images(spec, data_root=data_root, download=download)
+    images = refuse_unreadable(load_images(spec, data_root=data_root, download=download),
+                               "training", skip_unreadable)
     parts = _seeded_split(len(images), {"train": 0.8, "val": 0.1, "calib": 0.1}, seed)
     if min(len(v) for v in parts.values()) == 0:
         raise DataError(f"{spec}: {len(images)} images are too few to split into "
                         "train / validation / calibration sets (need at least 10)")
-    return {k: images.subset(v.tolist()) for k, v in parts.items()}
+    out: dict[str, str | ImageSet] = {k: images.subset(v.tolist()) for k, v in parts.items()}
+    out["train"].errors = list(images.errors)  # type: ignore[union-attr]
+    return out
 
 
 def resolve(split: str | ImageSet, expect: ImageSpec | None = None,

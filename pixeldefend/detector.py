@@ -27,13 +27,19 @@ from .bundle import (
     save_bundle,
     write_calibration,
 )
-from .calibration import Calibration, calibration_file, parse_calibration_file
+from .calibration import (
+    Calibration,
+    calibration_file,
+    min_calibration_images,
+    parse_calibration_file,
+)
 from .data import ImageSet, ImageSpec
 from .density import LN2, bits_per_dim, nll_map, nll_nats
 from .device import resolve_device
 from .dose import DoseModel, split_halves
-from .errors import BundleError, DataError, UsageError
+from .errors import BundleError, DataError, TooFewCalibrationImages, UsageError
 from .models.pixelcnn import PixelCNN, PixelCNNConfig
+from .schema import PIXELCNN_CONFIG, check_pixelcnn_architecture
 from .scores import (
     DEFAULT_CODEC,
     DEFAULT_MUTATION_RATE,
@@ -363,18 +369,22 @@ class DensityDetector:
         return -self.nll_map(images).double().flatten(1).sum(1).numpy()
 
     def calibrate(self, images: ImagesLike, fpr: float = 0.05, kind: str | None = None,
-                  data: str = "") -> Calibration:
-        """Set the threshold so that about `fpr` of clean images are flagged."""
+                  data: str = "", conservative: bool = False) -> Calibration:
+        """Set the threshold so that at most `fpr` of clean images are flagged.
+
+        Too few images for `fpr` raise `TooFewCalibrationImages` (a ValueError) unless
+        `conservative`, which takes the largest clean score as the threshold instead."""
         if not 0.0 < fpr < 1.0:
             raise UsageError(f"--fpr must be between 0 and 1 (exclusive), got {fpr}")
         kind = self.check_kind(kind or self.default_kind)
-        cal = self.calibrate_all(images, fpr=fpr, kinds=[kind], data=data)[kind]
+        cal = self.calibrate_all(images, fpr=fpr, kinds=[kind], data=data,
+                                 conservative=conservative)[kind]
         self.default_kind = kind
         return cal
 
     def calibrate_all(self, images: ImagesLike, fpr: float = 0.05,
-                      kinds: Sequence[str] | None = None, data: str = ""
-                      ) -> dict[str, Calibration]:
+                      kinds: Sequence[str] | None = None, data: str = "",
+                      conservative: bool = False) -> dict[str, Calibration]:
         """Calibrate several kinds (default: all available) from one pass; keeps the
         default kind. Typicality is measured from these images' own mean bits/dim."""
         if not 0.0 < fpr < 1.0:
@@ -384,9 +394,13 @@ class DensityDetector:
         x = self._check(images)
         if len(x) == 0:
             raise UsageError("no calibration images")
-        if implicit and "dose" in kinds and not self.can_fit_dose(len(x)):
-            # too few images for the statistics density: leave `dose` uncalibrated (a
-            # gate on it then fails with a clear error) rather than lose the others
+        needed = min_calibration_images(fpr)
+        if len(x) < needed and not conservative:  # before the (possibly long) model pass
+            raise TooFewCalibrationImages(len(x), fpr, needed)
+        if implicit and "dose" in kinds and not self.can_fit_dose(len(x), fpr, conservative):
+            # too few images for the statistics density and its half-size calibration:
+            # leave `dose` uncalibrated (a gate on it then fails with a clear error) rather
+            # than lose the others
             kinds.remove("dose")
             self.calibrations.pop("dose", None)
         probe = [k for k in kinds if k not in ("typicality", "dose")]
@@ -404,16 +418,21 @@ class DensityDetector:
             elif kind == "dose":
                 kind_scores, reference = self._calibrate_dose(x)
             out[kind] = Calibration.fit(kind_scores, fpr=fpr, kind=kind, data=data,
-                                        unit=SCORE_UNITS[kind], reference=reference)
+                                        unit=SCORE_UNITS[kind], reference=reference,
+                                        conservative=conservative)
         self.calibrations.update(out)
         return out
 
-    def can_fit_dose(self, n_images: int) -> bool:
-        """Enough clean images for `dose`: half fit its density, half calibrate."""
+    def can_fit_dose(self, n_images: int, fpr: float = 0.05,
+                     conservative: bool = False) -> bool:
+        """Enough clean images for `dose`: half fit its density (more images than
+        statistics), the other half calibrate its threshold at `fpr`."""
         from .dose import DEFAULT_STATISTICS, GRID
 
         columns = len(DEFAULT_STATISTICS) - 1 + GRID * GRID
-        return n_images // 2 >= columns + 2 and n_images - n_images // 2 >= 20
+        held_out = n_images - n_images // 2
+        return (n_images // 2 >= columns + 2
+                and (conservative or held_out >= min_calibration_images(fpr)))
 
     def _calibrate_dose(self, x: torch.Tensor) -> tuple[np.ndarray, dict[str, Any]]:
         """Split conformal: fit the statistics density on one seeded half of the clean
@@ -452,7 +471,8 @@ class DensityDetector:
             "image_shape": list(self.spec.shape),
             "levels": self.spec.levels,
             "preset": self.preset,
-            **{k: v for k, v in self.meta.items() if k not in ("background", "path")},
+            **{k: v for k, v in self.meta.items()
+               if k not in ("background", "path", "calibration_error")},
         }
         state = dict(model.state_dict())
         if self.background is not None:
@@ -469,10 +489,14 @@ class DensityDetector:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "auto",
-             batch_size: int = 256) -> DensityDetector:
+             batch_size: int = 256, ignore_bad_calibration: bool = False) -> DensityDetector:
+        """Load a bundle. A malformed calibration.json is a BundleError, unless
+        `ignore_bad_calibration` (for recalibrating): then it is dropped and the reason
+        kept in `meta["calibration_error"]`."""
         config = read_config(path, kind="pixelcnn")
         try:
-            model_cfg = PixelCNNConfig(**config["architecture"])
+            PIXELCNN_CONFIG.check(config, "config.json")
+            model_cfg = PixelCNNConfig(**check_pixelcnn_architecture(config.get("architecture")))
         except (TypeError, ValueError, KeyError) as exc:
             raise BundleError(f"{path}: config.json has an invalid architecture ({exc})") from exc
         model = PixelCNN(model_cfg)
@@ -485,21 +509,27 @@ class DensityDetector:
                     if k not in ("format", "format_version", "kind", "architecture",
                                  "background")}
         if config.get("background") is not None:
-            bg = dict(config["background"])
             try:
-                background = PixelCNN(PixelCNNConfig(**bg.pop("architecture")))
+                bg = dict(config["background"])
+                background = PixelCNN(PixelCNNConfig(**check_pixelcnn_architecture(
+                    bg.pop("architecture", None), "config.json background.architecture")))
             except (TypeError, ValueError, KeyError) as exc:
                 raise BundleError(f"{path}: config.json has an invalid background "
                                   f"architecture ({exc})") from exc
             load_state_into(background, state, path, prefix=BACKGROUND_PREFIX)
             det.background = background.to(det.device).eval()
             det.background_meta = bg
-        doc = read_calibration(path)
-        if doc is not None:
-            try:
+        try:
+            doc = read_calibration(path)
+            if doc is not None:
                 det.calibrations, det.default_kind = parse_calibration_file(doc)
-            except (ValueError, TypeError, KeyError) as exc:
-                raise BundleError(f"{path}: corrupt calibration.json ({exc})") from exc
+        except (ValueError, TypeError, KeyError, BundleError) as exc:
+            if not ignore_bad_calibration:
+                detail = str(exc).removeprefix(f"{Path(path) / 'calibration.json'}: ")
+                raise BundleError(f"{path}: invalid calibration.json ({detail}); run "
+                                  "`pixeldefend calibrate` to replace it") from exc
+            det.calibrations, det.default_kind = {}, "bpd"
+            det.meta["calibration_error"] = str(exc)
         det.meta["path"] = str(path)
         det.meta.setdefault("package_version", __version__)
         return det

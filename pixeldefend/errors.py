@@ -15,3 +15,20 @@ class BundleError(PixelDefendError):
 
 class UsageError(PixelDefendError):
     """Arguments that cannot work together or are out of range."""
+
+
+class CalibrationError(UsageError, ValueError):
+    """Calibration cannot give the asked-for guarantee; names the offending parameter
+    (a ValueError too, as scikit-learn raises for bad parameters)."""
+
+
+class TooFewCalibrationImages(CalibrationError):
+    """Fewer clean calibration images than the target false-positive rate needs."""
+
+    def __init__(self, n: int, fpr: float, needed: int) -> None:
+        self.n, self.fpr, self.needed = n, fpr, needed
+        super().__init__(
+            f"fpr={fpr:g} needs at least {needed} clean calibration images, got {n}: "
+            f"calibrate on more images, raise --fpr, or pass --conservative-threshold for "
+            f"the largest calibration score as a finite threshold (its false-positive rate "
+            f"is then not guaranteed)")

@@ -6,7 +6,6 @@ Kept out of the CLI so the same shapes are available from Python and tested dire
 from __future__ import annotations
 
 import math
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,6 @@ import numpy as np
 from rich.table import Table
 
 from . import __version__
-from .atomic import write_bytes
 from .calibration import Calibration
 from .data import Batch
 from .detector import DensityDetector
@@ -24,7 +22,9 @@ SCORE_COLUMNS = ["path", "bits_per_dim", "nll_nats", "score", "p_value", "verdic
 
 
 def score_rows(detector: DensityDetector, batch: Batch, kind: str) -> list[dict[str, Any]]:
-    """One row per item of the batch, in order; unreadable items get verdict 'error'."""
+    """One row per item of the batch, in order. Unreadable items get verdict 'error' with
+    error_kind 'read'; an image whose score is NaN or infinite gets verdict 'error' with
+    error_kind 'score' (never 'clean': a NaN compares false against any threshold)."""
     cal = detector.calibrations.get(kind)
     good = batch.images
     rows: list[dict[str, Any]] = []
@@ -37,7 +37,17 @@ def score_rows(detector: DensityDetector, batch: Batch, kind: str) -> list[dict[
     for name, error in zip(batch.names, batch.errors, strict=True):
         if error is not None:
             rows.append({"path": name, "bits_per_dim": None, "nll_nats": None, "score": None,
-                         "p_value": None, "verdict": "error", "error": error})
+                         "p_value": None, "verdict": "error", "error": error,
+                         "error_kind": "read"})
+            continue
+        values = (float(bpd[k]), float(nll[k]), float(scores[k]))
+        if not all(math.isfinite(v) for v in values):
+            rows.append({"path": name, "bits_per_dim": None, "nll_nats": None, "score": None,
+                         "p_value": None, "verdict": "error",
+                         "error": f"non-finite score ({kind} {values[2]}, bits/dim "
+                                  f"{values[0]}): the model's weights may be corrupt",
+                         "error_kind": "score"})
+            k += 1
             continue
         verdict = "anomalous" if flagged[k] else ("clean" if cal is not None else "uncalibrated")
         rows.append({
@@ -48,6 +58,7 @@ def score_rows(detector: DensityDetector, batch: Batch, kind: str) -> list[dict[
             "p_value": None if math.isnan(p_values[k]) else float(p_values[k]),
             "verdict": verdict,
             "error": None,
+            "error_kind": None,
         })
         k += 1
     return rows
@@ -118,40 +129,6 @@ def score_table(doc: dict[str, Any]) -> Table:
             cells.append(f"[{style.get(r['verdict'], '')}]{r['verdict']}[/]")
         table.add_row(*cells)
     return table
-
-
-def write_junit(path: Path, rows: list[dict[str, Any]], kind: str,
-                batch_test: dict[str, Any] | None = None) -> None:
-    """JUnit XML: one test case per image; flagged = failure, unreadable = error; plus one
-    case for the batch typicality test when it was run."""
-    summary = summarise(rows)
-    batch_failed = bool(batch_test and batch_test["anomalous"])
-    suite = ET.Element("testsuite", name="pixeldefend.score",
-                       tests=str(summary["n"] + (1 if batch_test else 0)),
-                       failures=str(summary["anomalous"] + batch_failed),
-                       errors=str(summary["errors"]), skipped="0")
-    if batch_test:
-        case = ET.SubElement(suite, "testcase", classname="pixeldefend.score",
-                             name="batch typicality test")
-        if batch_failed:
-            ET.SubElement(case, "failure", message=batch_test_line(batch_test), type="atypical")
-        else:
-            ET.SubElement(case, "system-out").text = batch_test_line(batch_test)
-    for r in rows:
-        case = ET.SubElement(suite, "testcase", classname="pixeldefend.score", name=r["path"])
-        if r["verdict"] == "error":
-            ET.SubElement(case, "error", message=r["error"] or "unreadable", type="unreadable")
-        elif r["verdict"] == "anomalous":
-            msg = (f"{kind} score {r['score']:.4f} above threshold "
-                   f"(bits/dim {r['bits_per_dim']:.4f}, p-value {r['p_value']:.4f})")
-            ET.SubElement(case, "failure", message=msg, type="anomalous")
-        else:
-            ET.SubElement(case, "system-out").text = (
-                f"bits/dim {r['bits_per_dim']:.4f}" if r["bits_per_dim"] is not None else "")
-    root = ET.Element("testsuites")
-    root.append(suite)
-    ET.indent(root)
-    write_bytes(path, ET.tostring(root, encoding="utf-8", xml_declaration=True))
 
 
 def info_document(detector: DensityDetector, path: Path | str) -> dict[str, Any]:

@@ -66,6 +66,7 @@ class TrainResult:
 
 CKPT_TENSORS = "checkpoint.safetensors"
 CKPT_META = "checkpoint.json"
+CHECKPOINT_FILES = frozenset({CKPT_TENSORS, CKPT_META})
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

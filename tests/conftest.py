@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,10 @@ from pixeldefend.train import TrainSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
-# one thread: these models are small, and oversubscribed threads are slower on 2 cores
+# one thread: these models are small, and oversubscribed threads are slower on 2 cores;
+# the CLI reads PIXELDEFEND_THREADS, so its load-dependent default never varies in tests
 torch.set_num_threads(1)
+os.environ["PIXELDEFEND_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")

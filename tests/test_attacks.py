@@ -223,9 +223,11 @@ def test_cli_attack_writes_pngs_manifest_and_npz(runner, clf_bundle, tmp_path):
     # a PNG holds the same pixels as the npz
     pngs_back = load_images(str(out / first["file"]), reloaded.spec)
     assert torch.equal(pngs_back.images[0], reloaded.images[0])
-    # rerun into the same folder: replaced whole
-    again = runner.invoke(app, ["attack", "--classifier", str(clf_bundle), "--method", "fgsm",
-                                "--eps", "0.125", "-n", "5", "--out", str(out)])
+    # rerun into the same folder: refused, then with --overwrite replaced whole
+    args = ["attack", "--classifier", str(clf_bundle), "--method", "fgsm", "--eps", "0.125",
+            "-n", "5", "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 2
+    again = runner.invoke(app, [*args, "--overwrite"])
     assert again.exit_code == 0, again.output
     assert len(list(out.glob("*.png"))) == 5
     assert "adversarial accuracy" in again.stdout

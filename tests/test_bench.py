@@ -10,8 +10,10 @@ from pixeldefend.cli import app
 
 def test_bench_json_on_the_shipped_digits_model(runner, repo, monkeypatch):
     monkeypatch.chdir(repo)
+    # --reference-budget 0: the reference runs in full however busy the machine is, so
+    # the bit-identity check below never depends on timing
     result = runner.invoke(app, ["bench", "--quick", "--cases", "digits", "--no-train-step",
-                                 "--format", "json"])
+                                 "--reference-budget", "0", "--format", "json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     (row,) = doc["results"]
@@ -20,6 +22,14 @@ def test_bench_json_on_the_shipped_digits_model(runner, repo, monkeypatch):
     assert row["identical"] is True and not row["reference_extrapolated"]
     assert abs(row["speedup_fast_vs_reference"] - row["reference_s"] / row["fast_s"]) < 1e-9
     assert row["peak_memory_mb"] > 10
+    assert doc["system"]["threads"] >= 1 and doc["settings"]["reference_budget_s"] is None
+
+
+def test_bench_budget_is_honoured_and_zero_means_none():
+    from pixeldefend.bench import BenchSettings
+
+    assert BenchSettings().budget() == 20.0 and BenchSettings(quick=True).budget() == 4.0
+    assert BenchSettings(quick=True, reference_budget=0).budget() == 0
 
 
 def test_peak_memory_grows_with_a_large_allocation():

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from pixeldefend.calibration import Calibration
+from pixeldefend.calibration import Calibration, min_calibration_images
+from pixeldefend.errors import TooFewCalibrationImages
 
 
 def test_threshold_is_the_conformal_order_statistic():
@@ -42,12 +43,39 @@ def test_false_positive_rate_is_kept_on_exchangeable_data():
     assert np.mean(rates) > 0.07  # and not absurdly conservative
 
 
-def test_too_few_scores_gives_infinite_threshold_and_json_null():
-    cal = Calibration.fit(np.array([1.0, 2.0]), fpr=0.05)
-    assert math.isinf(cal.threshold) and not cal.predict(np.array([1e9]))[0]
+def test_too_few_scores_is_an_error_naming_fpr_and_the_number_needed():
+    """Fail closed: k > n used to give an infinite threshold that passed everything."""
+    with pytest.raises(TooFewCalibrationImages, match=r"fpr=0.05 needs at least 19 .* got 2"):
+        Calibration.fit(np.array([1.0, 2.0]), fpr=0.05)
+    with pytest.raises(ValueError):  # scikit-learn convention: a ValueError subclass
+        Calibration.fit(np.arange(98.0), fpr=0.01)
+    assert Calibration.fit(np.arange(99.0), fpr=0.01).threshold == 98.0
+
+
+@pytest.mark.parametrize("fpr", [0.5, 0.2, 0.1, 0.07, 0.05, 0.01, 0.001])
+def test_min_calibration_images_is_the_smallest_n_with_a_finite_threshold(fpr):
+    n = min_calibration_images(fpr)
+    assert math.ceil((n + 1) * (1 - fpr)) <= n
+    assert n == 1 or math.ceil(n * (1 - fpr)) > n - 1
+
+
+def test_conservative_threshold_is_the_largest_score_finite_and_recorded():
+    cal = Calibration.fit(np.array([1.0, 3.0, 2.0]), fpr=0.05, conservative=True)
+    assert cal.threshold == 3.0 and cal.conservative and cal.predict(np.array([3.5]))[0]
     doc = cal.to_dict()
-    assert doc["threshold"] is None
-    assert math.isinf(Calibration.from_dict(doc).threshold)
+    assert doc["threshold"] == 3.0 and doc["conservative"] is True
+    assert Calibration.from_dict(doc).conservative
+
+
+@pytest.mark.parametrize("threshold", [None, float("nan"), float("inf"), "1.5", True])
+def test_a_missing_or_non_finite_threshold_is_refused(threshold):
+    doc = Calibration.fit(np.arange(40.0), fpr=0.05).to_dict()
+    doc["threshold"] = threshold
+    with pytest.raises(ValueError, match="threshold"):
+        Calibration.from_dict(doc)
+    del doc["threshold"]
+    with pytest.raises(ValueError, match="threshold: missing"):
+        Calibration.from_dict(doc)
 
 
 @pytest.mark.parametrize("fpr", [0.0, 1.0, -0.1])

@@ -110,12 +110,12 @@ def test_classify_helper(bundle, digits_test):
 def test_torchscript_file(tmp_path, trained, digits_test):
     path = tmp_path / "model.pt"
     torch.jit.trace(trained[0], torch.rand(2, 1, 8, 8)).save(str(path))
-    loaded = load_classifier(path, device="cpu", input_shape=(1, 8, 8))
+    loaded = load_classifier(path, device="cpu", input_shape=(1, 8, 8), trust_code=True)
     assert loaded.kind == "torchscript" and loaded.num_classes == 10
     images = digits_test.images[:40]
     assert torch.allclose(_logits(loaded.model, images), _logits(trained[0], images), atol=1e-5)
     # shape unknown up front: found from the data
-    lazy = load_classifier(path, device="cpu")
+    lazy = load_classifier(path, device="cpu", trust_code=True)
     assert lazy.num_classes is None
     assert check_inputs(lazy, images, digits_test.labels[:40]) == 10
 
@@ -164,8 +164,9 @@ def test_factory_with_state_dict(factory, digits_train, digits_test):
         opt.step()
     weights = tmp_path / "weights.pt"
     torch.save(net.state_dict(), weights)
-    for loaded in (load_classifier(f"{module}:build", device="cpu", factory_weights=weights),
-                   load_classifier(f"{module}:build@{weights}", device="cpu")):
+    for loaded in (load_classifier(f"{module}:build", trust_code=True, device="cpu",
+                                   factory_weights=weights),
+                   load_classifier(f"{module}:build@{weights}", trust_code=True, device="cpu")):
         assert loaded.kind == "factory"
         pred, _ = classify(loaded, digits_test.images, LEVELS)
         assert (pred == digits_test.labels).float().mean() > 0.8
@@ -175,31 +176,31 @@ def test_mean_std_are_folded_into_the_model(factory):
     module, tmp_path = factory
     net = __import__(module).build().eval()
     torch.save(net.state_dict(), tmp_path / "w.pt")
-    loaded = load_classifier(f"{module}:build", device="cpu", mean=[0.25], std=[0.5],
-                             factory_weights=tmp_path / "w.pt")
+    loaded = load_classifier(f"{module}:build", trust_code=True, device="cpu", mean=[0.25],
+                             std=[0.5], factory_weights=tmp_path / "w.pt")
     x = torch.rand(5, 1, 8, 8)
     with torch.no_grad():
         assert torch.allclose(loaded.model(x), net((x - 0.25) / 0.5), atol=1e-6)
     with pytest.raises(UsageError, match="together"):
-        load_classifier(f"{module}:build", mean=[0.5])
+        load_classifier(f"{module}:build", trust_code=True, mean=[0.5])
 
 
 def test_factory_errors(factory):
     module, tmp_path = factory
     with pytest.raises(UsageError, match="cannot import"):
-        load_classifier("no_such_package_xyz.models:build")
+        load_classifier("no_such_package_xyz.models:build", trust_code=True)
     with pytest.raises(UsageError, match="no attribute"):
-        load_classifier(f"{module}:missing")
+        load_classifier(f"{module}:missing", trust_code=True)
     with pytest.raises(UsageError, match="not a torch.nn.Module"):
-        load_classifier(f"{module}:not_a_model")
+        load_classifier(f"{module}:not_a_model", trust_code=True)
     with pytest.raises(UsageError, match="no GPU here"):
-        load_classifier(f"{module}:broken")
+        load_classifier(f"{module}:broken", trust_code=True)
     wrong = tmp_path / "wrong.pt"
     torch.save({"other.weight": torch.zeros(3)}, wrong)
     with pytest.raises(BundleError, match="do not fit"):
-        load_classifier(f"{module}:build", factory_weights=wrong)
+        load_classifier(f"{module}:build", trust_code=True, factory_weights=wrong)
     with pytest.raises(BundleError, match="no such weights file"):
-        load_classifier(f"{module}:build", factory_weights=tmp_path / "nope.pt")
+        load_classifier(f"{module}:build", trust_code=True, factory_weights=tmp_path / "nope.pt")
 
 
 def test_bundle_and_file_errors(tmp_path, bundle):
@@ -212,7 +213,7 @@ def test_bundle_and_file_errors(tmp_path, bundle):
     state = tmp_path / "state.pt"
     torch.save({"w": torch.zeros(2)}, state)
     with pytest.raises(BundleError, match="not a TorchScript file"):
-        load_classifier(state)
+        load_classifier(state, trust_code=True)
     text = tmp_path / "model.txt"
     text.write_text("hello")
     with pytest.raises(BundleError, match="not a classifier"):

@@ -51,7 +51,8 @@ def test_score_json_shape_verdicts_and_exit_code(runner, tiny_bundle, sample_dir
     doc = json.loads(result.stdout)
     assert set(doc) >= {"model", "threshold", "results", "summary"}
     assert doc["summary"] == {"n": 9, "clean": doc["summary"]["clean"],
-                              "anomalous": doc["summary"]["anomalous"], "errors": 1}
+                              "anomalous": doc["summary"]["anomalous"], "errors": 1,
+                              "skipped": 0, "hidden_ignored": 0}
     rows = {r["path"].rsplit("/", 1)[-1]: r for r in doc["results"]}
     assert set(rows["clean_0.png"]) >= {"path", "bits_per_dim", "nll_nats", "p_value",
                                         "verdict", "error"}
@@ -86,11 +87,12 @@ def test_gates(runner, tiny_bundle, sample_dir, tmp_path):
     assert frac_bad.exit_code == 1 and json.loads(frac_bad.stdout)["gate"]["failed"]
     report = tmp_path / "junit.xml"
     out = tmp_path / "scores.json"
-    run(runner, "score", sample_dir, "--model", tiny_bundle, "--junit", report,
-        "--format", "json", "--output", out)
+    gated = run(runner, "score", sample_dir, "--model", tiny_bundle, "--junit", report,
+                "--format", "json", "--output", out, "--fail-on", "anomalous")
+    assert gated.exit_code == 1
     suite = ET.parse(report).getroot().find("testsuite")
-    assert suite.get("tests") == "9" and suite.get("errors") == "1"
-    assert int(suite.get("failures")) >= 3
+    assert suite.get("tests") == "10" and suite.get("errors") == "1"  # 9 inputs + the gate
+    assert int(suite.get("failures")) >= 4  # >= 3 anomalous images + the gate
     assert len(suite.findall("testcase/failure")) == int(suite.get("failures"))
     assert json.loads(out.read_text())["summary"]["n"] == 9
 

@@ -23,6 +23,7 @@ from pixeldefend.ood import (
     ood_metrics,
     subsample,
 )
+from pixeldefend.outputs import MARKER
 
 
 def run(runner, *args):
@@ -122,7 +123,7 @@ def test_evaluate_ood_cli(runner, tiny_bundle_background, tmp_path):
         for kind in kinds:
             m = entry["metrics"][kind]
             assert set(m) == set(METRICS) and all(0.0 <= v <= 1.0 for v in m.values())
-    assert {f.name for f in out.iterdir()} == {"report.md", "results.json",
+    assert {f.name for f in out.iterdir()} == {"report.md", "results.json", MARKER,
                                                *(f"hist_{k}.png" for k in kinds)}
     assert json.loads((out / "results.json").read_text()) == doc
     report = (out / "report.md").read_text()

@@ -441,7 +441,8 @@ def test_cli_purify_writes_images_and_manifest(bundles, inputs, tmp_path):
     doc = json.loads(result.stdout)
     assert doc["summary"] == {**doc["summary"], "n": 9, "purified": 9, "errors": 0}
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
-        "0/img0.png", "0/img2.png", "1/img1.png", "arrays.npz", "manifest.json", "photo.png"]
+        ".pixeldefend-output.json", "0/img0.png", "0/img2.png", "1/img1.png", "arrays.npz",
+        "manifest.json", "photo.png"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["eps_defend"] == 2 and len(manifest["images"]) == 9
     row = manifest["images"][0]

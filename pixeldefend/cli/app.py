@@ -27,10 +27,14 @@ def _version(value: bool) -> None:
 
 
 def _threads(value: int | None) -> int | None:
-    if value:
-        import torch
+    """--threads N, else a default that does not oversubscribe a busy machine."""
+    import torch
 
-        torch.set_num_threads(value)
+    if not value:
+        from ..threads import default_threads
+
+        value = default_threads().threads
+    torch.set_num_threads(value)
     return value
 
 
@@ -40,7 +44,8 @@ def root(
                                  help="Print the version and exit."),
     threads: int | None = typer.Option(
         None, "--threads", min=1, envvar="PIXELDEFEND_THREADS", callback=_threads,
-        help="CPU threads for PyTorch \\[default: all cores]. Use 1 on a busy machine: "
-             "oversubscribed threads can be 10x slower."),
+        help="CPU threads for PyTorch \\[default: the physical cores available to this "
+             "process, less those the load average says are busy, at most 8]. "
+             "Oversubscribed threads can be 10x slower."),
 ) -> None:
     """pixeldefend: is this input something my model was never meant to see?"""

@@ -33,10 +33,13 @@ from ..models.classifier import (
     split_holdout,
     train_classifier,
 )
-from ..train import TrainSettings, remove_checkpoint
+from ..outputs import check_checkpoint_dir, input_paths, prepare_dir, write_marker
+from ..train import CHECKPOINT_FILES, TrainSettings, remove_checkpoint
 from .app import app
 from .common import (
     DEVICE_HELP,
+    OVERWRITE,
+    TRUST_CODE_HELP,
     OutputFormat,
     RichTrainProgress,
     emit,
@@ -75,7 +78,7 @@ class ClassifierProgress(RichTrainProgress):
 def _default_out(data: str) -> Path:
     parsed = parse_builtin(data)
     name = parsed[0] if parsed else Path(data.rstrip("/")).stem or "model"
-    return Path("models") / f"{name}-classifier"
+    return Path("runs") / f"{name}-classifier"  # untracked: never the shipped models/
 
 
 def _need_labels(images: ImageSet, what: str) -> torch.Tensor:
@@ -129,7 +132,9 @@ def classifier_train(
                              help="Labelled training images: digits, fashion-mnist, mnist, "
                                   "cifar10, a folder with one sub-folder per class, or .npz."),
     out: Path | None = typer.Option(None, "--out", "-o",
-                                    help="Bundle directory \\[default: models/<data>-classifier]."),
+                                    help="Bundle directory \\[default: runs/<data>-classifier]; "
+                                         "an existing bundle is replaced only with "
+                                         "--overwrite."),
     preset: str = typer.Option("small", help=f"Network size: {', '.join(PRESETS)}."),
     epochs: int | None = typer.Option(
         None, min=1, help="Training epochs \\[default: 40 for small data sets, 10 for large]."),
@@ -150,6 +155,7 @@ def classifier_train(
                                   help="Let torchvision download the data set if missing."),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f",
                                      help="table or json."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Train a small ResNet classifier and write it as a bundle (safetensors + JSON).
 
@@ -160,7 +166,7 @@ def classifier_train(
 
     [bold]Examples[/]
 
-      pixeldefend classifier train                     [dim]# digits -> models/digits-classifier[/]
+      pixeldefend classifier train                     [dim]# digits -> runs/digits-classifier[/]
 
       pixeldefend classifier train --data fashion-mnist --out models/fashion-classifier
 
@@ -169,7 +175,10 @@ def classifier_train(
     if preset not in PRESETS:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     out = out or _default_out(data)
+    prepare_dir(out, command="classifier train", inputs=input_paths(data, val, test, data_root),
+                overwrite=overwrite, bundle=True)
     checkpoint = out.with_name(out.name + ".checkpoint")
+    check_checkpoint_dir(checkpoint, CHECKPOINT_FILES)
     train_set, val_set, test_set = classifier_splits(data, val, test, seed, data_root, download)
     train_labels = _need_labels(train_set, "training")
     val_labels = _need_labels(val_set, "validation")
@@ -288,14 +297,6 @@ def _map_labels(images: ImageSet, loaded: LoadedClassifier) -> torch.Tensor | No
     return labels
 
 
-def _prepare_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").exists():
-        raise UsageError(f"--out {out} is a non-empty folder that is not an earlier attack "
-                         "output (no manifest.json): refusing to replace it")
-
-
 def write_attack_output(out: Path, images: ImageSet, result: Any, manifest: dict[str, Any]
                         ) -> None:
     """PNGs, manifest.json and images.npz, all swapped in at once (an earlier run's folder
@@ -315,6 +316,7 @@ def write_attack_output(out: Path, images: ImageSet, result: Any, manifest: dict
             extra["targets"] = result.targets.numpy().astype(np.int64)
         save_npz(tmp / "images.npz", result.adversarial, images.levels, result.labels, **extra)
         write_json(tmp / "manifest.json", manifest)
+        write_marker(tmp, "attack")
 
 
 def attack_table(summary: dict[str, Any]) -> Table:
@@ -370,7 +372,7 @@ def attack(
     classifier: str | None = typer.Option(
         None, "--classifier", "-c",
         help="Classifier bundle dir, TorchScript file, or package.module:factory "
-             f"\\[default: {DEFAULT_CLASSIFIER}]."),
+             f"(these two run code: need --trust-code) \\[default: {DEFAULT_CLASSIFIER}]."),
     classifier_weights: Path | None = typer.Option(
         None, help="State-dict file for a package.module:factory classifier "
                    "(loaded with weights_only=True)."),
@@ -390,6 +392,8 @@ def attack(
     resize: bool = typer.Option(False, "--resize", help="Resize images to the classifier's "
                                                         "size."),
     grayscale: bool = typer.Option(False, "--grayscale", help="Convert colour/gray to match."),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Attack a classifier; save quantised adversarial images and report its accuracy.
 
@@ -414,9 +418,13 @@ def attack(
         raise UsageError(f"unknown --method {method!r}: choose from {', '.join(METHODS)}")
     if paths and data is not None:
         raise UsageError("give image paths or --data, not both")
-    loaded = load_classifier(resolve_classifier_path(classifier), device=device,
+    classifier = resolve_classifier_path(classifier)
+    if out is not None:
+        prepare_dir(out, command="attack", overwrite=overwrite,
+                    inputs=input_paths(paths, data, classifier, classifier_weights, data_root))
+    loaded = load_classifier(classifier, device=device,
                              mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
-                             factory_weights=classifier_weights)
+                             factory_weights=classifier_weights, trust_code=trust_code)
     if not paths and data is None:
         data = (loaded.config.get("data") or {}).get("test")
         if not data:
@@ -443,8 +451,6 @@ def attack(
     step = None
     if alpha is not None:
         step = parse_eps(alpha, images.levels, eps_levels).fraction
-    if out is not None:
-        _prepare_out(out)
     with make_progress() as progress:
         task = progress.add_task(f"attack {method}", total=len(images), status="")
         result = run_attack(

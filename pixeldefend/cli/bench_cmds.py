@@ -10,8 +10,9 @@ from rich.table import Table
 
 from ..bench import CASE_NAMES, DEFAULT_MODEL, BenchSettings, run_bench
 from ..errors import UsageError
+from ..outputs import check_files, input_paths
 from .app import app
-from .common import OutputFormat, emit, err_console, handle_errors
+from .common import OVERWRITE, OutputFormat, emit, err_console, handle_errors
 
 BENCH_COLUMNS = ["case", "shape", "levels", "batch", "eps_defend", "score_images_per_s",
                  "fast_images_per_s", "reference_images_per_s", "reference_extrapolated",
@@ -56,6 +57,8 @@ def _bench_table(doc: dict[str, Any]) -> Table:
             f"{r['case']} from {r['reference_steps_timed']} of {r['reference_steps_total']} "
             "sub-pixels" for r in doc["results"] if r["reference_extrapolated"]))
     notes += [f"{r['case']}: {r['note']}" for r in doc["results"] if r["note"]]
+    notes.append(f"{sysinfo['threads']} thread(s) used; the default here would be "
+                 f"{sysinfo.get('threads_default')}")
     load = sysinfo.get("load_average_1m")
     if load is not None:
         notes.append(f"load average {load:.1f} before, "
@@ -77,10 +80,13 @@ def bench_cmd(
                                     "model stands in if it is missing)."),
     batch_size: int = typer.Option(64, min=1, help="Images per batch in every case."),
     quick: bool = typer.Option(False, "--quick", help="One timing per figure and a 4 s "
-                               "reference budget per case: about a minute in all."),
+                               "reference budget per case (unless --reference-budget is "
+                               "given): about a minute in all."),
     cases: str = typer.Option(",".join(CASE_NAMES), help="Comma-separated cases to run."),
-    reference_budget: float = typer.Option(20.0, min=0.0, help="Seconds of reference "
-                                           "purification per case before extrapolating."),
+    reference_budget: float | None = typer.Option(
+        None, min=0.0, help="Seconds of reference purification per case before "
+        "extrapolating \\[default: 20, 4 with --quick]; 0: no budget, always run it in full "
+        "(figures then never depend on machine load)."),
     threads: int | None = typer.Option(None, min=1, help="Intra-op threads (default: "
                                        "torch's). On a busy machine 1 is often fastest."),
     train_step: bool = typer.Option(True, "--train-step/--no-train-step",
@@ -90,6 +96,7 @@ def bench_cmd(
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f",
                                      help="table or json."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write results here."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Measure purification throughput (fast and reference), scoring and training speed.
 
@@ -113,6 +120,7 @@ def bench_cmd(
     unknown = [c for c in chosen if c not in CASE_NAMES]
     if unknown or not chosen:
         raise UsageError(f"--cases takes {', '.join(CASE_NAMES)}, not {', '.join(unknown)}")
+    check_files((output, "--output"), inputs=input_paths(model), overwrite=overwrite)
     settings = BenchSettings(batch_size=batch_size, quick=quick, threads=threads,
                              reference_budget=reference_budget, train_step=train_step,
                              cases=chosen, model=model, profile=profile)

@@ -32,6 +32,7 @@ from rich.table import Table
 
 from ..atomic import write_text
 from ..errors import PixelDefendError
+from ..outputs import OutputError
 
 err_console = Console(stderr=True, soft_wrap=True)
 # results on a pipe or file are not squeezed into 80 columns
@@ -51,6 +52,16 @@ class OutputFormat(str, Enum):
 
 DEVICE_HELP = "auto (CUDA if available, else CPU), cpu, cuda or cuda:N."
 FORMAT_HELP = "Output format for results on stdout (or --output)."
+OVERWRITE = typer.Option(
+    False, "--overwrite",
+    help="Replace outputs that already exist. Only files and folders pixeldefend created "
+         "are ever replaced (output folders carry a .pixeldefend-output.json marker; "
+         "bundles a pixeldefend config.json), never a folder it did not create, never an "
+         "input of the same call.")
+TRUST_CODE_HELP = (
+    "Allow classifiers that run code when loaded: TorchScript files (torch.jit.load) and "
+    "package.module:factory specs. Only for files and modules you trust. Classifier "
+    "bundles need no flag.")
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
@@ -141,8 +152,55 @@ def emit(fmt: OutputFormat, doc: dict[str, Any], rows: list[dict[str, Any]], col
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
-        write_text(output, text)
+        try:
+            write_text(output, text)
+        except OSError as exc:  # checked up front; this is a disk that filled up since
+            raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
         err_console.print(f"wrote {output}")
+
+
+class RowStream:
+    """Writes JSONL / CSV result rows as they come, to stdout or (atomically, published
+    when the run ends) to `output`, so memory does not grow with the number of rows."""
+
+    def __init__(self, fmt: OutputFormat, columns: list[str], output: Path | None) -> None:
+        import contextlib
+
+        from ..atomic import atomic_path
+
+        self.fmt, self.columns, self.output = fmt, columns, output
+        self._stack = contextlib.ExitStack()
+        if output is None:
+            self.fh: Any = sys.stdout
+        else:
+            tmp = self._stack.enter_context(atomic_path(output))
+            self.fh = self._stack.enter_context(open(tmp, "w", encoding="utf-8", newline=""))
+        self.writer = None
+        if fmt == OutputFormat.csv:
+            self.writer = csv.DictWriter(self.fh, fieldnames=columns, extrasaction="ignore",
+                                         lineterminator="\n")
+            self.writer.writeheader()
+
+    def write(self, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            if self.writer is not None:
+                self.writer.writerow({k: ("" if row.get(k) is None else row.get(k))
+                                      for k in self.columns})
+            else:
+                self.fh.write(json.dumps(json_safe(row)) + "\n")
+        self.fh.flush()
+
+    def __enter__(self) -> RowStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._stack.__exit__(*exc)  # on success the file is published, else removed
+        except OSError as error:  # checked up front; a disk that filled up since
+            raise OutputError(f"cannot write {self.output}: {error.strerror or error}") \
+                from None
+        if self.output is not None and exc[0] is None:
+            err_console.print(f"wrote {self.output}", highlight=False)
 
 
 def fmt_float(value: float | None, digits: int = 3) -> str:

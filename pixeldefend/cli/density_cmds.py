@@ -3,7 +3,9 @@ of the CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -11,19 +13,30 @@ import numpy as np
 import typer
 
 from .. import reporting
+from ..calibration import min_calibration_images
 from ..data import (
     Batch,
     ImageSet,
     ImageStream,
     load_images,
     parse_builtin,
+    refuse_unreadable,
     resolve,
     split_slice,
     training_splits,
 )
 from ..detector import DensityDetector
-from ..errors import UsageError
+from ..errors import TooFewCalibrationImages, UsageError
+from ..gate import GatePolicy, JUnitWriter, Tally, decide
 from ..models.pixelcnn import PRESETS
+from ..outputs import (
+    OutputError,
+    check_checkpoint_dir,
+    check_files,
+    clear_dir,
+    input_paths,
+    prepare_dir,
+)
 from ..scores import (
     DEFAULT_BACKGROUND_L2,
     DEFAULT_MUTATION_RATE,
@@ -31,16 +44,16 @@ from ..scores import (
     SCORE_HELP,
     SCORE_KINDS,
 )
-from ..train import TrainSettings, remove_checkpoint
+from ..train import CHECKPOINT_FILES, TrainSettings, remove_checkpoint
 from .app import app
 from .common import (
     DEVICE_HELP,
-    EXIT_GATE,
-    EXIT_OK,
     EXIT_USAGE,
     FORMAT_HELP,
+    OVERWRITE,
     OutputFormat,
     RichTrainProgress,
+    RowStream,
     emit,
     err_console,
     fmt_float,
@@ -58,6 +71,10 @@ MUTATION_HELP = (
     "replaced by a uniformly random level. Ren et al. (2019) found 0.1-0.2 best; 0.2 wipes "
     "out shapes while keeping the local pixel statistics that confound raw likelihood, and "
     "suits short CPU training.")
+CONSERVATIVE_HELP = (
+    "When there are fewer clean calibration images than --fpr needs (about 1/fpr), use the "
+    "largest calibration score as a finite threshold instead of stopping with an error; its "
+    "false-positive rate is then not guaranteed, and this is printed and recorded.")
 BACKGROUND_PRESET_HELP = (
     "Background model size \\[default: same as the main model]. It only has to learn local "
     "statistics, so 'tiny' is a fair CPU saving on small images.")
@@ -91,20 +108,45 @@ def train_background_model(detector: DensityDetector, train_set: ImageSet, val_s
         raise
 
 
+def check_calibration_size(n: int, fpr: float, conservative: bool) -> None:
+    """Before any training: are there enough calibration images for --fpr?"""
+    needed = min_calibration_images(fpr)
+    if n < needed and not conservative:
+        raise TooFewCalibrationImages(n, fpr, needed)
+
+
+def report_skipped(images: ImageSet | str) -> None:
+    """List the files --skip-unreadable left out (the library refuses them otherwise)."""
+    errors = images.errors if isinstance(images, ImageSet) else []
+    for name, error in errors:
+        err_console.print(f"[yellow]skipped[/] {name}: {error}", highlight=False)
+    if errors:
+        err_console.print(f"[yellow]skipped {len(errors)} unreadable file(s)[/] "
+                          "(--skip-unreadable)", highlight=False)
+
+
 def print_calibrations(detector: DensityDetector, kinds: list[str], n: int, source: str) -> None:
     for kind in kinds:
         cal = detector.calibrations[kind]
         default = " (default)" if kind == detector.default_kind else ""
         out_console.print(f"  {kind:<10} threshold {cal.threshold:.4f} {cal.unit} at FPR "
                           f"{cal.fpr:g}{default}", highlight=False)
+        if cal.conservative:
+            err_console.print(
+                f"[yellow]warning[/]: {kind}: only {cal.n} calibration images for FPR "
+                f"{cal.fpr:g} (needs {min_calibration_images(cal.fpr)}): the threshold is the "
+                f"largest clean score, {cal.threshold:.4f}; its false-positive rate is not "
+                "guaranteed (--conservative-threshold)", highlight=False)
     err_console.print(f"calibrated {', '.join(kinds)} on {n} clean images of {source}",
                       highlight=False)
 
 
 def default_out(data: str) -> Path:
+    """runs/<data name>: untracked (git-ignored), so a bare `train` in a clone never
+    modifies the shipped bundles in models/."""
     parsed = parse_builtin(split_slice(data)[0])
     name = parsed[0] if parsed else Path(data.rstrip("/")).stem or "model"
-    return Path("models") / name
+    return Path("runs") / name
 
 
 @app.command()
@@ -114,7 +156,9 @@ def train(
                              help="Training images: digits, fashion-mnist, mnist, cifar10, a "
                                   "folder, or an .npz file."),
     out: Path | None = typer.Option(None, "--out", "-o",
-                                    help="Bundle directory \\[default: models/<data name>]."),
+                                    help="Bundle directory \\[default: runs/<data name>]. "
+                                         "An existing bundle is replaced only with "
+                                         "--overwrite; any other non-empty folder never."),
     preset: str = typer.Option("small", help=f"Model size: {', '.join(PRESETS)}."),
     dropout: float = typer.Option(0.1, min=0.0, max=0.9,
                                   help="Dropout on the gated units (helps on small data)."),
@@ -127,6 +171,12 @@ def train(
     max_images: int | None = typer.Option(None, min=1, help="Train on at most this many "
                                                            "images (a quicker CPU run)."),
     seed: int = typer.Option(0, help="Seed for weights, shuffling and splits."),
+    skip_unreadable: bool = typer.Option(
+        False, "--skip-unreadable", help="Train on the readable files of a folder even if "
+        "some cannot be used (corrupt, or a different size than the first image); they are "
+        "listed. Without it such files are an error."),
+    conservative_threshold: bool = typer.Option(
+        False, "--conservative-threshold", help=CONSERVATIVE_HELP),
     score_kind: str = typer.Option(DEFAULT_SCORE, "--score", help=SCORE_OPTION_HELP + " Every "
                                    "available kind is calibrated; this one is the default."),
     background: bool = typer.Option(False, "--background", help="Also train the background "
@@ -144,6 +194,7 @@ def train(
     data_root: str | None = typer.Option(None, help="Folder holding data set files."),
     download: bool = typer.Option(False, "--download",
                                   help="Let torchvision download the data set if missing."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Train a PixelCNN on clean images, calibrate its thresholds and write a bundle.
 
@@ -154,9 +205,11 @@ def train(
 
     [bold]Examples[/]
 
-      pixeldefend train                                  [dim]# digits -> models/digits[/]
+      pixeldefend train                                  [dim]# digits -> runs/digits[/]
 
-      pixeldefend train --data fashion-mnist --epochs 5  [dim]# -> models/fashion-mnist[/]
+      pixeldefend train --data fashion-mnist --epochs 5  [dim]# -> runs/fashion-mnist[/]
+
+      pixeldefend train --out models/mine --overwrite    [dim]# replace an earlier bundle[/]
 
       pixeldefend train --data fashion-mnist --resume    [dim]# after an interruption[/]
 
@@ -173,12 +226,18 @@ def train(
         raise UsageError(f"--background-preset must be one of {', '.join(PRESETS)}, "
                          f"not {background_preset!r}")
     out = out or default_out(data)
+    prepare_dir(out, command="train", inputs=input_paths(data, data_root), overwrite=overwrite,
+                bundle=True)
     checkpoint = out.with_name(out.name + ".checkpoint")
-    splits = training_splits(data, data_root, download, seed)
+    for folder in (checkpoint, out.with_name(out.name + ".background.checkpoint")):
+        check_checkpoint_dir(folder, CHECKPOINT_FILES)
+    splits = training_splits(data, data_root, download, seed, skip_unreadable=skip_unreadable)
     train_set = resolve(splits["train"], None, data_root, download).head(max_images)
+    report_skipped(splits["train"])
     expect = train_set.spec
     val_set = resolve(splits["val"], expect, data_root, download)
     calib_set = resolve(splits["calib"], expect, data_root, download)
+    check_calibration_size(len(calib_set), fpr, conservative_threshold)
     test_set = resolve(splits["test"], expect, data_root, download) if "test" in splits else None
     err_console.print(
         f"data {data}: {len(train_set)} train, {len(val_set)} validation, {len(calib_set)} "
@@ -207,7 +266,8 @@ def train(
         train_background_model(detector, train_set, val_set, mutation_rate=mutation_rate,
                                preset=background_preset, settings=bg_settings,
                                checkpoint=background_checkpoint, resume=resume)
-    detector.calibrate_all(calib_set, fpr=fpr, data=calib_set.source)
+    detector.calibrate_all(calib_set, fpr=fpr, data=calib_set.source,
+                           conservative=conservative_threshold)
     detector.default_kind = score_kind
     if score_kind not in detector.calibrations:
         err_console.print(f"[yellow]warning[/]: {len(calib_set)} calibration images are too "
@@ -285,6 +345,8 @@ def train_background(
 
       pixeldefend train-background --model models/fashion-mnist --max-images 10000 --epochs 3
     """
+    prepare_dir(model, command="train-background", bundle=True, overwrite=True,
+                option="--model")  # the bundle is rewritten whole: it may hold nothing else
     detector = DensityDetector.load(model, device=device)
     recorded = detector.meta.get("data") or {}
     data = data or recorded.get("spec")
@@ -302,7 +364,9 @@ def train_background(
     train_set = resolve(splits["train"], expect, data_root, download).head(max_images)
     val_set = resolve(splits["val"], expect, data_root, download)
     calib_set = resolve(splits["calib"], expect, data_root, download)
+    check_calibration_size(len(calib_set), fpr, False)
     checkpoint = model.with_name(model.name + ".background.checkpoint")
+    check_checkpoint_dir(checkpoint, CHECKPOINT_FILES)
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                              patience=patience, weight_decay=l2)
     start = time.perf_counter()
@@ -333,6 +397,11 @@ def calibrate(
     score: str | None = typer.Option(
         None, "--score", help=SCORE_OPTION_HELP + " Calibrates this kind and makes it the "
         "bundle's default \\[default: recalibrate every available kind, keep the default]."),
+    conservative_threshold: bool = typer.Option(
+        False, "--conservative-threshold", help=CONSERVATIVE_HELP),
+    skip_unreadable: bool = typer.Option(
+        False, "--skip-unreadable", help="Calibrate on the readable files even if some "
+        "cannot be used (they are listed); without it they are an error."),
     batch_size: int = typer.Option(256, min=1),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     resize: bool = typer.Option(False, "--resize", help="Resize images to the model's size."),
@@ -358,7 +427,12 @@ def calibrate(
         check_score_kind(score)
     if not 0.0 < fpr < 1.0:
         raise UsageError(f"--fpr must be between 0 and 1 (exclusive), got {fpr}")
-    detector = DensityDetector.load(model, device=device, batch_size=batch_size)
+    detector = DensityDetector.load(model, device=device, batch_size=batch_size,
+                                    ignore_bad_calibration=True)
+    if "calibration_error" in detector.meta:
+        err_console.print(f"[yellow]warning[/]: replacing the invalid calibration.json of "
+                          f"{model} ({detector.meta.pop('calibration_error')})",
+                          highlight=False)
     if score is not None:
         detector.check_kind(score)
     if data is None:
@@ -367,13 +441,15 @@ def calibrate(
             raise UsageError("the bundle does not record its calibration data: pass --data")
     images = load_images(data, detector.spec, data_root=data_root, resize=resize,
                          grayscale=grayscale)
-    for name, error in images.errors:
-        err_console.print(f"[yellow]skipped[/] {name}: {error}", highlight=False)
+    refuse_unreadable(images, "calibration", skip_unreadable)
+    report_skipped(images)
     if score is not None:
-        detector.calibrate(images, fpr=fpr, kind=score, data=images.source)
+        detector.calibrate(images, fpr=fpr, kind=score, data=images.source,
+                           conservative=conservative_threshold)
         kinds = [score]
     else:
-        kinds = list(detector.calibrate_all(images, fpr=fpr, data=images.source))
+        kinds = list(detector.calibrate_all(images, fpr=fpr, data=images.source,
+                                            conservative=conservative_threshold))
     detector.save_calibration(model)
     headline = detector.default_kind if detector.default_kind in kinds else kinds[0]
     cal = detector.calibrations[headline]
@@ -397,7 +473,14 @@ def score(
     fail_on: str = typer.Option("none", help="Gate: 'anomalous' exits 1 if any image is flagged."),
     max_anomalous_fraction: float | None = typer.Option(
         None, help="Gate: exit 1 if more than this fraction of images is flagged."),
-    junit: Path | None = typer.Option(None, help="Write JUnit XML (one test case per image)."),
+    junit: Path | None = typer.Option(
+        None, help="Write JUnit XML: one test case per input plus a 'gate' case; it has a "
+        "failure or error exactly when the exit code is not 0."),
+    skip_unreadable: bool = typer.Option(
+        False, "--skip-unreadable", help="Let unreadable inputs (corrupt, wrong size, "
+        "unsupported files) pass the gate; they are still listed as error rows and counted "
+        "as skipped. Without it any unreadable input fails a gate (exit 1), or exits 2 "
+        "when no gate is set."),
     score_kind: str | None = typer.Option(
         None, "--score", help=SCORE_OPTION_HELP + " \\[default: the bundle's]"),
     batch_test: bool = typer.Option(
@@ -414,12 +497,16 @@ def score(
     resize: bool = typer.Option(False, "--resize", help="Resize images to the model's size."),
     grayscale: bool = typer.Option(False, "--grayscale", help="Convert colour/gray to match."),
     data_root: str | None = typer.Option(None, help="Folder holding data set files."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Score images: bits/dim, log-likelihood, score, conformal p-value and a verdict.
 
     Verdicts: clean, anomalous (score above the calibrated threshold) or error (the file
-    could not be read; the rest are still scored). Exit codes: 0 pass, 1 a gate failed,
-    2 bad usage or an unreadable input.
+    could not be read, or its score is NaN/infinite; the rest are still scored). Exit
+    codes: 0 pass, 1 a gate failed (an unscored input fails a gate unless
+    --skip-unreadable), 2 bad usage, or an unreadable input when no gate is set. Folder
+    scans read image and array files; hidden entries are ignored and counted, every other
+    file is an error row. JSONL and CSV rows are written as they are scored.
 
     [bold]Examples[/]
 
@@ -439,6 +526,11 @@ def score(
         raise UsageError("--max-anomalous-fraction must be between 0 and 1")
     if score_kind is not None:
         check_score_kind(score_kind)
+    inputs = input_paths(paths, model)
+    check_files((output, "--output"), (junit, "--junit"), inputs=inputs, overwrite=overwrite)
+    heatmap_dir = None if heatmap is None else prepare_dir(
+        heatmap, command="score --heatmap", inputs=inputs, overwrite=overwrite,
+        option="--heatmap")
     detector = DensityDetector.load(model, device=device, batch_size=batch_size)
     kind = detector.check_kind(score_kind or detector.default_kind)
     if kind == "typicality":
@@ -454,55 +546,83 @@ def score(
                          data_root=data_root)
     if len(stream) == 0:
         raise UsageError(f"no images found in {', '.join(paths)}")
-    results: list[dict[str, Any]] = []
+    policy = GatePolicy(fail_on_anomalous=fail_on == "anomalous",
+                        max_anomalous_fraction=max_anomalous_fraction, batch_test=batch_test,
+                        skip_unreadable=skip_unreadable)
+    tally = Tally()
+    streaming = fmt in (OutputFormat.jsonl, OutputFormat.csv)
+    results: list[dict[str, Any]] = []  # kept only for table / json output
+    bpd_values = array("d")  # for --batch-test only
     taken: set[str] = set()
-    with make_progress() as progress:
+    if heatmap_dir is not None:
+        clear_dir(heatmap_dir)
+        heatmap_dir.mark()
+    junit_writer = JUnitWriter(junit, kind, policy) if junit is not None else None
+    with contextlib.ExitStack() as stack:
+        rows_out = stack.enter_context(RowStream(fmt, reporting.SCORE_COLUMNS, output)) \
+            if streaming else None
+        progress = stack.enter_context(make_progress())
         task = progress.add_task("score", total=len(stream), status="")
         for batch in stream.batches(batch_size):
             rows = reporting.score_rows(detector, batch, kind)
             if heatmap is not None:
                 write_heatmaps(detector, batch, rows, kind, heatmap, taken)
-            results.extend(rows)
+            for row in rows:
+                tally.add(row)
+                if junit_writer is not None:
+                    junit_writer.add(row)
+                if batch_test and row["verdict"] in ("clean", "anomalous", "uncalibrated"):
+                    bpd_values.append(row["bits_per_dim"])
+            if rows_out is not None:
+                rows_out.write(rows)
+            else:
+                results.extend(rows)
             progress.update(task, advance=len(batch.names), status="")
-    doc = reporting.score_document(results, model, cal, kind)
-    summary = doc["summary"]
-    gate_failed = False
-    reasons = []
-    if batch_test:
-        bpd = np.array([r["bits_per_dim"] for r in results if r["verdict"] != "error"])
-        if bpd.size:
-            test = detector.batch_test(bpd=bpd, resamples=resamples, seed=seed)
-            doc["batch_test"] = reporting.batch_test_entry(test)
-            if fmt != OutputFormat.table or output is not None:  # else it is in the caption
-                err_console.print(reporting.batch_test_line(doc["batch_test"]), highlight=False)
-            if fail_on == "anomalous" and test.anomalous:
-                gate_failed = True
-                reasons.append(f"batch is atypical (p-value {test.p_value:.4f} <= "
-                               f"{test.alpha:g})")
-        else:
+        doc = reporting.score_document([], model, cal, kind)
+        doc["results"] = results
+        doc["summary"] = tally.summary(policy, stream.hidden)
+        batch_anomalous, batch_reason, batch_line = None, "", ""
+        if batch_test:
             doc["batch_test"] = None
-    elif fail_on == "anomalous" and summary["anomalous"] > 0:
-        gate_failed = True
-        reasons.append(f"{summary['anomalous']} anomalous image(s)")
-    scored = summary["clean"] + summary["anomalous"]
-    if max_anomalous_fraction is not None and scored:
-        fraction = summary["anomalous"] / scored
-        if fraction > max_anomalous_fraction:
-            gate_failed = True
-            reasons.append(f"anomalous fraction {fraction:.3f} > {max_anomalous_fraction:g}")
-    doc["gate"] = {"failed": gate_failed, "reasons": reasons}
-    emit(fmt, doc, results, reporting.SCORE_COLUMNS,
-         lambda: reporting.score_table(doc), output)
-    if junit is not None:
-        reporting.write_junit(junit, results, kind, doc.get("batch_test"))
+            if len(bpd_values):
+                test = detector.batch_test(bpd=np.asarray(bpd_values), resamples=resamples,
+                                           seed=seed)
+                doc["batch_test"] = reporting.batch_test_entry(test)
+                batch_line = reporting.batch_test_line(doc["batch_test"])
+                if fmt != OutputFormat.table or output is not None:  # else in the caption
+                    err_console.print(batch_line, highlight=False)
+                batch_anomalous = test.anomalous
+                batch_reason = (f"batch is atypical (p-value {test.p_value:.4f} <= "
+                                f"{test.alpha:g})")
+        result = decide(tally, policy, batch_anomalous, batch_reason)
+        doc["gate"] = result.to_dict()
+        if not streaming:
+            emit(fmt, doc, results, reporting.SCORE_COLUMNS,
+                 lambda: reporting.score_table(doc), output)
+    if junit_writer is not None:
+        try:
+            junit_writer.close(result, doc.get("batch_test"), batch_line)
+        except OSError as exc:  # checked up front; a disk that filled up since
+            raise OutputError(f"cannot write {junit}: {exc.strerror or exc}") from None
         err_console.print(f"wrote {junit}", highlight=False)
+    summary = doc["summary"]
+    extra = []
+    if tally.invalid:
+        extra.append(f"{tally.invalid} with a non-finite score")
+    if skip_unreadable and tally.unreadable:
+        extra.append(f"{tally.unreadable} unreadable skipped by --skip-unreadable")
+    if stream.hidden:
+        extra.append(f"{stream.hidden} hidden file(s)/folder(s) ignored")
     err_console.print(
-        f"{summary['n']} image(s): {summary['clean']} clean, {summary['anomalous']} anomalous, "
-        f"{summary['errors']} error(s)" + (f"; gate failed: {', '.join(reasons)}" if reasons
-                                           else ""), highlight=False)
-    if summary["errors"]:
-        raise typer.Exit(EXIT_USAGE)
-    raise typer.Exit(EXIT_GATE if gate_failed else EXIT_OK)
+        f"{summary['n']} input(s): {summary['clean']} clean, {summary['anomalous']} "
+        f"anomalous, {summary['errors']} error(s)"
+        + (f" ({'; '.join(extra)})" if extra else "")
+        + (f"; gate failed: {'; '.join(result.reasons)}" if result.failed else
+           ("; gate passed" if policy.active else "")), highlight=False)
+    if result.exit_code == EXIT_USAGE:
+        err_console.print("some inputs could not be scored (see the error rows); pass "
+                          "--skip-unreadable to accept unreadable ones", highlight=False)
+    raise typer.Exit(result.exit_code)
 
 
 def write_heatmaps(detector: DensityDetector, batch: Batch, rows: list[dict[str, Any]],
@@ -510,7 +630,7 @@ def write_heatmaps(detector: DensityDetector, batch: Batch, rows: list[dict[str,
     """A heat map PNG for every flagged image of the batch; its path goes into the row."""
     from ..localise import heatmap_name, write_heatmap
 
-    readable = [r for r in rows if r["verdict"] != "error"]
+    readable = [r for r in rows if r.get("error_kind") != "read"]  # rows with an image
     flagged = [k for k, r in enumerate(readable) if r["verdict"] == "anomalous"]
     for r in rows:
         r["heatmap"] = None
@@ -566,6 +686,7 @@ def sample(
     scale: int = typer.Option(0, min=0, help="Pixel zoom of the grid \\[default: fit ~256 px]."),
     seed: int = typer.Option(0, help="Random seed."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Draw images from the model and save them as a PNG grid a person can look at.
 
@@ -578,6 +699,8 @@ def sample(
     from ..data import image_grid, save_npz
     from ..purify import sample as fast_sample
 
+    check_files((out, "--out"), (npz, "--npz"), inputs=input_paths(model),
+                overwrite=overwrite)
     detector = DensityDetector.load(model, device=device)
     generator = torch.Generator().manual_seed(seed)
     with make_progress() as progress:  # the cached decoder reports once per image row

@@ -29,9 +29,18 @@ from ..evaluate import (
     run_evaluation,
 )
 from ..models.classifier import load_classifier
+from ..outputs import clear_dir, input_paths, prepare_dir
 from ..report import accuracy_table, detection_table, headline, results_json, write_report
 from .app import app
-from .common import DEVICE_HELP, OutputFormat, err_console, handle_errors, make_progress
+from .common import (
+    DEVICE_HELP,
+    OVERWRITE,
+    TRUST_CODE_HELP,
+    OutputFormat,
+    err_console,
+    handle_errors,
+    make_progress,
+)
 from .common import out_console as console
 
 DEFAULT_MODEL = Path("models/digits")
@@ -134,15 +143,6 @@ def _rich_table(table: tuple[list[str], list[list[str]], list[str]], title: str)
     return t
 
 
-def _prepare_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (
-            (out / "results.json").exists() or (out / "cache").is_dir()):
-        raise UsageError(f"--out {out} is a non-empty folder that is not an earlier "
-                         "evaluation (no results.json or cache/): refusing to write into it")
-
-
 def _default_out(data: str) -> Path:
     base, _ = split_slice(data)
     parsed = parse_builtin(base)
@@ -171,8 +171,8 @@ def evaluate(
         None, "--model", "-m", help=f"PixelCNN bundle \\[default: {DEFAULT_MODEL}]."),
     classifier: str | None = typer.Option(
         None, "--classifier", "-c",
-        help=f"Classifier bundle, TorchScript file or package.module:factory "
-             f"\\[default: {DEFAULT_CLASSIFIER}]."),
+        help=f"Classifier bundle, TorchScript file or package.module:factory (these two "
+             f"run code: need --trust-code) \\[default: {DEFAULT_CLASSIFIER}]."),
     data: str | None = typer.Option(
         None, "--data", "-d", help="Labelled images \\[default: the classifier's test split]."),
     n: int = typer.Option(1000, "--n", "-n", min=1, help="Evaluate the first N images."),
@@ -220,6 +220,8 @@ def evaluate(
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f",
                                      help="table (Rich, on stdout) or json (results.json)."),
     data_root: str | None = typer.Option(None, help="Folder holding data set files."),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Accuracy under every attack x eps with no defence, PixelDefend and adaptive
     PixelDefend; bits/dim detection (AUROC, TPR); the adaptive BPDA attack; a report.
@@ -245,9 +247,12 @@ def evaluate(
     if fmt not in (OutputFormat.table, OutputFormat.json):
         raise UsageError("--format must be table or json")
     model_path = _default_path(model or DEFAULT_MODEL)
+    classifier = classifier or str(_default_path(DEFAULT_CLASSIFIER))
+    if out is not None:  # the default folder depends on the data: checked below
+        prepare_dir(out, command="evaluate", overwrite=overwrite, resume=resume,
+                    can_resume=True, inputs=input_paths(model_path, classifier, data, data_root))
     detector = DensityDetector.load(model_path, device=device)
-    loaded = load_classifier(classifier or str(_default_path(DEFAULT_CLASSIFIER)),
-                             device=device)
+    loaded = load_classifier(classifier, device=device, trust_code=trust_code)
     if data is None:
         data = (loaded.config.get("data") or {}).get("test") or "digits:test"
     spec: ImageSpec = detector.spec
@@ -275,7 +280,12 @@ def evaluate(
         purify_batch=purify_batch, resume=resume,
     ).checked()
     out = out or _default_out(data)
-    _prepare_out(out)
+    out_dir = prepare_dir(out, command="evaluate", overwrite=overwrite, resume=resume,
+                          can_resume=True, inputs=input_paths(model_path, classifier, data,
+                                                              data_root))
+    if not resume:
+        clear_dir(out_dir)  # --overwrite: a fresh run, no stale cache or figures
+    out_dir.mark()
     command = None
     if Path(sys.argv[0]).name.startswith("pixeldefend"):
         command = "pixeldefend " + " ".join(shlex.quote(a) for a in sys.argv[1:]

@@ -13,10 +13,12 @@ from ..detector import DensityDetector
 from ..errors import UsageError
 from ..ood import BUILTIN_OOD, METRICS, OODReport, evaluate_ood, make_ood_set, subsample
 from ..ood import write_report as write_ood_report
+from ..outputs import clear_dir, input_paths, prepare_dir
 from ..scores import SCORE_KINDS
 from .app import app
 from .common import (
     DEVICE_HELP,
+    OVERWRITE,
     OutputFormat,
     emit,
     err_console,
@@ -80,6 +82,7 @@ def evaluate_ood_cmd(
     data_root: str | None = typer.Option(None, help="Folder holding data set files."),
     download: bool = typer.Option(False, "--download",
                                   help="Let torchvision download data sets if missing."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Benchmark every score kind against out-of-distribution sets.
 
@@ -95,6 +98,9 @@ def evaluate_ood_cmd(
       pixeldefend evaluate-ood -m models/fashion-mnist --in fashion-mnist:test \\
         --out-sets digits,noise,constant,photos --out reports/ood
     """
+    out_dir = None if out is None else prepare_dir(
+        out, command="evaluate-ood", overwrite=overwrite,
+        inputs=input_paths(model, in_spec, parse_list(out_sets), data_root))
     detector = DensityDetector.load(model, device=device, batch_size=batch_size)
     kinds = parse_list(score) or list(detector.available_kinds)
     for kind in kinds:
@@ -128,6 +134,8 @@ def evaluate_ood_cmd(
     doc: dict[str, Any] = report.to_dict()
     rows = report.rows()
     emit(fmt, doc, rows, ["out_set", "kind", *METRICS], lambda: ood_table(report))
-    if out is not None:
+    if out_dir is not None:
+        clear_dir(out_dir)
+        out_dir.mark()
         files = write_ood_report(report, out)
         err_console.print(f"wrote {', '.join(str(f) for f in files)}", highlight=False)

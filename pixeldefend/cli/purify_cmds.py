@@ -6,29 +6,18 @@ manifest; `defend` scores, purifies and classifies, printing one row per image.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import typer
 from rich.table import Table
 
-from ..atomic import atomic_path, write_json
-from ..data import (
-    ARRAY_EXTENSIONS,
-    Batch,
-    ImageStream,
-    list_image_files,
-    parse_builtin,
-    save_image,
-    save_npz,
-    to_8bit,
-)
+from ..atomic import write_json
+from ..data import Batch, ImageStream
 from ..detector import DensityDetector
 from ..errors import UsageError
+from ..outputs import PurifyOutputs, check_files, clear_dir, input_paths, prepare_dir
 from ..purify import DEFAULT_BATCH, PurifyResult, default_eps_defend, purify
 from .app import app
 from .common import (
@@ -37,6 +26,8 @@ from .common import (
     EXIT_OK,
     EXIT_USAGE,
     FORMAT_HELP,
+    OVERWRITE,
+    TRUST_CODE_HELP,
     OutputFormat,
     emit,
     err_console,
@@ -47,7 +38,6 @@ from .common import (
 )
 
 DEFAULT_MODEL = Path("models/digits")
-LOSSLESS = {".png", ".bmp", ".tif", ".tiff"}  # written as they came; others become .png
 GATE_CHOICES = ("none", "anomalous")
 PURIFY_COLUMNS = ["path", "output", "bits_per_dim_before", "bits_per_dim_after", "purified",
                   "changed", "verdict", "error"]
@@ -86,110 +76,6 @@ def _load(model: Path, device: str, adaptive: bool, eps_defend: int | None,
 
 
 # -------------------------------------------------------------------------- purify
-
-
-@dataclass
-class _Outputs:
-    """Where each input's purified copy goes, and the array files being collected."""
-
-    out: Path
-    levels: int
-    image_targets: dict[str, Path] = field(default_factory=dict)
-    arrays: dict[str, dict[str, Any]] = field(default_factory=dict)  # source -> collected
-
-    @classmethod
-    def plan(cls, paths: list[str], out: Path, levels: int) -> _Outputs:
-        """Map every input file to a path under `out`: a file keeps its name, a folder's
-        files keep their path relative to the folder; lossy formats become .png."""
-        plan = cls(out, levels)
-        seen: dict[Path, str] = {}
-
-        def claim(target: Path, source: str) -> Path:
-            if target in seen and seen[target] != source:
-                raise UsageError(f"{seen[target]} and {source} would both be written to "
-                                 f"{target}: purify them into separate --out folders")
-            seen[target] = source
-            return target
-
-        for raw in paths:
-            if parse_builtin(raw) is not None:
-                stem = re.sub(r"[^\w.-]+", "_", raw).strip("_")
-                claim(out / f"{stem}.npz", raw)
-                plan.arrays[raw] = {"target": out / f"{stem}.npz", "kind": "builtin",
-                                    "images": [], "labels": []}
-                continue
-            path = Path(raw).expanduser()
-            files = [(f, f.relative_to(path)) for f in list_image_files(path)] \
-                if path.is_dir() else [(path, Path(path.name))]
-            for file, rel in files:
-                suffix = file.suffix.lower()
-                if suffix in ARRAY_EXTENSIONS:
-                    target = claim(out / rel, str(file))
-                    plan.arrays[str(file)] = {"target": target, "kind": suffix, "images": [],
-                                              "labels": []}
-                else:
-                    target = out / rel if suffix in LOSSLESS else (out / rel).with_suffix(".png")
-                    plan.image_targets[str(file)] = claim(target, str(file))
-        return plan
-
-    def source_of(self, name: str) -> str | None:
-        """'x.npz[3]' -> 'x.npz'; 'digits:test:17' -> the spec it came from."""
-        if name in self.image_targets:
-            return name
-        base = name.rsplit("[", 1)[0] if name.endswith("]") else None
-        if base is not None and base in self.arrays:
-            return base
-        for spec, entry in self.arrays.items():
-            if entry["kind"] == "builtin" and name.startswith(_builtin_prefix(spec)):
-                return spec
-        return None
-
-    def add(self, name: str, image: torch.Tensor, label: int | None) -> str | None:
-        """Write an image file now, or collect an array item; returns the output path."""
-        source = self.source_of(name)
-        if source is None:
-            return None
-        if source in self.image_targets:
-            target = self.image_targets[source]
-            save_image(target, image, self.levels)
-            return str(target)
-        entry = self.arrays[source]
-        entry["images"].append(image)
-        entry["labels"].append(label)
-        return f"{entry['target']}[{len(entry['images']) - 1}]"
-
-    def flush(self) -> None:
-        """Write the collected array files (.npz keeps levels and labels; .npy is 8-bit)."""
-        for source, entry in self.arrays.items():
-            if not entry["images"]:
-                continue
-            images = torch.stack(entry["images"])
-            labels = entry["labels"]
-            label_tensor = torch.tensor(labels) if all(v is not None for v in labels) else None
-            if label_tensor is None and entry["kind"] == ".npz":
-                label_tensor = _stored_labels(Path(source), len(labels))
-            if entry["kind"] == ".npy":
-                with atomic_path(entry["target"], suffix=".npy") as tmp:
-                    with open(tmp, "wb") as fh:
-                        np.save(fh, to_8bit(images, self.levels))
-            else:
-                save_npz(entry["target"], images, self.levels, label_tensor)
-
-
-def _stored_labels(path: Path, n: int) -> torch.Tensor | None:
-    """The labels of an .npz input (a batch mixing sources carries no labels)."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "labels" in archive and len(archive["labels"]) == n:
-                return torch.from_numpy(np.asarray(archive["labels"]).astype(np.int64))
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def _builtin_prefix(spec: str) -> str:
-    name, split = parse_builtin(spec) or ("", "")
-    return f"{name}:{split}:"
 
 
 def _purify_table(doc: dict[str, Any]) -> Table:
@@ -234,6 +120,7 @@ def purify_cmd(
     resize: bool = typer.Option(False, "--resize", help="Resize images to the model's size."),
     grayscale: bool = typer.Option(False, "--grayscale", help="Convert colour/gray to match."),
     data_root: str | None = typer.Option(None, help="Folder holding data set files."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Purify images (PixelDefend): move each sub-pixel, within +-eps_defend levels of its
     value, to the most likely value given the already purified pixels.
@@ -252,12 +139,16 @@ def purify_cmd(
 
       pixeldefend purify digits:test --out pur/ --format json
     """
+    out_dir = prepare_dir(out, command="purify", overwrite=overwrite,
+                          inputs=input_paths(paths, model, data_root))
     detector, eps = _load(model, device, adaptive, eps_defend)
     spec = detector.spec
     stream = ImageStream(paths, spec, resize=resize, grayscale=grayscale, data_root=data_root)
     if len(stream) == 0:
         raise UsageError(f"no images found in {', '.join(paths)}")
-    plan = _Outputs.plan(paths, out, spec.levels)
+    plan = PurifyOutputs.plan(paths, out, spec.levels)
+    clear_dir(out_dir)  # ours (marker) and --overwrite: no stale copies of an earlier run
+    out_dir.mark()
     rows: list[dict[str, Any]] = []
     threshold = detector.bpd_threshold
     with make_progress() as progress:
@@ -347,7 +238,8 @@ def defend_cmd(
     paths: list[str] = typer.Argument(..., help="Images, folders, .npz/.npy files or built-in "
                                                "data specs such as digits:test."),
     classifier: str = typer.Option(..., "--classifier", "-c", help="Classifier: bundle "
-                                   "directory, TorchScript file or package.module:factory."),
+                                   "directory, TorchScript file or package.module:factory "
+                                   "(these two run code: need --trust-code)."),
     model: Path = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model bundle directory."),
     eps_defend: int | None = typer.Option(None, "--eps-defend", "-e", min=0, help=EPS_HELP),
     adaptive: bool = typer.Option(False, "--adaptive", help=ADAPTIVE_HELP),
@@ -363,6 +255,8 @@ def defend_cmd(
     resize: bool = typer.Option(False, "--resize", help="Resize images to the model's size."),
     grayscale: bool = typer.Option(False, "--grayscale", help="Convert colour/gray to match."),
     data_root: str | None = typer.Option(None, help="Folder holding data set files."),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Score, purify and classify: the PixelDefend pipeline in front of a classifier.
 
@@ -385,11 +279,14 @@ def defend_cmd(
 
     if fail_on not in GATE_CHOICES:
         raise UsageError(f"--fail-on must be one of {', '.join(GATE_CHOICES)}, not {fail_on!r}")
+    check_files((output, "--output"), overwrite=overwrite,
+                inputs=input_paths(paths, model, classifier, data_root))
     detector, eps = _load(model, device, adaptive, eps_defend,
                           need_calibration=fail_on != "none")
     spec = detector.spec
     loaded = load_classifier(classifier, device=device, mean=_floats(mean, "--mean"),
-                             std=_floats(std, "--std"), input_shape=spec.shape)
+                             std=_floats(std, "--std"), input_shape=spec.shape,
+                             trust_code=trust_code)
     classes = loaded.classes
     stream = ImageStream(paths, spec, resize=resize, grayscale=grayscale, data_root=data_root)
     if len(stream) == 0:

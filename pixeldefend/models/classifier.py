@@ -12,6 +12,10 @@ Three kinds of classifier spec are accepted by `load_classifier`:
 - `package.module:factory` (a callable returning an `nn.Module`) plus a state-dict file
   loaded with `torch.load(..., weights_only=True)`, passed as `factory_weights` or
   appended to the spec as `package.module:factory@weights.pt`.
+
+Trust boundary: a bundle is data (safetensors + JSON, nothing is unpickled or run), but
+loading a TorchScript file runs its code and a factory imports a module, so both need
+`trust_code=True` (the CLI's `--trust-code`).
 """
 
 from __future__ import annotations
@@ -346,7 +350,9 @@ def _load_bundle(path: Path) -> tuple[nn.Module, dict[str, Any]]:
             f"{path}: bundle holds a {kind!r} model, not a classifier (train one with "
             "`pixeldefend classifier train`)")
     try:
-        cfg = ClassifierConfig.from_dict(config["architecture"])
+        from ..schema import check_classifier_architecture
+
+        cfg = ClassifierConfig.from_dict(check_classifier_architecture(config["architecture"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{path}: config.json has no valid classifier architecture "
                           f"({exc})") from exc
@@ -459,6 +465,12 @@ def probe_classifier(model: nn.Module, input_shape: Sequence[int],
     return int(out.shape[1])
 
 
+def _require_trust(trust_code: bool, what: str) -> None:
+    if not trust_code:
+        raise UsageError(f"{what}: loading it runs code from it; pass --trust-code if you "
+                         "trust it (pixeldefend classifier bundles need no flag)")
+
+
 def load_classifier(
     spec: str | Path,
     device: str | torch.device = "auto",
@@ -466,8 +478,12 @@ def load_classifier(
     std: Sequence[float] | None = None,
     input_shape: Sequence[int] | None = None,
     factory_weights: str | Path | None = None,
+    trust_code: bool = False,
 ) -> LoadedClassifier:
     """Load a classifier bundle, a TorchScript file or `module:factory` (+ weights).
+
+    TorchScript and factories run code from the file or module: they are refused with a
+    UsageError unless `trust_code` is set (bundles never need it).
 
     `mean`/`std` fold input normalisation into the returned model. `input_shape`
     (C, H, W) lets a TorchScript or factory model be checked (and its number of classes
@@ -499,9 +515,11 @@ def load_classifier(
             raise BundleError(f"{path}: not a classifier: expected a bundle directory, a "
                               f"TorchScript file ({', '.join(sorted(TORCHSCRIPT_SUFFIXES))}) "
                               "or package.module:factory")
+        _require_trust(trust_code, f"{path} is a TorchScript file")
         model = _finish(_load_torchscript(path), dev, mean, std)
         kind = "torchscript"
     elif match is not None and not path.exists():
+        _require_trust(trust_code, f"{text} is a package.module:factory classifier")
         weights = factory_weights if factory_weights is not None else match["weights"]
         if factory_weights is not None and match["weights"]:
             raise UsageError("give the weights either after '@' or with --classifier-weights, "
