@@ -322,3 +322,19 @@ def test_cli_heatmap_draws_the_local_map_with_a_dose_calibration(runner, tiny_bu
     assert noise["verdict"] == "anomalous" and noise["heatmap"] is not None
     with Image.open(noise["heatmap"]) as img:
         assert img.width >= 400
+
+
+def test_cli_calibrate_with_too_few_images_for_dose_falls_back_to_bpd_loudly(
+        runner, repo, tmp_path):
+    bundle = tmp_path / "digits"
+    shutil.copytree(repo / "models" / "digits", bundle)
+    result = run(runner, "calibrate", "--model", bundle, "--data", "digits:calib[:30]")
+    assert result.exit_code == 0, result.stderr
+    assert "too few to calibrate score 'dose'" in result.stderr
+    det = DensityDetector.load(bundle, device="cpu")
+    assert det.default_kind == "bpd" and "dose" not in det.calibrations
+    result = run(runner, "calibrate", "--model", bundle, "--data", "digits:calib")
+    det = DensityDetector.load(bundle, device="cpu")
+    assert det.default_kind == "bpd" and "dose" in det.calibrations  # restore: --score dose
+    run(runner, "calibrate", "--model", bundle, "--data", "digits:calib", "--score", "dose")
+    assert DensityDetector.load(bundle, device="cpu").default_kind == "dose"

@@ -141,6 +141,18 @@ def print_calibrations(detector: DensityDetector, kinds: list[str], n: int, sour
                       highlight=False)
 
 
+def fall_back_if_uncalibrated(detector: DensityDetector, n: int) -> None:
+    """When the default score could not be calibrated (`dose` needs about 50 clean
+    images: half fit its density), make bits/dim the default, loudly."""
+    if detector.default_kind in detector.calibrations or "bpd" not in detector.calibrations:
+        return
+    err_console.print(
+        f"[yellow]warning[/]: {n} clean images are too few to calibrate score "
+        f"{detector.default_kind!r}; the default score is now 'bpd' (calibrate with more "
+        "clean images and --score dose to restore it)", highlight=False)
+    detector.default_kind = "bpd"
+
+
 def default_out(data: str) -> Path:
     """runs/<data name>: untracked (git-ignored), so a bare `train` in a clone never
     modifies the shipped bundles in models/."""
@@ -269,10 +281,7 @@ def train(
     detector.calibrate_all(calib_set, fpr=fpr, data=calib_set.source,
                            conservative=conservative_threshold)
     detector.default_kind = score_kind
-    if score_kind not in detector.calibrations:
-        err_console.print(f"[yellow]warning[/]: {len(calib_set)} calibration images are too "
-                          f"few for score {score_kind!r}; gate with --score bpd or run "
-                          "`pixeldefend calibrate` with more clean images", highlight=False)
+    fall_back_if_uncalibrated(detector, len(calib_set))
     cal = detector.calibrations["bpd"]
     metrics: dict[str, Any] = {"val_bits_per_dim": detector.meta["training"]["val_bits_per_dim"],
                                "train_seconds": round(time.perf_counter() - start, 1)}
@@ -450,6 +459,7 @@ def calibrate(
     else:
         kinds = list(detector.calibrate_all(images, fpr=fpr, data=images.source,
                                             conservative=conservative_threshold))
+        fall_back_if_uncalibrated(detector, len(images))
     detector.save_calibration(model)
     headline = detector.default_kind if detector.default_kind in kinds else kinds[0]
     cal = detector.calibrations[headline]
