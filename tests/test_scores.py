@@ -23,7 +23,9 @@ from pixeldefend.errors import UsageError
 from pixeldefend.localise import heatmap_name, pixel_bits
 from pixeldefend.ood import subsample
 from pixeldefend.scores import (
+    DEFAULT_CODEC,
     SCORE_KINDS,
+    codec_bits_per_dim,
     complexity_score,
     llr_score,
     mutate,
@@ -59,7 +61,7 @@ def test_png_bits_per_dim_is_the_png_size_and_tiny_for_a_constant_image():
 def test_complexity_is_model_bits_minus_compressor_bits(tiny_bundle):
     det = DensityDetector.load(tiny_bundle, device="cpu")
     x = load_images("digits:test[:12]")
-    expected = det.score_samples(x, "bpd") - png_bits_per_dim(x.images, 17)
+    expected = det.score_samples(x, "bpd") - codec_bits_per_dim(x.images, 17, DEFAULT_CODEC)
     assert np.allclose(det.score_samples(x, "complexity"), expected)
     assert np.allclose(complexity_score(np.array([3.0]), np.array([1.25])), [1.75])
 
@@ -307,3 +309,32 @@ def test_cli_train_with_background(runner, tmp_path):
     assert not (tmp_path / "m.background.checkpoint").exists()
     result = run(runner, "train", "--preset", "tiny", "--score", "llr", "--out", tmp_path / "x")
     assert result.exit_code == 2 and "--background" in result.stderr
+
+
+def test_cli_heatmap_draws_the_local_map_with_a_dose_calibration(runner, tiny_bundle_background,
+                                                                 mixed_dir, tmp_path):
+    out = tmp_path / "maps"
+    result = run(runner, "score", mixed_dir, "--model", tiny_bundle_background, "--score",
+                 "dose", "--heatmap", out, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)["results"]
+    noise = next(r for r in rows if r["path"].endswith("noise.png"))
+    assert noise["verdict"] == "anomalous" and noise["heatmap"] is not None
+    with Image.open(noise["heatmap"]) as img:
+        assert img.width >= 400
+
+
+def test_cli_calibrate_with_too_few_images_for_dose_falls_back_to_bpd_loudly(
+        runner, repo, tmp_path):
+    bundle = tmp_path / "digits"
+    shutil.copytree(repo / "models" / "digits", bundle)
+    result = run(runner, "calibrate", "--model", bundle, "--data", "digits:calib[:30]")
+    assert result.exit_code == 0, result.stderr
+    assert "too few to calibrate score 'dose'" in result.stderr
+    det = DensityDetector.load(bundle, device="cpu")
+    assert det.default_kind == "bpd" and "dose" not in det.calibrations
+    result = run(runner, "calibrate", "--model", bundle, "--data", "digits:calib")
+    det = DensityDetector.load(bundle, device="cpu")
+    assert det.default_kind == "bpd" and "dose" in det.calibrations  # restore: --score dose
+    run(runner, "calibrate", "--model", bundle, "--data", "digits:calib", "--score", "dose")
+    assert DensityDetector.load(bundle, device="cpu").default_kind == "dose"
