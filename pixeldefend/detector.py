@@ -1,10 +1,12 @@
 """DensityDetector: a PixelCNN plus calibrated thresholds, in the spirit of scikit-learn's
-outlier detectors (fit / score_samples / calibrate / predict / p_values / save / load).
+outlier detectors: fit / score_samples (lower = more abnormal) / decision_function
+(negative = outlier) / predict (-1 outlier, +1 inlier), plus calibrate / p_values / save /
+load.
 
-Scores are "higher = more anomalous". All kinds (bits/dim, input complexity, likelihood
-ratio against a background model, typicality; maths in scores.py; and `dose`, the
-default gate score, dose.py) are computed from the same single model pass, each with its
-own calibration.
+`anomaly_score` and `is_anomalous` are the "higher = more anomalous" forms the gate uses.
+All kinds (bits/dim, input complexity, likelihood ratio against a background model,
+typicality; maths in scores.py; and `dose`, the default gate score, dose.py) are computed
+from the same single model pass, each with its own calibration.
 """
 
 from __future__ import annotations
@@ -146,7 +148,12 @@ class DensityDetector:
         """Train the PixelCNN by maximum likelihood; keep the best validation weights."""
         x = as_tensor(images)
         if levels is None:
-            levels = images.levels if isinstance(images, ImageSet) else int(x.max()) + 1
+            if not isinstance(images, ImageSet):
+                # guessing from x.max() + 1 silently builds a wrong model when the
+                # brightest level is absent from the training data
+                raise UsageError("levels is required for plain arrays (256 for 8-bit "
+                                 "images, 17 for scikit-learn digits); an ImageSet carries it")
+            levels = images.levels
         settings = settings or TrainSettings()
         torch.manual_seed(settings.seed)
         if self.model is None:
@@ -327,15 +334,19 @@ class DensityDetector:
             cache["codec_bpd"] = codec_bits_per_dim(x, self.spec.levels, DEFAULT_CODEC)
         return cache["codec_bpd"]
 
-    def score_samples(self, images: ImagesLike, kind: str | None = None,
+    def anomaly_score(self, images: ImagesLike, kind: str | None = None,
                       progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """Anomaly score per image (higher = stranger); bits/dim for the default kind.
+        """Anomaly score per image, higher = stranger (what calibration thresholds).
 
-        kind: bpd, complexity, llr (needs a background model) or typicality (needs a
-        calibration); the library entry point for `defend` / `evaluate`.
+        kind: bpd, complexity, llr (needs a background model), typicality or dose (need a
+        calibration); None is the bundle's default kind.
         """
         kind = self.check_kind(kind or self.default_kind)
         return self.compute_scores(images, [kind], progress)[kind]
+
+    def score_samples(self, images: ImagesLike, kind: str | None = None) -> np.ndarray:
+        """scikit-learn's convention: lower = more abnormal, i.e. -anomaly_score."""
+        return -self.anomaly_score(images, kind)
 
     def batch_test(self, images: ImagesLike | None = None, *, bpd: np.ndarray | None = None,
                    alpha: float | None = None, resamples: int = 1000, seed: int = 0
@@ -357,7 +368,7 @@ class DensityDetector:
         if bpd is None:
             if images is None:
                 raise UsageError("batch_test needs images or their bits/dim")
-            bpd = self.score_samples(images, "bpd")
+            bpd = self.anomaly_score(images, "bpd")
         try:
             return typicality_test(bpd, reference, alpha=cal.fpr if alpha is None else alpha,
                                    resamples=resamples, seed=seed)
@@ -456,11 +467,21 @@ class DensityDetector:
         return self.calibrations[kind]
 
     def p_values(self, images: ImagesLike, kind: str | None = None) -> np.ndarray:
-        return self._calibration_for(kind).p_values(self.score_samples(images, kind))
+        """Conformal p-values against the clean calibration scores (small = anomalous)."""
+        return self._calibration_for(kind).p_values(self.anomaly_score(images, kind))
+
+    def is_anomalous(self, images: ImagesLike, kind: str | None = None) -> np.ndarray:
+        """True where an image is anomalous (score above the calibrated threshold)."""
+        return self._calibration_for(kind).predict(self.anomaly_score(images, kind))
+
+    def decision_function(self, images: ImagesLike, kind: str | None = None) -> np.ndarray:
+        """threshold - anomaly score: negative for outliers, as in scikit-learn."""
+        cal = self._calibration_for(kind)
+        return cal.threshold - self.anomaly_score(images, kind)
 
     def predict(self, images: ImagesLike, kind: str | None = None) -> np.ndarray:
-        """True where an image is anomalous (score above the calibrated threshold)."""
-        return self._calibration_for(kind).predict(self.score_samples(images, kind))
+        """-1 for outliers, +1 for inliers (scikit-learn's outlier-detector convention)."""
+        return np.where(self.is_anomalous(images, kind), -1, 1)
 
     # -------------------------------------------------------------------- persistence
 

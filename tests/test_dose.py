@@ -142,9 +142,9 @@ def test_default_gate_flags_rendered_characters_that_bpd_misses(repo):
     assert det.default_kind == "dose"
     clean = load_images("digits:test", det.spec)
     chars = make_ood_set("characters", det.spec, clean, 200, seed=0)
-    assert det.predict(chars, "bpd").mean() < 0.4
-    assert det.predict(chars).mean() > 0.85
-    assert det.predict(clean).mean() < 0.12  # target 0.05 on 359 images
+    assert det.is_anomalous(chars, "bpd").mean() < 0.4
+    assert det.is_anomalous(chars).mean() > 0.85
+    assert det.is_anomalous(clean).mean() < 0.12  # target 0.05 on 359 images
 
 
 def test_local_map_puts_the_hottest_square_on_a_hot_region():

@@ -279,7 +279,7 @@ def train(
     metrics: dict[str, Any] = {"val_bits_per_dim": detector.meta["training"]["val_bits_per_dim"],
                                "train_seconds": round(time.perf_counter() - start, 1)}
     if test_set is not None:
-        metrics["test_bits_per_dim"] = float(detector.score_samples(test_set, "bpd").mean())
+        metrics["test_bits_per_dim"] = float(detector.anomaly_score(test_set, "bpd").mean())
     detector.meta["data"] = {
         "spec": data,
         "train": train_set.source, "n_train": len(train_set),
@@ -743,6 +743,6 @@ def sample(
         Image.fromarray(grid).save(tmp, format="PNG")
     if npz is not None:
         save_npz(npz, images, spec.levels)
-    bpd = detector.score_samples(images, "bpd")
+    bpd = detector.anomaly_score(images, "bpd")
     out_console.print(f"wrote {out} ({n} samples, mean {bpd.mean():.3f} bits/dim)",
                       highlight=False)
