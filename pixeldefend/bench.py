@@ -159,6 +159,8 @@ def run_case(case: BenchCase, settings: BenchSettings,
         model(images[:2])  # warm-up
     log(f"{case.name}: scoring pass")
     score_s = _best(lambda: bits_per_dim(model, images, batch_size=n), repeat)
+    log(f"{case.name}: dose scoring")
+    dose_s = _best(_dose_scorer(model, images), repeat)
     train_s = None
     if settings.train_step:
         log(f"{case.name}: training step")
@@ -195,6 +197,7 @@ def run_case(case: BenchCase, settings: BenchSettings,
         "case": case.name, "note": case.note,
         "shape": [c, h, w], "levels": model.config.levels, "batch": n, "eps_defend": eps,
         "score_s": score_s, "score_images_per_s": n / score_s,
+        "dose_s": dose_s, "dose_images_per_s": n / dose_s, "dose_over_score": dose_s / score_s,
         "train_step_s": train_s,
         "fast_s": fast_s, "fast_images_per_s": n / fast_s,
         "reference_s": ref_s, "reference_images_per_s": n / ref_s,
@@ -208,6 +211,27 @@ def run_case(case: BenchCase, settings: BenchSettings,
         "fast_top_ops": top_ops,
         "peak_memory_mb": peak_memory_mb(images.device),
     }
+
+
+def _dose_scorer(model: PixelCNN, images: torch.Tensor) -> Callable[[], Any]:
+    """What the default `dose` score costs per batch: one model pass with entropies and
+    feature norms, the lossless codec, the statistics and the density. The density is
+    fitted on the batch itself (only its cost matters here, not its values)."""
+    from .dose import DoseModel
+    from .scores import DEFAULT_CODEC, codec_bits_per_dim
+    from .statistics import model_pass
+
+    n = images.shape[0]
+    levels = model.config.levels
+    dose = DoseModel.fit(model_pass(model, images, n), codec_bits_per_dim(images, levels,
+                                                                          DEFAULT_CODEC))
+
+    def run() -> Any:
+        result = model_pass(model, images, n)
+        return dose.score(dose.features(result, codec_bits_per_dim(images, levels,
+                                                                   DEFAULT_CODEC)))
+
+    return run
 
 
 def _profile_fast(model: PixelCNN, images: torch.Tensor, eps: int,
@@ -258,6 +282,8 @@ def run_bench(settings: BenchSettings,
             "of its time in rows (vertical stack), pixels (horizontal stack, skips, trunk), "
             "head (channel heads) and decide (argmax in the box)",
             "score: one bits/dim forward pass in float32 on the same batch",
+            "dose: the default anomaly score (model pass with entropies, WebP codec, "
+            "statistics, density) on the same batch",
         ],
         "results": results,
     }

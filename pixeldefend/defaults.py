@@ -37,12 +37,17 @@ CLASSIFIER_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # --------------------------------------------------------------------------- scores
-SCORE_KINDS = ("bpd", "complexity", "llr", "typicality")
+SCORE_KINDS = ("bpd", "complexity", "llr", "typicality", "dose")
+# the gate's default: robust to the failure modes of raw likelihood (docs/OOD.md)
+DEFAULT_SCORE = "dose"
 SCORE_HELP = {
     "bpd": "bits/dim under the model (raw likelihood)",
-    "complexity": "bits/dim minus PNG bits/dim (Serrà et al. 2020)",
-    "llr": "bits/dim minus background-model bits/dim (Ren et al. 2019)",
+    "complexity": "bits/dim minus lossless WebP bits/dim (Serrà et al. 2020)",
+    "llr": "bits/dim minus background-model bits/dim (Ren et al. 2019; not recommended, "
+           "see docs/OOD.md)",
     "typicality": "|bits/dim - mean calibration bits/dim| (Nalisnick et al. 2019)",
+    "dose": "negative log density of several model statistics fitted on clean data "
+            "(DoSE, Morningstar et al. 2021; the default)",
 }
 # Ren et al. (2019) found mutation rates of 0.1-0.2 best (with L2 regularisation). 0.2 is
 # the upper end of that range on purpose: one sub-pixel in five replaced by noise wipes out
@@ -62,8 +67,9 @@ DEFENCES = ("none", "purify", "adaptive")
 DEFAULT_ATTACKS = ("rand", "fgsm", "bim", "pgd", "cw", "deepfool")
 
 # ------------------------------------------------------------------------------ ood
-BUILTIN_OOD = ("noise", "constant", "inverted", "hflip", "vflip", "shuffled", "digits",
-               "photos")
+BUILTIN_OOD = ("characters", "rendered-digits", "strokes", "shapes", "blobs", "photos",
+               "noise", "constant", "rot90", "shift", "contrast", "patch", "digits",
+               "inverted", "hflip", "vflip", "shuffled")
 
 # ---------------------------------------------------------------------------- bench
 CASE_NAMES = ("digits", "28x28x1", "32x32x3")

@@ -1,9 +1,12 @@
 """DensityDetector: a PixelCNN plus calibrated thresholds, in the spirit of scikit-learn's
-outlier detectors (fit / score_samples / calibrate / predict / p_values / save / load).
+outlier detectors: fit / score_samples (lower = more abnormal) / decision_function
+(negative = outlier) / predict (-1 outlier, +1 inlier), plus calibrate / p_values / save /
+load.
 
-Scores are "higher = more anomalous"; the default kind is bits/dim. The other kinds
-(input complexity, likelihood ratio against a background model, typicality; maths in
-scores.py) are computed from the same single model pass, each with its own calibration.
+`anomaly_score` and `is_anomalous` are the "higher = more anomalous" forms the gate uses.
+All kinds (bits/dim, input complexity, likelihood ratio against a background model,
+typicality; maths in scores.py; and `dose`, the default gate score, dose.py) are computed
+from the same single model pass, each with its own calibration.
 """
 
 from __future__ import annotations
@@ -35,20 +38,24 @@ from .calibration import (
 from .data import ImageSet, ImageSpec
 from .density import LN2, bits_per_dim, nll_map, nll_nats
 from .device import resolve_device
+from .dose import DoseModel, split_halves
 from .errors import BundleError, DataError, TooFewCalibrationImages, UsageError
 from .models.pixelcnn import PixelCNN, PixelCNNConfig
 from .schema import PIXELCNN_CONFIG, check_pixelcnn_architecture
 from .scores import (
+    DEFAULT_CODEC,
     DEFAULT_MUTATION_RATE,
     SCORE_KINDS,
+    SCORE_UNITS,
     TypicalityTest,
+    codec_bits_per_dim,
     complexity_score,
     llr_score,
     mutate,
-    png_bits_per_dim,
     typicality_score,
     typicality_test,
 )
+from .statistics import ModelPass, model_pass
 from .train import TrainProgress, TrainResult, TrainSettings, run_training
 
 ImagesLike = ImageSet | torch.Tensor | np.ndarray
@@ -141,7 +148,12 @@ class DensityDetector:
         """Train the PixelCNN by maximum likelihood; keep the best validation weights."""
         x = as_tensor(images)
         if levels is None:
-            levels = images.levels if isinstance(images, ImageSet) else int(x.max()) + 1
+            if not isinstance(images, ImageSet):
+                # guessing from x.max() + 1 silently builds a wrong model when the
+                # brightest level is absent from the training data
+                raise UsageError("levels is required for plain arrays (256 for 8-bit "
+                                 "images, 17 for scikit-learn digits); an ImageSet carries it")
+            levels = images.levels
         settings = settings or TrainSettings()
         torch.manual_seed(settings.seed)
         if self.model is None:
@@ -261,26 +273,51 @@ class DensityDetector:
         raise UsageError("score 'typicality' needs clean calibration bits/dim: run "
                          "`pixeldefend calibrate`")
 
+    def dose_model(self) -> DoseModel:
+        """The fitted statistics density of the `dose` score (from its calibration)."""
+        cal = self.calibrations.get("dose")
+        if cal is None or "statistics" not in cal.reference:
+            raise UsageError("score 'dose' needs a calibration (its density is fitted on "
+                             "clean images): run `pixeldefend calibrate`")
+        return DoseModel.from_reference(cal.reference)
+
+    def model_pass(self, images: ImagesLike, progress: Callable[[int], None] | None = None
+                   ) -> ModelPass:
+        """Per-pixel NLL, predictive entropy and feature norms from one model pass."""
+        return model_pass(self._require_model(), self._check(images), self.batch_size,
+                          progress)
+
     def compute_scores(self, images: ImagesLike, kinds: Sequence[str] | None = None,
                        progress: Callable[[int], None] | None = None,
-                       typicality_mean: float | None = None) -> dict[str, np.ndarray]:
+                       typicality_mean: float | None = None,
+                       dose: DoseModel | None = None) -> dict[str, np.ndarray]:
         """Several score kinds from one model pass (plus one background pass for `llr`).
 
         Returns a dict with `nll_nats` and `bpd` always, and one array per kind asked for
-        (all available kinds when `kinds` is None). `typicality_mean` overrides the stored
-        clean mean (used while calibrating).
+        (all available kinds when `kinds` is None). `typicality_mean` and `dose` override
+        the stored clean mean and statistics density (used while calibrating).
         """
         kinds = list(self.available_kinds if kinds is None else kinds)
         for kind in kinds:
             self.check_kind(kind)
         x = self._check(images)
         model = self._require_model()
-        nll = nll_nats(model, x, self.batch_size, progress).numpy()
+        out: dict[str, np.ndarray] = {}
+        if "dose" in kinds:
+            dose = dose or self.dose_model()
+            run = model_pass(model, x, self.batch_size, progress)
+            nll = run.nll.double().flatten(1).sum(1).numpy()
+            out["dose_statistics"] = dose.features(run, self.codec_bpd(x, out))
+        else:
+            nll = nll_nats(model, x, self.batch_size, progress).numpy()
         bpd = nll / (x[0].numel() * LN2) if len(x) else np.zeros(0)
-        out: dict[str, np.ndarray] = {"nll_nats": nll, "bpd": bpd}
+        out.update({"nll_nats": nll, "bpd": bpd})
         for kind in kinds:
-            if kind == "complexity":
-                out[kind] = complexity_score(bpd, png_bits_per_dim(x, self.spec.levels))
+            if kind == "dose":
+                assert dose is not None
+                out[kind] = dose.score(out["dose_statistics"])
+            elif kind == "complexity":
+                out[kind] = complexity_score(bpd, self.codec_bpd(x, out))
             elif kind == "llr":
                 assert self.background is not None
                 out["background_bpd"] = bits_per_dim(self.background, x, self.batch_size).numpy()
@@ -290,15 +327,26 @@ class DensityDetector:
                 out[kind] = typicality_score(bpd, mean)
         return out
 
-    def score_samples(self, images: ImagesLike, kind: str | None = None,
-                      progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """Anomaly score per image (higher = stranger); bits/dim for the default kind.
+    def codec_bpd(self, x: torch.Tensor, cache: dict[str, np.ndarray]) -> np.ndarray:
+        """Lossless-codec bits/dim of the images (the complexity estimator), computed once
+        per `compute_scores` call and kept in `cache` under `codec_bpd`."""
+        if "codec_bpd" not in cache:
+            cache["codec_bpd"] = codec_bits_per_dim(x, self.spec.levels, DEFAULT_CODEC)
+        return cache["codec_bpd"]
 
-        kind: bpd, complexity, llr (needs a background model) or typicality (needs a
-        calibration); the library entry point for `defend` / `evaluate`.
+    def anomaly_score(self, images: ImagesLike, kind: str | None = None,
+                      progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Anomaly score per image, higher = stranger (what calibration thresholds).
+
+        kind: bpd, complexity, llr (needs a background model), typicality or dose (need a
+        calibration); None is the bundle's default kind.
         """
         kind = self.check_kind(kind or self.default_kind)
         return self.compute_scores(images, [kind], progress)[kind]
+
+    def score_samples(self, images: ImagesLike, kind: str | None = None) -> np.ndarray:
+        """scikit-learn's convention: lower = more abnormal, i.e. -anomaly_score."""
+        return -self.anomaly_score(images, kind)
 
     def batch_test(self, images: ImagesLike | None = None, *, bpd: np.ndarray | None = None,
                    alpha: float | None = None, resamples: int = 1000, seed: int = 0
@@ -320,7 +368,7 @@ class DensityDetector:
         if bpd is None:
             if images is None:
                 raise UsageError("batch_test needs images or their bits/dim")
-            bpd = self.score_samples(images, "bpd")
+            bpd = self.anomaly_score(images, "bpd")
         try:
             return typicality_test(bpd, reference, alpha=cal.fpr if alpha is None else alpha,
                                    resamples=resamples, seed=seed)
@@ -352,6 +400,7 @@ class DensityDetector:
         default kind. Typicality is measured from these images' own mean bits/dim."""
         if not 0.0 < fpr < 1.0:
             raise UsageError(f"--fpr must be between 0 and 1 (exclusive), got {fpr}")
+        implicit = kinds is None
         kinds = list(self.available_kinds if kinds is None else kinds)
         x = self._check(images)
         if len(x) == 0:
@@ -359,7 +408,13 @@ class DensityDetector:
         needed = min_calibration_images(fpr)
         if len(x) < needed and not conservative:  # before the (possibly long) model pass
             raise TooFewCalibrationImages(len(x), fpr, needed)
-        probe = [k for k in kinds if k != "typicality"]
+        if implicit and "dose" in kinds and not self.can_fit_dose(len(x), fpr, conservative):
+            # too few images for the statistics density and its half-size calibration:
+            # leave `dose` uncalibrated (a gate on it then fails with a clear error) rather
+            # than lose the others
+            kinds.remove("dose")
+            self.calibrations.pop("dose", None)
+        probe = [k for k in kinds if k not in ("typicality", "dose")]
         scores = self.compute_scores(x, probe)
         mean = float(scores["bpd"].mean())
         if "typicality" in kinds:
@@ -367,13 +422,41 @@ class DensityDetector:
         out = {}
         for kind in kinds:
             reference: dict[str, Any] = {}
+            kind_scores = scores.get(kind)
             if kind == "typicality":
                 reference = {"mean_bpd": mean,
                              "bpd_scores": [float(v) for v in np.sort(scores["bpd"])]}
-            out[kind] = Calibration.fit(scores[kind], fpr=fpr, kind=kind, data=data,
-                                        reference=reference, conservative=conservative)
+            elif kind == "dose":
+                kind_scores, reference = self._calibrate_dose(x)
+            out[kind] = Calibration.fit(kind_scores, fpr=fpr, kind=kind, data=data,
+                                        unit=SCORE_UNITS[kind], reference=reference,
+                                        conservative=conservative)
         self.calibrations.update(out)
         return out
+
+    def can_fit_dose(self, n_images: int, fpr: float = 0.05,
+                     conservative: bool = False) -> bool:
+        """Enough clean images for `dose`: half fit its density (more images than
+        statistics), the other half calibrate its threshold at `fpr`."""
+        from .dose import DEFAULT_STATISTICS, GRID
+
+        columns = len(DEFAULT_STATISTICS) - 1 + GRID * GRID
+        held_out = n_images - n_images // 2
+        return (n_images // 2 >= columns + 2
+                and (conservative or held_out >= min_calibration_images(fpr)))
+
+    def _calibrate_dose(self, x: torch.Tensor) -> tuple[np.ndarray, dict[str, Any]]:
+        """Split conformal: fit the statistics density on one seeded half of the clean
+        images, return the other half's scores (the conformal calibration scores)."""
+        fit_idx, cal_idx = split_halves(len(x))
+        try:
+            dose = DoseModel.fit(self.model_pass(x[torch.from_numpy(fit_idx)]),
+                                 self.codec_bpd(x[torch.from_numpy(fit_idx)], {}))
+        except ValueError as exc:
+            raise UsageError(f"score 'dose': {exc}") from exc
+        held = self.compute_scores(x[torch.from_numpy(cal_idx)], ["dose"], dose=dose)
+        reference = {**dose.to_reference(), "n_calibration": int(len(cal_idx))}
+        return held["dose"], reference
 
     def _calibration_for(self, kind: str | None) -> Calibration:
         kind = kind or self.default_kind
@@ -384,11 +467,21 @@ class DensityDetector:
         return self.calibrations[kind]
 
     def p_values(self, images: ImagesLike, kind: str | None = None) -> np.ndarray:
-        return self._calibration_for(kind).p_values(self.score_samples(images, kind))
+        """Conformal p-values against the clean calibration scores (small = anomalous)."""
+        return self._calibration_for(kind).p_values(self.anomaly_score(images, kind))
+
+    def is_anomalous(self, images: ImagesLike, kind: str | None = None) -> np.ndarray:
+        """True where an image is anomalous (score above the calibrated threshold)."""
+        return self._calibration_for(kind).predict(self.anomaly_score(images, kind))
+
+    def decision_function(self, images: ImagesLike, kind: str | None = None) -> np.ndarray:
+        """threshold - anomaly score: negative for outliers, as in scikit-learn."""
+        cal = self._calibration_for(kind)
+        return cal.threshold - self.anomaly_score(images, kind)
 
     def predict(self, images: ImagesLike, kind: str | None = None) -> np.ndarray:
-        """True where an image is anomalous (score above the calibrated threshold)."""
-        return self._calibration_for(kind).predict(self.score_samples(images, kind))
+        """-1 for outliers, +1 for inliers (scikit-learn's outlier-detector convention)."""
+        return np.where(self.is_anomalous(images, kind), -1, 1)
 
     # -------------------------------------------------------------------- persistence
 

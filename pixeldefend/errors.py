@@ -13,11 +13,12 @@ class BundleError(PixelDefendError):
     """A model bundle is missing, corrupt, or from an incompatible version."""
 
 
-class UsageError(PixelDefendError):
-    """Arguments that cannot work together or are out of range."""
+class UsageError(PixelDefendError, ValueError):
+    """Arguments that cannot work together or are out of range (a ValueError, as
+    scikit-learn raises for bad parameters)."""
 
 
-class CalibrationError(UsageError, ValueError):
+class CalibrationError(UsageError):
     """Calibration cannot give the asked-for guarantee; names the offending parameter
     (a ValueError too, as scikit-learn raises for bad parameters)."""
 

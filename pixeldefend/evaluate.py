@@ -476,7 +476,7 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
 
     # ---- clean images
     def clean_work(stage: Stage):
-        bpd = detector.score_samples(x, "bpd")
+        bpd = detector.anomaly_score(x, "bpd")
         progress.advance(stage, n)
         return {"bpd": np.asarray(bpd, dtype=np.float64), "pred": predict(x)}, {}
 
@@ -495,7 +495,7 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
                 result = run_attack(loaded, x, labels, levels, a, b, seed=settings.seed,
                                     batch_size=settings.batch_size,
                                     progress=lambda k: progress.advance(stage, k))
-                bpd = detector.score_samples(result.adversarial, "bpd")
+                bpd = detector.anomaly_score(result.adversarial, "bpd")
                 return ({"adversarial": result.adversarial.numpy(),
                          "pred": result.adv_pred.numpy(), "bpd": np.asarray(bpd)},
                         {"summary": result.summary})
@@ -528,7 +528,7 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
                 done = torch.cat(parts) if parts else src["images"][:0]
                 progress.advance(stage, n - len(idx))
                 return ({"index": idx.numpy(), "images": done.numpy(),
-                         "bpd_after": detector.score_samples(done, "bpd") if len(idx) else
+                         "bpd_after": detector.anomaly_score(done, "bpd") if len(idx) else
                          np.zeros(0), "pred": predict(done)},
                         {"fallbacks": int(stats.get("fallbacks", 0))})
 
@@ -585,7 +585,7 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
                                          device=loaded.device, progress=tick)
                     adv = result.adversarial
                     if d == "none":
-                        final, bpd = predict(adv), detector.score_samples(adv, "bpd")
+                        final, bpd = predict(adv), detector.anomaly_score(adv, "bpd")
                     else:
                         check = purify(detector, adv, e,
                                        adaptive=threshold if d == "adaptive" else None,

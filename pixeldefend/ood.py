@@ -13,7 +13,12 @@ Built-in OOD sets need no download (`BUILTIN_OOD`):
   structure differs;
 - ``digits``: scikit-learn's 8x8 digits resized to the model's size and levels;
 - ``photos``: crops of scikit-image's bundled sample photographs, converted to the model's
-  shape (gray or colour, size, levels).
+  shape (gray or colour, size, levels);
+- ``characters``, ``rendered-digits``, ``strokes``, ``shapes``, ``blobs`` (synthetic.py:
+  glyphs from system fonts, pen strokes, geometric shapes, smooth images) and the
+  near-OOD transforms ``rot90``, ``shift``, ``contrast``, ``patch`` of the
+  in-distribution images. ``NAME:dev`` is the same recipe with other fonts, photographs
+  and seeds, for choosing settings without touching the reported sets.
 
 Any data spec (``mnist:test``, a folder, an .npz) works too, converted to the model's
 shape when it differs.
@@ -35,7 +40,12 @@ from .data import DIGITS_LEVELS, ImageSet, ImageSpec, from_8bit, load_images, to
 from .defaults import BUILTIN_OOD as BUILTIN_OOD
 from .detector import DensityDetector
 from .errors import DataError, UsageError
+from .synthetic import GENERATED, TRANSFORMS, generate, transform
 
+# far-OOD sets (foreign content) and near-OOD transforms of in-distribution images
+FAR_OOD = ("characters", "rendered-digits", "strokes", "shapes", "blobs", "photos", "noise",
+           "constant")
+NEAR_OOD = TRANSFORMS
 # scikit-image's bundled photographs that need no download (skimage.data loaders)
 PHOTOS = ("astronaut", "brick", "camera", "cat", "cell", "chelsea", "clock", "coffee",
           "coins", "colorwheel", "grass", "gravel", "hubble_deep_field",
@@ -110,15 +120,18 @@ def _photo(name: str) -> np.ndarray:
     return array.astype(np.uint8)
 
 
-def photo_crops(spec: ImageSpec, n: int, seed: int = 0) -> torch.Tensor:
+def photo_crops(spec: ImageSpec, n: int, seed: int = 0, variant: str | None = None
+                ) -> torch.Tensor:
     """n random square crops (1 to 8 times the model's size) of scikit-image's sample
-    photographs, converted to the model's shape."""
+    photographs, converted to the model's shape. variant ``dev`` / ``test`` draws only
+    from the even / odd photographs of PHOTOS (None: all of them)."""
     try:
         import skimage.data  # noqa: F401
     except ImportError as exc:
         raise DataError("the 'photos' set needs scikit-image (pip install scikit-image)") from exc
     rng = np.random.default_rng(seed)
-    photos = [_photo(name) for name in PHOTOS]
+    names = {None: PHOTOS, "dev": PHOTOS[0::2], "test": PHOTOS[1::2]}[variant]
+    photos = [_photo(name) for name in names]
     target = max(spec.height, spec.width)
     crops = []
     for _ in range(n):
@@ -134,7 +147,15 @@ def photo_crops(spec: ImageSpec, n: int, seed: int = 0) -> torch.Tensor:
 
 def make_ood_set(name: str, spec: ImageSpec, in_set: ImageSet, n: int, seed: int = 0,
                  data_root: str | None = None, download: bool = False) -> ImageSet:
-    """One OOD set by name (see BUILTIN_OOD) or data spec, n images at most."""
+    """One OOD set by name (see BUILTIN_OOD) or data spec, n images at most.
+
+    A built-in name may end in ``:dev``: the same recipe with other seeds, fonts and
+    photographs (synthetic.py), for choosing settings without touching the reported sets.
+    """
+    variant = "test"
+    if name.endswith(":dev") and name[:-4] in BUILTIN_OOD:
+        name, variant = name[:-4], "dev"
+        seed = seed + 1_000_003
     gen = torch.Generator().manual_seed(seed)
     x = in_set.images[:n]
     levels = spec.levels
@@ -162,8 +183,14 @@ def make_ood_set(name: str, spec: ImageSpec, in_set: ImageSet, n: int, seed: int
         return _named(images[torch.from_numpy(keep)], spec, name,
                       f"scikit-learn digits resized to {spec.describe()}")
     if name == "photos":
-        return _named(photo_crops(spec, n, seed), spec, name,
-                      "crops of scikit-image sample photographs")
+        return _named(photo_crops(spec, n, seed, variant), spec, name,
+                      f"crops of scikit-image sample photographs (set {variant})")
+    if name in GENERATED:
+        return _named(generate(name, spec, n, seed, variant), spec, name,
+                      f"{name} (synthetic, variant {variant})")
+    if name in TRANSFORMS:
+        return _named(transform(name, x, spec, seed, variant), spec, name,
+                      f"{name} of {in_set.source}")
     try:
         images = load_images(name, data_root=data_root, download=download)
     except DataError as exc:
@@ -200,12 +227,15 @@ class OODReport:
     out: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> source, n, ...
     out_scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # fraction of the in-distribution images flagged at each calibrated threshold
+    in_flagged: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "in": {"source": self.in_source, "n": int(len(self.in_scores["bpd"])),
-                   "mean": {k: float(np.mean(self.in_scores[k])) for k in self.kinds}},
+                   "mean": {k: float(np.mean(self.in_scores[k])) for k in self.kinds},
+                   "flagged": self.in_flagged},
             "kinds": self.kinds,
             "metrics": list(METRICS),
             "out_sets": [{"name": name, **entry} for name, entry in self.out.items()],
@@ -217,6 +247,13 @@ class OODReport:
         """One flat row per (OOD set, score kind), for CSV and tests."""
         return [{"out_set": name, "kind": kind, **entry["metrics"][kind]}
                 for name, entry in self.out.items() for kind in self.kinds]
+
+
+def flagged_fractions(detector: DensityDetector, scores: dict[str, np.ndarray],
+                      kinds: Sequence[str]) -> dict[str, float]:
+    """Fraction of images above each calibrated kind's threshold (the gate's verdict)."""
+    return {k: float(detector.calibrations[k].predict(scores[k]).mean())
+            for k in kinds if k in detector.calibrations and len(scores[k])}
 
 
 def evaluate_ood(detector: DensityDetector, in_set: ImageSet, out_sets: dict[str, ImageSet],
@@ -232,6 +269,10 @@ def evaluate_ood(detector: DensityDetector, in_set: ImageSet, out_sets: dict[str
             kinds.remove("typicality")
             notes.append("typicality skipped: the bundle has no calibration "
                          "(run `pixeldefend calibrate`)")
+    if "dose" in kinds and "dose" not in detector.calibrations:
+        kinds.remove("dose")
+        notes.append("dose skipped: the bundle has no calibration (run `pixeldefend "
+                     "calibrate`)")
     if "llr" not in detector.available_kinds and "llr" not in kinds:
         notes.append("llr skipped: the bundle has no background model "
                      "(add one with `pixeldefend train-background`)")
@@ -242,7 +283,7 @@ def evaluate_ood(detector: DensityDetector, in_set: ImageSet, out_sets: dict[str
 
     in_scores = run("in", in_set)
     report = OODReport(model=model, in_source=in_set.source, kinds=kinds, in_scores=in_scores,
-                       notes=notes)
+                       notes=notes, in_flagged=flagged_fractions(detector, in_scores, kinds))
     for name, images in out_sets.items():
         scores = run(name, images)
         report.out_scores[name] = scores
@@ -251,6 +292,7 @@ def evaluate_ood(detector: DensityDetector, in_set: ImageSet, out_sets: dict[str
             "n": len(images),
             "mean": {k: float(np.mean(scores[k])) for k in kinds},
             "metrics": {k: ood_metrics(in_scores[k], scores[k]) for k in kinds},
+            "flagged": flagged_fractions(detector, scores, kinds),
         }
     return report
 
@@ -264,6 +306,19 @@ def markdown_table(report: OODReport, metric: str = "auroc") -> str:
              "|---|---:|" + "---:|" * len(report.kinds)]
     for name, entry in report.out.items():
         cells = [f"{entry['metrics'][k][metric]:.3f}" for k in report.kinds]
+        lines.append(f"| {name} | {entry['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def flagged_table(report: OODReport) -> str:
+    """Fraction flagged at each calibrated threshold: in-distribution first, then OOD."""
+    kinds = [k for k in report.kinds if k in report.in_flagged]
+    lines = ["| set | n | " + " | ".join(f"`{k}`" for k in kinds) + " |",
+             "|---|---:|" + "---:|" * len(kinds),
+             f"| in-distribution | {len(report.in_scores['bpd'])} | "
+             + " | ".join(f"{report.in_flagged[k]:.3f}" for k in kinds) + " |"]
+    for name, entry in report.out.items():
+        cells = [f"{entry.get('flagged', {}).get(k, float('nan')):.3f}" for k in kinds]
         lines.append(f"| {name} | {entry['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -306,6 +361,12 @@ def histogram_png(report: OODReport, kind: str) -> bytes:
     return buf.getvalue()
 
 
+def ood_type(name: str) -> str:
+    """'far' (foreign content), 'near' (a transform of in-distribution images) or 'other'."""
+    base = name.split(":")[0]
+    return "far" if base in FAR_OOD else "near" if base in NEAR_OOD else "other"
+
+
 def report_markdown(report: OODReport, histograms: dict[str, str]) -> str:
     doc = report.to_dict()
     parts = [
@@ -320,8 +381,17 @@ def report_markdown(report: OODReport, histograms: dict[str, str]) -> str:
     ]
     for metric in METRICS:
         parts += [f"## {METRIC_NAMES[metric]}", "", markdown_table(report, metric), ""]
+    if report.in_flagged:
+        parts += ["## Flagged at the calibrated threshold", "",
+                  flagged_table(report), ""]
     parts += ["## OOD sets", ""]
-    parts += [f"- **{name}**: {entry['source']}" for name, entry in report.out.items()]
+    parts += [f"- **{name}** ({ood_type(name)}): {entry['source']}"
+              for name, entry in report.out.items()]
+    if "dose" in report.kinds:
+        from .dose import STATISTIC_HELP
+
+        parts += ["", "## Statistics behind `dose`", ""]
+        parts += [f"- `{name}`: {text}" for name, text in STATISTIC_HELP.items()]
     if report.notes:
         parts += ["", "## Notes", ""] + [f"- {note}" for note in report.notes]
     parts += ["", "## Histograms", ""]

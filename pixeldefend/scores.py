@@ -32,11 +32,12 @@ import torch
 from .data import to_8bit
 from .defaults import DEFAULT_BACKGROUND_L2 as DEFAULT_BACKGROUND_L2
 from .defaults import DEFAULT_MUTATION_RATE as DEFAULT_MUTATION_RATE
+from .defaults import DEFAULT_SCORE as DEFAULT_SCORE
 from .defaults import SCORE_HELP as SCORE_HELP
 from .defaults import SCORE_KINDS as SCORE_KINDS
 
 SCORE_UNITS = {"bpd": "bits/dim", "complexity": "bits/dim", "llr": "bits/dim",
-               "typicality": "bits/dim"}
+               "typicality": "bits/dim", "dose": "-log density"}
 
 
 # ----------------------------------------------------------------------- complexity
@@ -70,6 +71,58 @@ def png_bits_per_dim(images: torch.Tensor | np.ndarray, levels: int) -> np.ndarr
         buf = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=9)
         out[i] = 8.0 * buf.getbuffer().nbytes / (c * h * w)
+    return out
+
+
+def _codec_bytes(pixels: np.ndarray, codec: str) -> int:
+    """Size in bytes of one 8-bit image (H, W) or (H, W, 3) under a lossless codec."""
+    import bz2
+    import lzma
+    import zlib
+
+    from PIL import Image
+
+    if codec == "zlib":
+        return len(zlib.compress(pixels.tobytes(), 9))
+    if codec == "lzma":
+        return len(lzma.compress(pixels.tobytes(), format=lzma.FORMAT_RAW,
+                                 filters=[{"id": lzma.FILTER_LZMA2, "preset": 9}]))
+    if codec == "bz2":
+        return len(bz2.compress(pixels.tobytes(), 9))
+    buf = io.BytesIO()
+    image = Image.fromarray(np.ascontiguousarray(pixels))
+    if codec == "png":
+        image.save(buf, format="PNG", compress_level=9)
+    elif codec == "webp":
+        image.save(buf, format="WEBP", lossless=True, quality=100, method=4)
+    elif codec == "jpeg2000":
+        image.save(buf, format="JPEG2000", irreversible=False)
+    else:
+        raise ValueError(f"unknown codec {codec!r}: choose from {', '.join(CODECS)}")
+    return buf.getbuffer().nbytes
+
+
+CODECS = ("png", "webp", "jpeg2000", "zlib", "lzma", "bz2")
+# the complexity estimator of `complexity` and `dose` (measured: docs/OOD.md)
+DEFAULT_CODEC = "webp"
+
+
+def codec_bits_per_dim(images: torch.Tensor | np.ndarray, levels: int,
+                       codec: str = "png") -> np.ndarray:
+    """Bits/dim of each image under a lossless codec (CODECS), 8 * bytes / (C*H*W), on
+    the 8-bit image. Container headers cost the same for every image of one shape, so
+    they shift all scores alike."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[:, None]
+    n, c, h, w = images.shape
+    pixels = to_8bit(images, levels)
+    out = np.empty(n, dtype=np.float64)
+    for i in range(n):
+        array = pixels[i, 0] if c == 1 else pixels[i].transpose(1, 2, 0)
+        out[i] = 8.0 * _codec_bytes(array, codec) / (c * h * w)
     return out
 
 

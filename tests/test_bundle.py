@@ -20,7 +20,7 @@ def test_round_trip_gives_identical_scores(tiny_bundle, tmp_path):
     copy = tmp_path / "copy"
     det.save(copy)
     again = DensityDetector.load(copy, device="cpu")
-    assert (det.score_samples(images) == again.score_samples(images)).all()
+    assert (det.anomaly_score(images) == again.anomaly_score(images)).all()
     assert again.threshold == det.threshold
     assert sorted(p.name for p in copy.iterdir()) == [
         "calibration.json", "config.json", "model.safetensors"]

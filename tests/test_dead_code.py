@@ -19,9 +19,6 @@ PACKAGE = REPO / "pixeldefend"
 # Used from outside pixeldefend/ and tests/, or kept on purpose. Every entry says why.
 ALLOWED = {
     "main",  # cli.main: the `pixeldefend` console script (pyproject.toml [project.scripts])
-    # scores.SCORE_UNITS is dead (issue 12) but lives in scores.py, which another branch
-    # rewrites: remove it when merging that branch, then drop this entry
-    "SCORE_UNITS",
 }
 
 

@@ -97,10 +97,13 @@ def test_evaluate_ood_library(tiny_bundle_background, in_set):
     det = DensityDetector.load(tiny_bundle_background, device="cpu")
     sets = {name: make_ood_set(name, det.spec, in_set, 30) for name in ("noise", "constant")}
     report = evaluate_ood(det, in_set, sets, model="m")
-    assert report.kinds == ["bpd", "complexity", "llr", "typicality"]
+    assert report.kinds == ["bpd", "complexity", "llr", "typicality", "dose"]
     assert report.out["noise"]["metrics"]["llr"]["auroc"] > 0.95
     assert report.out["constant"]["metrics"]["complexity"]["auroc"] > 0.95
-    assert len(report.rows()) == 2 * 4
+    assert len(report.rows()) == 2 * 5
+    # the gate's verdicts at the calibrated thresholds are reported too
+    assert set(report.in_flagged) == set(report.kinds)
+    assert report.out["noise"]["flagged"]["dose"] == 1.0
 
 
 def test_evaluate_ood_cli(runner, tiny_bundle_background, tmp_path):
@@ -110,7 +113,7 @@ def test_evaluate_ood_cli(runner, tiny_bundle_background, tmp_path):
                  "--out", out, "--format", "json")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
-    kinds = ["bpd", "complexity", "llr", "typicality"]
+    kinds = ["bpd", "complexity", "llr", "typicality", "dose"]
     assert doc["kinds"] == kinds and doc["metrics"] == list(METRICS)
     assert doc["in"]["n"] == 40 and set(doc["in"]["mean"]) == set(kinds)
     names = [s["name"] for s in doc["out_sets"]]
@@ -142,3 +145,38 @@ def test_evaluate_ood_cli_errors(runner, tiny_bundle):
              "--out-sets", "noise", "--n", "10", "--format", "json")
     doc = json.loads(ok.stdout)
     assert "llr" not in doc["kinds"] and any("llr" in n for n in doc["notes"])
+
+
+@pytest.mark.parametrize("name", ["characters", "rendered-digits", "strokes", "shapes",
+                                  "blobs", "photos", "rot90", "shift", "contrast", "patch"])
+def test_new_builtin_sets_are_deterministic_and_dev_differs(name, in_set):
+    spec = ImageSpec(1, 28, 28, 256)
+    clean = ImageSet(images=torch.from_numpy(np.random.default_rng(0).integers(
+        0, 256, (6, 1, 28, 28), dtype=np.uint8)), levels=256, names=list("abcdef"))
+    a = make_ood_set(name, spec, clean, 6, seed=0)
+    b = make_ood_set(name, spec, clean, 6, seed=0)
+    dev = make_ood_set(name + ":dev", spec, clean, 6, seed=0)
+    assert a.images.shape == (6, 1, 28, 28) and a.images.dtype == torch.uint8
+    assert torch.equal(a.images, b.images)
+    if name not in ("rot90", "contrast"):  # deterministic transforms of the same images
+        assert not torch.equal(a.images, dev.images)
+
+
+def test_patch_transform_pastes_white_where_patch_boxes_say():
+    from pixeldefend.synthetic import patch_boxes
+
+    spec = ImageSpec(1, 28, 28, 256)
+    clean = ImageSet(images=torch.zeros((5, 1, 28, 28), dtype=torch.uint8), levels=256,
+                     names=list("abcde"))
+    patched = make_ood_set("patch", spec, clean, 5, seed=3).images
+    for img, (t, left, b, r) in zip(patched, patch_boxes(spec, 5, 3), strict=True):
+        assert (b - t, r - left) == (6, 6)
+        assert int(img.sum()) == 36 * 255 and (img[0, t:b, left:r] == 255).all()
+
+
+def test_ood_types_cover_the_new_categories():
+    from pixeldefend.ood import ood_type
+
+    assert ood_type("characters") == "far" and ood_type("characters:dev") == "far"
+    assert ood_type("rot90") == "near" and ood_type("patch:dev") == "near"
+    assert ood_type("hflip") == "other"

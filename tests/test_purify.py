@@ -348,7 +348,7 @@ def test_adaptive_passes_clean_images_untouched(detector, digits):
     attacked = noisy(digits[2].images[20:30], 17, 5)
     x = torch.cat([clean, attacked])
     result = purify(detector, x, 2, adaptive=True)
-    before = detector.score_samples(x)
+    before = detector.anomaly_score(x)
     assert np.allclose(result.bpd_before, before)
     assert (result.purified == (before > detector.threshold)).all()
     assert result.purified[20:].all() and not result.purified[:20].all()

@@ -23,7 +23,9 @@ from pixeldefend.errors import UsageError
 from pixeldefend.localise import heatmap_name, pixel_bits
 from pixeldefend.ood import subsample
 from pixeldefend.scores import (
+    DEFAULT_CODEC,
     SCORE_KINDS,
+    codec_bits_per_dim,
     complexity_score,
     llr_score,
     mutate,
@@ -59,8 +61,8 @@ def test_png_bits_per_dim_is_the_png_size_and_tiny_for_a_constant_image():
 def test_complexity_is_model_bits_minus_compressor_bits(tiny_bundle):
     det = DensityDetector.load(tiny_bundle, device="cpu")
     x = load_images("digits:test[:12]")
-    expected = det.score_samples(x, "bpd") - png_bits_per_dim(x.images, 17)
-    assert np.allclose(det.score_samples(x, "complexity"), expected)
+    expected = det.anomaly_score(x, "bpd") - codec_bits_per_dim(x.images, 17, DEFAULT_CODEC)
+    assert np.allclose(det.anomaly_score(x, "complexity"), expected)
     assert np.allclose(complexity_score(np.array([3.0]), np.array([1.25])), [1.75])
 
 
@@ -71,11 +73,11 @@ def test_llr_is_zero_when_the_background_equals_the_model(tiny_bundle):
     det = DensityDetector.load(tiny_bundle, device="cpu")
     assert "llr" not in det.available_kinds
     with pytest.raises(UsageError, match="background model"):
-        det.score_samples(load_images("digits:test[:2]"), "llr")
+        det.anomaly_score(load_images("digits:test[:2]"), "llr")
     det.background = copy.deepcopy(det.model)
     x = torch.cat([load_images("digits:test[:8]").images,
                    torch.randint(0, 17, (8, 1, 8, 8), dtype=torch.uint8)])
-    assert np.array_equal(det.score_samples(x, "llr"), np.zeros(16))
+    assert np.array_equal(det.anomaly_score(x, "llr"), np.zeros(16))
     assert np.allclose(llr_score(np.array([2.0, 1.0]), np.array([1.5, 1.5])), [0.5, -0.5])
 
 
@@ -98,10 +100,10 @@ def test_background_model_is_trained_on_mutated_images(tiny_bundle_background):
     clean = load_images("digits:test")
     noise = torch.randint(0, 17, (100, 1, 8, 8), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(1))
-    bg_clean = DensityDetector(model=det.background, device="cpu").score_samples(clean)
+    bg_clean = DensityDetector(model=det.background, device="cpu").anomaly_score(clean)
     # the background model saw noise, so it explains clean digits worse than the main one
-    assert bg_clean.mean() > det.score_samples(clean).mean()
-    assert det.score_samples(noise, "llr").min() > np.median(det.score_samples(clean, "llr"))
+    assert bg_clean.mean() > det.anomaly_score(clean).mean()
+    assert det.anomaly_score(noise, "llr").min() > np.median(det.anomaly_score(clean, "llr"))
 
 
 # ------------------------------------------------------------------------ typicality
@@ -133,8 +135,8 @@ def test_typicality_per_image_and_batch_on_the_detector(tiny_bundle_background):
     mean = cal.reference["mean_bpd"]
     assert len(cal.reference["bpd_scores"]) == cal.n == 180
     x = load_images("digits:test[:20]")
-    assert np.allclose(det.score_samples(x, "typicality"),
-                       np.abs(det.score_samples(x, "bpd") - mean))
+    assert np.allclose(det.anomaly_score(x, "typicality"),
+                       np.abs(det.anomaly_score(x, "bpd") - mean))
     # a random subset: the head of digits:test comes from a few writers and *is* atypical
     assert not det.batch_test(subsample(load_images("digits:test"), 60, seed=0)).anomalous
     noise = torch.randint(0, 17, (20, 1, 8, 8), dtype=torch.uint8)
@@ -148,7 +150,7 @@ def test_every_kind_is_calibrated_stored_and_reloaded(tiny_bundle_background, tm
     det = DensityDetector.load(tiny_bundle_background, device="cpu")
     assert set(det.calibrations) == set(SCORE_KINDS) == set(det.available_kinds)
     x = load_images("digits:test[:30]")
-    before = {k: det.score_samples(x, k) for k in SCORE_KINDS}
+    before = {k: det.anomaly_score(x, k) for k in SCORE_KINDS}
     det.calibrate(load_images("digits:calib"), fpr=0.1, kind="complexity")
     assert det.default_kind == "complexity" and det.threshold == det.calibrations[
         "complexity"].threshold
@@ -157,7 +159,7 @@ def test_every_kind_is_calibrated_stored_and_reloaded(tiny_bundle_background, tm
     assert again.default_kind == "complexity"
     for kind in SCORE_KINDS:
         assert again.calibrations[kind] == det.calibrations[kind]
-        assert np.array_equal(again.score_samples(x, kind), before[kind])
+        assert np.array_equal(again.anomaly_score(x, kind), before[kind])
     # one weights file, background under its prefix, config beside the main one
     tensors = load_file(str(tmp_path / "b" / "model.safetensors"))
     assert any(k.startswith("background.") for k in tensors)
@@ -174,9 +176,9 @@ def test_flags_known_foreign_images(tiny_bundle_background):
     noise = torch.randint(0, 17, (50, 1, 8, 8), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(0))
     constant = torch.full((10, 1, 8, 8), 16, dtype=torch.uint8)
-    assert det.predict(noise, "llr").mean() > 0.9
-    assert det.predict(constant, "complexity").all()  # all-white compresses to nothing
-    assert det.predict(noise, "typicality").mean() > 0.9
+    assert det.is_anomalous(noise, "llr").mean() > 0.9
+    assert det.is_anomalous(constant, "complexity").all()  # all-white compresses to nothing
+    assert det.is_anomalous(noise, "typicality").mean() > 0.9
 
 
 def test_heatmap_names_and_bits():
@@ -215,7 +217,7 @@ def test_cli_score_kinds(runner, tiny_bundle_background, mixed_dir):
         assert doc["score_kind"] == kind
         assert doc["threshold"] == pytest.approx(det.calibrations[kind].threshold)
         scores = {r["path"]: r["score"] for r in doc["results"]}
-        expected = det.score_samples(x, kind)
+        expected = det.anomaly_score(x, kind)
         assert np.allclose([scores[name] for name in x.names], expected)
         noise_row = next(r for r in doc["results"] if r["path"].endswith("noise.png"))
         if kind != "complexity":  # the PNG of 64 noisy pixels is as big as the model's bits
@@ -307,3 +309,32 @@ def test_cli_train_with_background(runner, tmp_path):
     assert not (tmp_path / "m.background.checkpoint").exists()
     result = run(runner, "train", "--preset", "tiny", "--score", "llr", "--out", tmp_path / "x")
     assert result.exit_code == 2 and "--background" in result.stderr
+
+
+def test_cli_heatmap_draws_the_local_map_with_a_dose_calibration(runner, tiny_bundle_background,
+                                                                 mixed_dir, tmp_path):
+    out = tmp_path / "maps"
+    result = run(runner, "score", mixed_dir, "--model", tiny_bundle_background, "--score",
+                 "dose", "--heatmap", out, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)["results"]
+    noise = next(r for r in rows if r["path"].endswith("noise.png"))
+    assert noise["verdict"] == "anomalous" and noise["heatmap"] is not None
+    with Image.open(noise["heatmap"]) as img:
+        assert img.width >= 400
+
+
+def test_cli_calibrate_with_too_few_images_for_dose_falls_back_to_bpd_loudly(
+        runner, repo, tmp_path):
+    bundle = tmp_path / "digits"
+    shutil.copytree(repo / "models" / "digits", bundle)
+    result = run(runner, "calibrate", "--model", bundle, "--data", "digits:calib[:30]")
+    assert result.exit_code == 0, result.stderr
+    assert "too few to calibrate score 'dose'" in result.stderr
+    det = DensityDetector.load(bundle, device="cpu")
+    assert det.default_kind == "bpd" and "dose" not in det.calibrations
+    result = run(runner, "calibrate", "--model", bundle, "--data", "digits:calib")
+    det = DensityDetector.load(bundle, device="cpu")
+    assert det.default_kind == "bpd" and "dose" in det.calibrations  # restore: --score dose
+    run(runner, "calibrate", "--model", bundle, "--data", "digits:calib", "--score", "dose")
+    assert DensityDetector.load(bundle, device="cpu").default_kind == "dose"

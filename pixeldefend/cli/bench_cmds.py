@@ -28,7 +28,8 @@ def _bench_table(doc: dict[str, Any]) -> Table:
     table = Table(title=f"pixeldefend bench: torch {sysinfo['torch']}, {sysinfo['threads']} "
                         f"thread(s), {sysinfo['cpu_count']} CPU(s), batch "
                         f"{doc['settings']['batch_size']}")
-    for col in ("case", "score img/s", "fast img/s", "reference img/s", "speed-up vs ref",
+    for col in ("case", "score img/s", "dose img/s", "fast img/s", "reference img/s",
+                "speed-up vs ref",
                 "fast ÷ score time", "train step s", "fast time split", "identical",
                 "peak MB"):
         table.add_column(col, justify="left" if col in ("case", "fast time split") else "right",
@@ -39,7 +40,9 @@ def _bench_table(doc: dict[str, Any]) -> Table:
         split = " ".join(f"{k} {v:.0%}" for k, v in r["fast_split"].items())
         table.add_row(
             f"{r['case']} {c}x{h}x{w}, {r['levels']} lv, eps {r['eps_defend']}",
-            _rate(r["score_images_per_s"]), _rate(r["fast_images_per_s"]), ref,
+            _rate(r["score_images_per_s"]),
+            f"{_rate(r['dose_images_per_s'])} ({1 / r['dose_over_score']:.2f}x)",
+            _rate(r["fast_images_per_s"]), ref,
             f"{r['speedup_fast_vs_reference']:,.0f}x",
             f"{r['fast_over_score']:.2f}x",
             "-" if r["train_step_s"] is None else f"{r['train_step_s']:.2f}",

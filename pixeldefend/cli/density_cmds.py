@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from ..defaults import DEFAULT_BACKGROUND_L2, DEFAULT_MUTATION_RATE, SCORE_HELP, SCORE_KINDS
+from ..defaults import (
+    DEFAULT_BACKGROUND_L2,
+    DEFAULT_MUTATION_RATE,
+    DEFAULT_SCORE,
+    SCORE_HELP,
+    SCORE_KINDS,
+)
 from ..defaults import PIXELCNN_PRESETS as PRESETS
 from ..errors import TooFewCalibrationImages, UsageError
 from .app import app
@@ -121,6 +127,18 @@ def print_calibrations(detector: DensityDetector, kinds: list[str], n: int, sour
                       highlight=False)
 
 
+def fall_back_if_uncalibrated(detector: DensityDetector, n: int) -> None:
+    """When the default score could not be calibrated (`dose` needs about 50 clean
+    images: half fit its density), make bits/dim the default, loudly."""
+    if detector.default_kind in detector.calibrations or "bpd" not in detector.calibrations:
+        return
+    err_console.print(
+        f"[yellow]warning[/]: {n} clean images are too few to calibrate score "
+        f"{detector.default_kind!r}; the default score is now 'bpd' (calibrate with more "
+        "clean images and --score dose to restore it)", highlight=False)
+    detector.default_kind = "bpd"
+
+
 def default_out(data: str) -> Path:
     """runs/<data name>: untracked (git-ignored), so a bare `train` in a clone never
     modifies the shipped bundles in models/."""
@@ -159,7 +177,7 @@ def train(
         "listed. Without it such files are an error."),
     conservative_threshold: bool = typer.Option(
         False, "--conservative-threshold", help=CONSERVATIVE_HELP),
-    score_kind: str = typer.Option("bpd", "--score", help=SCORE_OPTION_HELP + " Every "
+    score_kind: str = typer.Option(DEFAULT_SCORE, "--score", help=SCORE_OPTION_HELP + " Every "
                                    "available kind is calibrated; this one is the default."),
     background: bool = typer.Option(False, "--background", help="Also train the background "
                                     "model of the llr score and store it in the bundle."),
@@ -256,11 +274,12 @@ def train(
     detector.calibrate_all(calib_set, fpr=fpr, data=calib_set.source,
                            conservative=conservative_threshold)
     detector.default_kind = score_kind
+    fall_back_if_uncalibrated(detector, len(calib_set))
     cal = detector.calibrations["bpd"]
     metrics: dict[str, Any] = {"val_bits_per_dim": detector.meta["training"]["val_bits_per_dim"],
                                "train_seconds": round(time.perf_counter() - start, 1)}
     if test_set is not None:
-        metrics["test_bits_per_dim"] = float(detector.score_samples(test_set).mean())
+        metrics["test_bits_per_dim"] = float(detector.anomaly_score(test_set, "bpd").mean())
     detector.meta["data"] = {
         "spec": data,
         "train": train_set.source, "n_train": len(train_set),
@@ -280,7 +299,8 @@ def train(
         f"test bits/dim {fmt_float(test, 4)}  (validation {metrics['val_bits_per_dim']:.4f}); "
         f"threshold {cal.threshold:.4f} bits/dim at FPR {fpr:g} from {cal.n} calibration "
         f"images; {seconds:.0f} s", highlight=False)
-    print_calibrations(detector, list(detector.available_kinds), len(calib_set),
+    print_calibrations(detector, [k for k in detector.available_kinds
+                                  if k in detector.calibrations], len(calib_set),
                        calib_set.source)
 
 
@@ -368,7 +388,8 @@ def train_background(
     remove_checkpoint(checkpoint)
     err_console.print(f"wrote bundle {model} (background model added, {seconds:.0f} s)",
                       highlight=False)
-    print_calibrations(detector, list(detector.available_kinds), len(calib_set),
+    print_calibrations(detector, [k for k in detector.available_kinds
+                                  if k in detector.calibrations], len(calib_set),
                        calib_set.source)
 
 
@@ -397,7 +418,9 @@ def calibrate(
     """Recompute thresholds on clean images and store them in the bundle (atomically).
 
     Each score kind gets its own threshold and clean calibration scores (conformal
-    p-values); `typicality` also stores the clean bits/dim its batch test resamples.
+    p-values); `typicality` also stores the clean bits/dim its batch test resamples;
+    `dose` fits its statistics density on a seeded half of the images and sets its
+    threshold on the other half (split conformal).
 
     [bold]Examples[/]
 
@@ -437,6 +460,7 @@ def calibrate(
     else:
         kinds = list(detector.calibrate_all(images, fpr=fpr, data=images.source,
                                             conservative=conservative_threshold))
+        fall_back_if_uncalibrated(detector, len(images))
     detector.save_calibration(model)
     headline = detector.default_kind if detector.default_kind in kinds else kinds[0]
     cal = detector.calibrations[headline]
@@ -632,7 +656,14 @@ def write_heatmaps(detector: DensityDetector, batch: Batch, rows: list[dict[str,
     if not flagged:
         return
     images = batch.images[flagged]
-    nll = detector.nll_map(images)
+    local = None
+    if "dose" in detector.calibrations:  # the local-anomaly map (localise.py)
+        from ..localise import local_map
+
+        run = detector.model_pass(images)
+        nll, local = run.nll, local_map(run, detector.dose_model())
+    else:
+        nll = detector.nll_map(images)
     for j, k in enumerate(flagged):
         r = readable[k]
         path = folder / heatmap_name(r["path"], taken)
@@ -640,7 +671,8 @@ def write_heatmaps(detector: DensityDetector, batch: Batch, rows: list[dict[str,
         title = (f"{r['path']}\nbits/dim {r['bits_per_dim']:.3f}"
                  + (f"   {kind} {r['score']:.3f}" if kind != "bpd" else "")
                  + (f"   p-value {p:.3f}" if p is not None else ""))
-        write_heatmap(path, images[j], detector.spec.levels, nll[j], title)
+        write_heatmap(path, images[j], detector.spec.levels, nll[j], title,
+                      None if local is None else local[j])
         r["heatmap"] = str(path)
 
 
@@ -711,6 +743,6 @@ def sample(
         Image.fromarray(grid).save(tmp, format="PNG")
     if npz is not None:
         save_npz(npz, images, spec.levels)
-    bpd = detector.score_samples(images)
+    bpd = detector.anomaly_score(images, "bpd")
     out_console.print(f"wrote {out} ({n} samples, mean {bpd.mean():.3f} bits/dim)",
                       highlight=False)

@@ -1,0 +1,145 @@
+"""Per-image summary statistics of a PixelCNN, all from one forward pass.
+
+DoSE (Morningstar et al., AISTATS 2021) scores an input by how typical a *vector* of
+model statistics is, instead of thresholding one of them. Each function here turns the
+model's per-pixel outputs into one number per image; `ModelPass` holds what one pass
+produces (per-pixel NLL, per-pixel predictive entropy, feature norms) so the statistics
+cost no extra model evaluations. Everything is in bits, per image, and works on plain
+arrays so each statistic has a test with a known answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .density import LN2
+from .models.pixelcnn import PixelCNN
+
+
+@dataclass
+class ModelPass:
+    """What one PixelCNN pass over N images yields (CPU, float64 except the maps)."""
+
+    nll: torch.Tensor  # (N, C, H, W) per-sub-pixel NLL in nats
+    entropy: torch.Tensor  # (N, C, H, W) entropy of the predicted distribution, nats
+    feature_norm: np.ndarray  # (N,) mean L2 norm of the per-pixel context features
+
+    @property
+    def pixel_bits(self) -> np.ndarray:
+        """(N, H, W) NLL in bits per pixel (channels summed)."""
+        return self.nll.double().sum(1).numpy() / LN2
+
+    @property
+    def surprise_bits(self) -> np.ndarray:
+        """(N, H, W) |NLL - predicted entropy| in bits per pixel (channels summed): how far
+        each pixel's surprise is from what the model expected, in either direction. A
+        pasted patch shows up here (the model is confidently wrong at its edges and
+        unexpectedly certain inside) more than in the NLL itself."""
+        return (self.nll.double() - self.entropy.double()).abs().sum(1).numpy() / LN2
+
+    @property
+    def bits_per_dim(self) -> np.ndarray:
+        n = self.nll.shape[0]
+        return self.nll.double().reshape(n, -1).mean(1).numpy() / LN2
+
+
+@torch.no_grad()
+def model_pass(model: PixelCNN, images: torch.Tensor, batch_size: int = 256,
+               progress: Callable[[int], None] | None = None) -> ModelPass:
+    """Per-pixel NLL and entropy plus feature norms, one forward pass per batch.
+
+    Same numbers as `density.nll_map` for the NLL (same logits, same cross-entropy).
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, ent, norms = [], [], []
+    for start in range(0, images.shape[0], batch_size):
+        chunk = images[start : start + batch_size].to(device)
+        xs = model.scale(chunk)
+        ctx = model.context(torch.cat([xs, torch.ones_like(xs[:, :1])], dim=1))
+        logits = torch.stack([
+            model.channel_logits(ctx, xs[:, :c] if c > 0 else None, c)
+            for c in range(model.config.channels)], dim=2)  # (N, L, C, H, W)
+        logp = F.log_softmax(logits, dim=1)
+        nll.append(-logp.gather(1, chunk.long().unsqueeze(1)).squeeze(1).float().cpu())
+        ent.append(-(logp.exp() * logp).sum(1).float().cpu())
+        norms.append(ctx.norm(dim=1).flatten(1).mean(1).double().cpu())
+        if progress is not None:
+            progress(chunk.shape[0])
+    model.train(was_training)
+    if not nll:
+        c, h, w = model.config.channels, model.config.height, model.config.width
+        empty = torch.zeros((0, c, h, w))
+        return ModelPass(empty, empty.clone(), np.zeros(0))
+    return ModelPass(torch.cat(nll), torch.cat(ent), torch.cat(norms).numpy())
+
+
+def surprise_gap(nll: torch.Tensor, entropy: torch.Tensor) -> np.ndarray:
+    """Mean (NLL - predictive entropy) in bits/dim: how much more surprised the model is
+    than it *expected* to be. ~0 for data like its training data, whatever the image's
+    complexity; positive where the model is confidently wrong (a typicality test per
+    pixel, Nalisnick et al. 2019, which bits/dim alone cannot do)."""
+    n = nll.shape[0]
+    return (nll.double() - entropy.double()).reshape(n, -1).mean(1).numpy() / LN2
+
+
+def pixel_quantile(pixel_bits: np.ndarray, q: float) -> np.ndarray:
+    """q-quantile of per-pixel bits in each image."""
+    n = pixel_bits.shape[0]
+    return np.quantile(pixel_bits.reshape(n, -1), q, axis=1)
+
+
+def pixel_spread(pixel_bits: np.ndarray) -> np.ndarray:
+    """Standard deviation of per-pixel bits in each image."""
+    n = pixel_bits.shape[0]
+    return pixel_bits.reshape(n, -1).std(axis=1)
+
+
+def location_stats(pixel_bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-location mean and standard deviation (H, W) of clean per-pixel bits; the std
+    is floored at 0.05 bits (a location that is always exactly predictable must not turn
+    a tiny deviation into an infinite z-score)."""
+    mean = pixel_bits.mean(axis=0)
+    std = np.maximum(pixel_bits.std(axis=0), 0.05)
+    return mean, std
+
+
+def window_map(pixel_bits: np.ndarray, mean: np.ndarray, std: np.ndarray,
+               k: int) -> np.ndarray:
+    """(N, H-k+1, W-k+1) mean z-score of per-pixel bits over every k x k window, where
+    z = (bits - clean mean at that location) / clean std at that location."""
+    z = (np.asarray(pixel_bits, dtype=np.float64) - mean) / std
+    pooled = F.avg_pool2d(torch.from_numpy(z)[:, None], kernel_size=k, stride=1)
+    return pooled[:, 0].numpy()
+
+
+def window_max(pixel_bits: np.ndarray, mean: np.ndarray, std: np.ndarray, k: int) -> np.ndarray:
+    """Largest k x k window mean z-score per image: a small local anomaly (a pasted patch,
+    a scratch) raises it even when the image's total likelihood barely moves."""
+    n = pixel_bits.shape[0]
+    return window_map(pixel_bits, mean, std, k).reshape(n, -1).max(axis=1)
+
+
+def hottest_window(pixel_bits: np.ndarray, mean: np.ndarray, std: np.ndarray,
+                   k: int) -> np.ndarray:
+    """(N, 4) box (top, left, bottom, right; exclusive ends) of each image's hottest window."""
+    wm = window_map(pixel_bits, mean, std, k)
+    n, _, ww = wm.shape
+    flat = wm.reshape(n, -1).argmax(axis=1)
+    top, left = flat // ww, flat % ww
+    return np.stack([top, left, top + k, left + k], axis=1)
+
+
+def grid_means(pixel_bits: np.ndarray, cells: int) -> np.ndarray:
+    """(N, cells * cells) mean per-pixel bits in each cell of a cells x cells grid (row by
+    row; adaptive pooling, so any image size works): where in the frame the model is
+    surprised."""
+    pooled = F.adaptive_avg_pool2d(torch.from_numpy(np.asarray(pixel_bits, np.float64))[:, None],
+                                   cells)
+    return pooled.reshape(len(pixel_bits), -1).numpy()
