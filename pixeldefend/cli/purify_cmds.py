@@ -53,6 +53,8 @@ EPS_HELP = ("Purification radius in pixel levels (default: 16/255 of the level r
             "in the paper: 16 for 8-bit images, 1 for 17-level digits).")
 ADAPTIVE_HELP = ("Purify only images whose bits/dim exceed the model's calibrated threshold; "
                  "the rest pass through untouched (adaptive PixelDefend).")
+EpsDefend = Annotated[int | None, typer.Option("--eps-defend", "-e", min=0, help=EPS_HELP)]
+Adaptive = Annotated[bool, flag("--adaptive", help=ADAPTIVE_HELP)]
 
 
 def _load(model: Path, device: str, adaptive: bool, eps_defend: int | None,
@@ -96,8 +98,8 @@ def purify_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the purified images and "
                                                       "manifest.json."),
     model: ModelBundle = DEFAULT_MODEL,
-    eps_defend: int | None = typer.Option(None, "--eps-defend", "-e", min=0, help=EPS_HELP),
-    adaptive: Annotated[bool, flag("--adaptive", help=ADAPTIVE_HELP)] = False,
+    eps_defend: EpsDefend = None,
+    adaptive: Adaptive = False,
     reference: Annotated[bool, flag("--reference", help="Use the slow reference "
                                     "implementation (one forward pass per sub-pixel).")] = False,
     fmt: StdoutFormat = OutputFormat.table,
@@ -197,8 +199,8 @@ def defend_cmd(
                                    "directory, TorchScript file or package.module:factory "
                                    "(these two run code: need --trust-code)."),
     model: ModelBundle = DEFAULT_MODEL,
-    eps_defend: int | None = typer.Option(None, "--eps-defend", "-e", min=0, help=EPS_HELP),
-    adaptive: Annotated[bool, flag("--adaptive", help=ADAPTIVE_HELP)] = False,
+    eps_defend: EpsDefend = None,
+    adaptive: Adaptive = False,
     fmt: Format = OutputFormat.table,
     output: Path | None = typer.Option(None, "--output", "-o", help="Write results here."),
     fail_on: Annotated[GateChoice, typer.Option(
