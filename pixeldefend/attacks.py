@@ -30,13 +30,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .defaults import METHODS as METHODS
 from .errors import DataError, UsageError
-from .models.classifier import LoadedClassifier, as_loaded, check_inputs, predict_logits
-
-TARGETED_METHODS = ("fgsm", "bim", "pgd", "cw")
-L2_METHODS = ("cw", "deepfool")  # clipped to the L-infinity eps ball afterwards
-DEFAULT_STEPS = {"bim": 10, "pgd": 10, "cw": 50, "deepfool": 50}
+from .models.loading import LoadedClassifier, as_loaded, check_inputs, predict_logits
+from .pixels import ball_levels, check_images, clip_to_ball, to_float
+from .pixels import quantise as quantise
 
 
 @contextlib.contextmanager
@@ -115,15 +112,6 @@ def resolve_eps(eps: Eps | str | float | None, levels: int, eps_levels: bool = F
 # ---------------------------------------------------------------------- quantisation
 
 
-def quantise(adv: torch.Tensor, clean: torch.Tensor, levels: int, ball: int) -> torch.Tensor:
-    """Float [0, 1] adversarial images -> uint8 levels: round, clip to the eps ball (in
-    levels) around the clean uint8 images, clip to [0, levels - 1]."""
-    q = torch.round(adv.detach().float().cpu() * (levels - 1)).long()
-    base = clean.long().cpu()
-    q = torch.minimum(torch.maximum(q, base - ball), base + ball)
-    return q.clamp(0, levels - 1).to(torch.uint8)
-
-
 def perturbation_norms(adv: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor,
                                                                           torch.Tensor]:
     """Per-image L-infinity and L2 norms of (adv - clean), in pixel levels."""
@@ -162,12 +150,12 @@ class Attack:
             adv = self.run(images, goal)
         adv = adv.detach()
         if self.eps is not None:  # clip L2 attacks (a no-op for the L-infinity ones)
-            adv = torch.minimum(torch.maximum(adv, images - self.eps), images + self.eps)
+            return clip_to_ball(adv, images, self.eps)
         return adv.clamp(0.0, 1.0)
 
 
 def _rand_attack(eps: float, levels: int, seed: int) -> Callable[..., torch.Tensor]:
-    ball = int(math.floor(eps * (levels - 1) + 1e-6))
+    ball = ball_levels(eps, levels)
     generator = torch.Generator().manual_seed(seed)
 
     def run(images: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:
@@ -177,89 +165,172 @@ def _rand_attack(eps: float, levels: int, seed: int) -> Callable[..., torch.Tens
     return run
 
 
+# ------------------------------------------------------------------------- registry
+#
+# Adding an attack is one `AttackSpec` in `ATTACKS` (plus its name in
+# `defaults.METHODS`, which the CLI reads without importing torch; a test checks both
+# agree) and its test. `make_attack`, the CLI's choices, the targeted / L2 / step
+# defaults and `evaluate`'s cost estimate all read the registry.
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack: how to build it and what the rest of the package needs to know."""
+
+    name: str
+    help: str
+    # factory(net, params) -> torchattacks attack or callable (images, labels) -> images,
+    # and the parameters it used (for the summary). `params` holds eps (a float, or None
+    # for the L2 attacks), alpha, steps, seed, levels, num_classes and the method's own.
+    factory: Callable[[nn.Module, dict[str, Any]], tuple[Any, dict[str, Any]]]
+    default_steps: int | None = None
+    targeted: bool = False  # supports --targeted
+    norm: str = "linf"  # "linf", or "l2" (then clipped to the L-inf eps ball afterwards)
+    cost: float = 0.4  # seconds per image relative to purifying one (one CPU thread)
+    needs: tuple[str, ...] = ("eps",)  # parameters the factory cannot default
+
+
+def _build_rand(_net: nn.Module, p: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    levels = int(p.get("levels") or 256)
+    return _rand_attack(float(p["eps"]), levels, int(p["seed"])), {"levels": levels}
+
+
+def _build_fgsm(net: nn.Module, p: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    import torchattacks
+
+    return torchattacks.FGSM(net, eps=float(p["eps"])), {}
+
+
+def _step_size(p: dict[str, Any]) -> float:
+    return float(p["alpha"]) if p.get("alpha") is not None else float(p["eps"]) / 4
+
+
+def _build_bim(net: nn.Module, p: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    import torchattacks
+
+    alpha, steps = _step_size(p), p["steps"]
+    atk = torchattacks.BIM(net, eps=float(p["eps"]), alpha=alpha, steps=steps)
+    return atk, {"alpha": alpha, "steps": steps}
+
+
+def _build_pgd(net: nn.Module, p: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    import torchattacks
+
+    alpha, steps = _step_size(p), p["steps"]
+    random_start = bool(p.get("random_start", True))
+    atk = torchattacks.PGD(net, eps=float(p["eps"]), alpha=alpha, steps=steps,
+                           random_start=random_start)
+    return atk, {"alpha": alpha, "steps": steps, "random_start": random_start}
+
+
+def _build_cw(net: nn.Module, p: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    import torchattacks
+
+    c, kappa = float(p.get("c", 1.0)), float(p.get("kappa", 0.0))
+    lr = float(p.get("lr", 0.01))
+    if c <= 0 or kappa < 0 or lr <= 0:
+        raise UsageError("cw needs c > 0, kappa >= 0 and lr > 0")
+    atk = torchattacks.CW(net, c=c, kappa=kappa, steps=p["steps"], lr=lr)
+    return atk, {"c": c, "kappa": kappa, "lr": lr, "steps": p["steps"]}
+
+
+def _build_deepfool(net: nn.Module, p: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    import torchattacks
+
+    overshoot = float(p.get("overshoot", 0.02))
+    if overshoot < 0:
+        raise UsageError("deepfool needs overshoot >= 0")
+    atk = torchattacks.DeepFool(net, steps=p["steps"], overshoot=overshoot)
+    return atk, {"steps": p["steps"], "overshoot": overshoot}
+
+
+def _build_autoattack(net: nn.Module, p: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    import torchattacks
+
+    num_classes = p.get("num_classes")
+    if num_classes is None:
+        raise UsageError("autoattack needs num_classes")
+    if int(num_classes) < 4:
+        raise UsageError("autoattack's targeted parts need at least 4 classes")
+    atk = torchattacks.AutoAttack(net, norm="Linf", eps=float(p["eps"]), version="standard",
+                                  n_classes=int(num_classes), seed=int(p["seed"]))
+    return atk, {"num_classes": int(num_classes), "version": "standard"}
+
+
+ATTACKS: dict[str, AttackSpec] = {spec.name: spec for spec in (
+    AttackSpec("rand", "uniform integer noise in the eps ball (a baseline, not an attack)",
+               _build_rand, cost=0.3),
+    AttackSpec("fgsm", "one signed-gradient step (Goodfellow et al. 2015)", _build_fgsm,
+               targeted=True, cost=0.35),
+    AttackSpec("bim", "iterated FGSM (Kurakin et al. 2017)", _build_bim, default_steps=10,
+               targeted=True),
+    AttackSpec("pgd", "projected gradient descent, random start (Madry et al. 2018)",
+               _build_pgd, default_steps=10, targeted=True),
+    AttackSpec("cw", "Carlini & Wagner L2 (2017), clipped to the eps ball", _build_cw,
+               default_steps=50, targeted=True, norm="l2", cost=0.7, needs=()),
+    AttackSpec("deepfool", "DeepFool L2 (Moosavi-Dezfooli et al. 2016), clipped to the "
+               "eps ball", _build_deepfool, default_steps=50, norm="l2", cost=7.0, needs=()),
+    AttackSpec("autoattack", "AutoAttack standard L-inf ensemble (Croce & Hein 2020)",
+               _build_autoattack, cost=5.0, needs=("eps", "num_classes")),
+)}
+METHODS = tuple(ATTACKS)
+TARGETED_METHODS = tuple(n for n, spec in ATTACKS.items() if spec.targeted)
+L2_METHODS = tuple(n for n, spec in ATTACKS.items() if spec.norm == "l2")
+DEFAULT_STEPS = {n: spec.default_steps for n, spec in ATTACKS.items()
+                 if spec.default_steps is not None}
+# per-image cost of each attack stage, for `evaluate`'s ETA (its COST table has the same
+# figures for the attacks; switch it to this at merge)
+ATTACK_COST = {n: spec.cost for n, spec in ATTACKS.items()}
+_PARAMS = {"eps", "alpha", "steps", "c", "kappa", "lr", "overshoot", "targeted", "seed",
+           "levels", "num_classes", "random_start"}
+
+
+def attack_spec(name: str) -> AttackSpec:
+    """The registry entry for `name` (case-insensitive), else a UsageError listing them."""
+    spec = ATTACKS.get(name.lower())
+    if spec is None:
+        raise UsageError(f"unknown attack method {name!r}: choose from {', '.join(METHODS)}")
+    return spec
+
+
 def make_attack(name: str, model: nn.Module | LoadedClassifier, **params: Any) -> Attack:
     """Build attack `name` against `model` (float [0, 1] images -> logits).
 
-    Parameters (all optional except `eps` for the L-infinity methods): eps (fraction of
-    [0, 1]), alpha, steps, c, kappa, lr, overshoot, targeted, seed, levels (for rand),
-    num_classes (for autoattack), random_start (pgd).
+    Parameters (all optional except those the method `needs`, e.g. eps for the
+    L-infinity methods): eps (fraction of [0, 1]), alpha, steps, c, kappa, lr, overshoot,
+    targeted, seed, levels (for rand), num_classes (for autoattack), random_start (pgd).
     """
-    import torchattacks
-
     loaded = as_loaded(model)
-    net = loaded.model
-    name = name.lower()
-    if name not in METHODS:
-        raise UsageError(f"unknown attack method {name!r}: choose from {', '.join(METHODS)}")
-    known = {"eps", "alpha", "steps", "c", "kappa", "lr", "overshoot", "targeted", "seed",
-             "levels", "num_classes", "random_start"}
-    unknown = set(params) - known
+    spec = attack_spec(name)
+    unknown = set(params) - _PARAMS
     if unknown:
         raise UsageError(f"unknown attack parameter(s): {', '.join(sorted(unknown))}")
     eps = params.get("eps")
     targeted = bool(params.get("targeted", False))
-    seed = int(params.get("seed", 0))
-    if eps is None and name not in L2_METHODS:
-        raise UsageError(f"{name} needs eps")
+    if eps is None and "eps" in spec.needs:
+        raise UsageError(f"{spec.name} needs eps")
     if eps is not None and not 0 <= float(eps) <= 1:
         raise UsageError(f"eps must be in [0, 1], got {eps}")
-    if targeted and name not in TARGETED_METHODS:
-        raise UsageError(f"--targeted is supported by {', '.join(TARGETED_METHODS)}, "
-                         f"not {name}")
-    steps = int(params.get("steps") or DEFAULT_STEPS.get(name, 1))
+    if targeted and not spec.targeted:
+        raise UsageError(f"targeted attacks are supported by {', '.join(TARGETED_METHODS)}, "
+                         f"not {spec.name}")
+    steps = int(params.get("steps") or spec.default_steps or 1)
     if steps < 1:
         raise UsageError(f"steps must be at least 1, got {steps}")
     alpha = params.get("alpha")
     if alpha is not None and not 0 < float(alpha) <= 1:
         raise UsageError(f"alpha must be in (0, 1], got {alpha}")
-    used: dict[str, Any] = {"eps": eps}
+    settings = {**params, "steps": steps, "seed": int(params.get("seed", 0)),
+                "num_classes": params.get("num_classes") or loaded.num_classes}
     with quiet_stdout():
-        if name == "rand":
-            levels = int(params.get("levels") or 256)
-            run = _rand_attack(float(eps), levels, seed)
-            used.update(levels=levels)
-        elif name == "fgsm":
-            atk = torchattacks.FGSM(net, eps=float(eps))
-        elif name in ("bim", "pgd"):
-            alpha = float(alpha) if alpha is not None else float(eps) / 4
-            used.update(alpha=alpha, steps=steps)
-            if name == "bim":
-                atk = torchattacks.BIM(net, eps=float(eps), alpha=alpha, steps=steps)
-            else:
-                random_start = bool(params.get("random_start", True))
-                used["random_start"] = random_start
-                atk = torchattacks.PGD(net, eps=float(eps), alpha=alpha, steps=steps,
-                                       random_start=random_start)
-        elif name == "cw":
-            c, kappa = float(params.get("c", 1.0)), float(params.get("kappa", 0.0))
-            lr = float(params.get("lr", 0.01))
-            if c <= 0 or kappa < 0 or lr <= 0:
-                raise UsageError("cw needs c > 0, kappa >= 0 and lr > 0")
-            used.update(c=c, kappa=kappa, lr=lr, steps=steps)
-            atk = torchattacks.CW(net, c=c, kappa=kappa, steps=steps, lr=lr)
-        elif name == "deepfool":
-            overshoot = float(params.get("overshoot", 0.02))
-            if overshoot < 0:
-                raise UsageError("deepfool needs overshoot >= 0")
-            used.update(steps=steps, overshoot=overshoot)
-            atk = torchattacks.DeepFool(net, steps=steps, overshoot=overshoot)
-        else:  # autoattack
-            num_classes = params.get("num_classes") or loaded.num_classes
-            if num_classes is None:
-                raise UsageError("autoattack needs num_classes")
-            if int(num_classes) < 4:
-                raise UsageError("autoattack's targeted parts need at least 4 classes")
-            used.update(num_classes=int(num_classes), version="standard")
-            atk = torchattacks.AutoAttack(net, norm="Linf", eps=float(eps),
-                                          version="standard", n_classes=int(num_classes),
-                                          seed=seed)
-        if name != "rand":
-            atk.set_device(loaded.device)
+        run, used = spec.factory(loaded.model, settings)
+        if hasattr(run, "set_device"):  # a torchattacks attack
+            run.set_device(loaded.device)
             if targeted:
-                atk.set_mode_targeted_by_label(quiet=True)
-            run = atk
-    return Attack(name=name, run=run, eps=None if eps is None else float(eps),
-                  targeted=targeted, clipped_to_eps_ball=name in L2_METHODS, params=used)
+                run.set_mode_targeted_by_label(quiet=True)
+    return Attack(name=spec.name, run=run, eps=None if eps is None else float(eps),
+                  targeted=targeted, clipped_to_eps_ball=spec.norm == "l2",
+                  params={"eps": eps, **used})
 
 
 # ----------------------------------------------------------------------------- run
@@ -291,6 +362,39 @@ def _rate(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
+def _check_attack_inputs(loaded: LoadedClassifier, images: torch.Tensor, labels: Any,
+                         levels: int) -> tuple[torch.Tensor, int]:
+    """(labels as a CPU long tensor, the classifier's number of classes), or a DataError."""
+    check_images(images, levels)
+    if loaded.levels is not None and loaded.levels != levels:
+        raise DataError(f"images have {levels} levels but the classifier {loaded.source} was "
+                        f"trained on {loaded.levels}")
+    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+    if labels.shape != (images.shape[0],):
+        raise DataError(f"{images.shape[0]} images but labels of shape {tuple(labels.shape)}")
+    if images.shape[0] == 0:
+        raise DataError("no images to attack")
+    return labels, check_inputs(loaded, images, labels)
+
+
+def _records(labels: torch.Tensor, clean_pred: torch.Tensor, adv_pred: torch.Tensor,
+             targets: torch.Tensor | None, success: torch.Tensor, linf: torch.Tensor,
+             l2: torch.Tensor, names: list[str] | None) -> list[dict[str, Any]]:
+    """One record per image: labels, predictions, success and perturbation norms."""
+    records = []
+    for i in range(int(labels.shape[0])):
+        rec: dict[str, Any] = {
+            "index": i, "name": names[i] if names else str(i),
+            "label": int(labels[i]), "clean_pred": int(clean_pred[i]),
+            "adv_pred": int(adv_pred[i]), "success": bool(success[i]),
+            "linf": int(linf[i]), "l2": round(float(l2[i]), 4),
+        }
+        if targets is not None:
+            rec["target"] = int(targets[i])
+        records.append(rec)
+    return records
+
+
 def run_attack(
     classifier: nn.Module | LoadedClassifier,
     images: torch.Tensor,
@@ -319,24 +423,8 @@ def run_attack(
     a given seed and batch size; the global torch RNG is left as it was.
     """
     loaded = as_loaded(classifier)
-    method = method.lower()
-    if method not in METHODS:
-        raise UsageError(f"unknown attack method {method!r}: choose from {', '.join(METHODS)}")
-    if images.dtype != torch.uint8:
-        raise DataError(f"images must be uint8 pixel levels, not {images.dtype}")
-    if images.dim() != 4:
-        raise DataError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
-    if images.numel() and int(images.max()) >= levels:
-        raise DataError(f"pixel value {int(images.max())} out of range for {levels} levels")
-    if loaded.levels is not None and loaded.levels != levels:
-        raise DataError(f"images have {levels} levels but the classifier {loaded.source} was "
-                        f"trained on {loaded.levels}")
-    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
-    if labels.shape != (images.shape[0],):
-        raise DataError(f"{images.shape[0]} images but labels of shape {tuple(labels.shape)}")
-    if images.shape[0] == 0:
-        raise DataError("no images to attack")
-    num_classes = check_inputs(loaded, images, labels)
+    method = attack_spec(method).name
+    labels, num_classes = _check_attack_inputs(loaded, images, labels, levels)
     budget = resolve_eps(eps, levels, eps_levels)
     ball = budget.ball
     eps_used = ball / (levels - 1)  # attack inside the ball a quantised image can reach
@@ -356,7 +444,7 @@ def run_attack(
         torch.manual_seed(seed)
         for lo in range(0, images.shape[0], batch_size):
             clean = images[lo : lo + batch_size]
-            x = clean.float().div(levels - 1).to(device)
+            x = to_float(clean, levels).to(device)
             y = labels[lo : lo + batch_size].to(device)
             t = None if targets is None else targets[lo : lo + batch_size].to(device)
             adv = attack(x, y, t)
@@ -371,18 +459,8 @@ def run_attack(
     correct = clean_pred == labels
     success = (adv_pred == targets) if targets is not None else (adv_pred != labels)
     n = int(images.shape[0])
-    records = []
-    for i in range(n):
-        rec: dict[str, Any] = {
-            "index": i, "name": names[i] if names else str(i),
-            "label": int(labels[i]), "clean_pred": int(clean_pred[i]),
-            "adv_pred": int(adv_pred[i]),
-            "success": bool(correct[i] and success[i]),
-            "linf": int(linf[i]), "l2": round(float(l2[i]), 4),
-        }
-        if targets is not None:
-            rec["target"] = int(targets[i])
-        records.append(rec)
+    records = _records(labels, clean_pred, adv_pred, targets, correct & success, linf, l2,
+                       names)
     params = {k: v for k, v in attack.params.items() if k != "eps"}
     summary: dict[str, Any] = {
         "method": method,

@@ -8,8 +8,8 @@ the gradient is the classifier's gradient at the purified image, applied to x. W
 projected gradient descent (Madry et al. 2018) attacks the defended classifier itself.
 
 `bpda_attack` runs that PGD against any "defended model" (float [0, 1] images -> logits)
-whose backward pass is already straight-through: `StraightThroughPurifier` (PixelDefend,
-adaptive or not; `purify.PurifiedClassifier` computes the same), or the bare classifier
+whose backward pass is already straight-through: `purify.PurifiedClassifier` (PixelDefend,
+adaptive or not; `StraightThroughPurifier` is its old name here), or the bare classifier
 (then BPDA is plain PGD). Like every attack in
 `pixeldefend.attacks`, iterates are quantised to the images' pixel levels and clipped to
 the eps ball in levels: the forward pass always sees the image a PNG would hold (the
@@ -35,68 +35,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import Eps, quantise, resolve_eps
-from .density import bits_per_dim
+from .attacks import Eps, resolve_eps
 from .errors import DataError, UsageError
-from .purify import DEFAULT_BATCH, purify_fast
+from .pixels import (
+    check_images,
+    clip_to_ball,
+    quantise,
+    straight_through_round,
+    to_float,
+)
+from .purify import StraightThroughPurifier as StraightThroughPurifier
 
 DEFAULT_STEPS = 100
+# the old name, for callers written before `pixels` held the contract
+straight_through_quantise = straight_through_round
 
 
 def default_alpha(eps: float, steps: int) -> float:
     """Step size: 2.5 * eps / steps (Madry et al.), so the iterates can cross the whole
     ball, but at least eps / 10 so that a short run still moves whole pixel levels."""
     return eps * max(2.5 / steps, 0.1)
-
-
-def straight_through_quantise(x: torch.Tensor, levels: int) -> torch.Tensor:
-    """Round [0, 1] floats to the pixel levels on the forward pass, identity backward."""
-    q = torch.round(x.detach().clamp(0.0, 1.0) * (levels - 1)) / (levels - 1)
-    return x + (q - x).detach()
-
-
-class StraightThroughPurifier(nn.Module):
-    """classifier(purify(x)) on the forward pass, identity through purification on the
-    backward pass: the model BPDA attacks.
-
-    The same computation as `purify.PurifiedClassifier` (which this must match, see the
-    tests), but it scores bits/dim only when adaptive purification needs them to choose
-    the images, and never after purifying: inside a 100-step attack loop that halves the
-    cost of a step. `threshold`: adaptive PixelDefend (purify only images above it, in
-    bits/dim), None purifies every image.
-    """
-
-    def __init__(self, model: nn.Module, classifier: nn.Module, eps_defend: int,
-                 threshold: float | None = None, batch_size: int = DEFAULT_BATCH) -> None:
-        super().__init__()
-        self.density = model
-        self.classifier = getattr(classifier, "model", classifier)
-        self.eps_defend = int(eps_defend)
-        self.threshold = threshold
-        self.batch_size = batch_size
-        self.levels = model.config.levels
-        self.purified_last: int = 0  # images purified by the last forward pass
-
-    def purify_levels(self, q: torch.Tensor) -> torch.Tensor:
-        """uint8 levels -> purified uint8 levels (only those above the threshold)."""
-        out = q.clone()
-        if self.threshold is None:
-            chosen = torch.arange(q.shape[0])
-        else:
-            bpd = bits_per_dim(self.density, q, max(self.batch_size, 1))
-            chosen = torch.from_numpy(np.flatnonzero(bpd.numpy() > self.threshold))
-        if len(chosen):
-            out[chosen] = purify_fast(self.density, q[chosen], self.eps_defend,
-                                      self.batch_size)
-        self.purified_last = int(len(chosen))
-        return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            q = torch.round(x.detach().clamp(0.0, 1.0) * (self.levels - 1)).to(torch.uint8)
-            p = self.purify_levels(q.cpu()).to(device=x.device, dtype=x.dtype)
-            p = p / (self.levels - 1)
-        return self.classifier(x + (p - x).detach())
 
 
 @dataclass
@@ -107,6 +65,22 @@ class BPDAResult:
     defended_pred: torch.Tensor  # (N,) defended prediction seen at the kept iterate
     first_success: np.ndarray  # (N,) int: step at which the image was first fooled, -1 never
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_inputs(images: torch.Tensor, labels: Any, levels: int, steps: int,
+                  eot: int) -> torch.Tensor:
+    """The labels as a CPU long tensor, or a DataError / UsageError naming the problem."""
+    check_images(images, levels)
+    if images.shape[0] == 0:
+        raise DataError("no images to attack")
+    if steps < 1:
+        raise UsageError(f"BPDA needs at least 1 step, got {steps}")
+    if eot < 1:
+        raise UsageError(f"eot must be at least 1, got {eot}")
+    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+    if labels.shape != (images.shape[0],):
+        raise DataError(f"{images.shape[0]} images but labels of shape {tuple(labels.shape)}")
+    return labels
 
 
 def bpda_attack(
@@ -134,19 +108,7 @@ def bpda_attack(
     every step of every batch: images that step ran on, and how many are not fooled yet.
     Deterministic for a given seed and batch size; the global torch RNG is untouched.
     """
-    if images.dtype != torch.uint8 or images.dim() != 4:
-        raise DataError("BPDA takes uint8 images (N, C, H, W)")
-    if images.shape[0] == 0:
-        raise DataError("no images to attack")
-    if images.numel() and int(images.max()) >= levels:
-        raise DataError(f"pixel value {int(images.max())} out of range for {levels} levels")
-    if steps < 1:
-        raise UsageError(f"BPDA needs at least 1 step, got {steps}")
-    if eot < 1:
-        raise UsageError(f"--eot must be at least 1, got {eot}")
-    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
-    if labels.shape != (images.shape[0],):
-        raise DataError(f"{images.shape[0]} images but labels of shape {tuple(labels.shape)}")
+    labels = _check_inputs(images, labels, levels, steps, eot)
     budget = resolve_eps(eps, levels, eps_levels)
     ball = budget.ball
     eps_used = ball / (levels - 1)
@@ -166,10 +128,10 @@ def bpda_attack(
     for lo in range(0, n, batch_size):
         clean_u8 = images[lo:lo + batch_size]
         y = labels[lo:lo + batch_size]
-        x0 = clean_u8.float().div(levels - 1)
+        x0 = to_float(clean_u8, levels)
         if random_start and ball > 0:
             noise = torch.randint(-ball, ball + 1, x0.shape, generator=generator)
-            x = (x0 + noise.float() / (levels - 1)).clamp(0.0, 1.0)
+            x = (x0 + to_float(noise, levels)).clamp(0.0, 1.0)
         else:
             x = x0.clone()
         active = torch.arange(x0.shape[0])  # images not fooled yet
@@ -179,7 +141,7 @@ def bpda_attack(
             grad = torch.zeros_like(xa)
             with torch.set_grad_enabled(not last):
                 for k in range(1 if last else eot):
-                    logits = defended(straight_through_quantise(xa, levels))
+                    logits = defended(straight_through_round(xa, levels))
                     forwards += 1
                     if k == 0:
                         pred = logits.detach().argmax(1).cpu()
@@ -199,8 +161,7 @@ def bpda_attack(
             if last or len(active) == 0:
                 break
             moved = x[active] + step * grad.sign().cpu()
-            x[active] = torch.minimum(torch.maximum(moved, x0[active] - eps_used),
-                                      x0[active] + eps_used).clamp(0.0, 1.0)
+            x[active] = clip_to_ball(moved, x0[active], eps_used)
     seconds = time.perf_counter() - start
     success = first >= 0
     summary: dict[str, Any] = {

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .pixels import from_8bit as from_8bit
+from .pixels import to_8bit as to_8bit
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 ARRAY_EXTENSIONS = {".npz", ".npy"}
@@ -168,25 +170,6 @@ class Batch:
     errors: list[str | None]
     images: torch.Tensor  # uint8 (n_ok, C, H, W), the items whose error is None, in order
     labels: torch.Tensor | None = None  # int64 (n_ok,)
-
-
-# ----------------------------------------------------------------------------- levels
-
-
-def from_8bit(values: np.ndarray, levels: int) -> np.ndarray:
-    """Map 8-bit values to `levels` levels: v -> round(v * (levels-1) / 255)."""
-    if levels == 256:
-        return values.astype(np.uint8)
-    return np.rint(values.astype(np.float64) * (levels - 1) / 255.0).astype(np.uint8)
-
-
-def to_8bit(values: np.ndarray | torch.Tensor, levels: int) -> np.ndarray:
-    """Inverse of `from_8bit`, exact on round trips: v -> round(v * 255 / (levels-1))."""
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    if levels == 256:
-        return values.astype(np.uint8)
-    return np.rint(values.astype(np.float64) * 255.0 / (levels - 1)).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------- single files
@@ -1057,6 +1040,61 @@ def training_splits(spec: str, data_root: str | None = None, download: bool = Fa
     out: dict[str, str | ImageSet] = {k: images.subset(v.tolist()) for k, v in parts.items()}
     out["train"].errors = list(images.errors)  # type: ignore[union-attr]
     return out
+
+
+def split_holdout(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded (train, val) index split with `n_val` validation items."""
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+CLASSIFIER_HOLDOUT = 5000  # validation images carved from a large built-in training split
+
+
+def require_labels(images: ImageSet, what: str) -> torch.Tensor:
+    if images.labels is None:
+        raise DataError(f"{images.source}: {what} images have no labels (use a labelled data "
+                        "set, an .npz with 'labels', or one sub-folder per class)")
+    return images.labels
+
+
+def classifier_splits(data: str, val: str | None, test: str | None, seed: int,
+                      data_root: str | None, download: bool
+                      ) -> tuple[ImageSet, ImageSet, ImageSet | None]:
+    """(train, validation, test) for a training spec.
+
+    digits: the fixed digits:train / :val / :test splits. Fashion-MNIST, MNIST, CIFAR-10:
+    a seeded 5,000-image validation slice of the training split, test = the test split.
+    Anything else: a seeded 10% validation slice, test only when `test` is given.
+    (The density model's policy is `training_splits`: it also needs a calibration split.)
+    """
+    def load(spec: str, expect: ImageSpec | None = None) -> ImageSet:
+        return load_images(spec, expect, data_root=data_root, download=download)
+
+    parsed = parse_builtin(data)
+    test_spec = test
+    if parsed is not None and parsed[0] == "digits" and parsed[1] in ("all", "train"):
+        train_set = load("digits:train")
+        val_set = load(val or "digits:val")
+        test_spec = test or "digits:test"
+    else:
+        full = load(data)
+        if val is not None:
+            train_set, val_set = full, load(val, full.spec)
+        else:
+            big = len(full) >= 10 * CLASSIFIER_HOLDOUT
+            n_val = CLASSIFIER_HOLDOUT if big else max(1, len(full) // 10)
+            if len(full) < 10:
+                raise DataError(f"{data}: {len(full)} images are too few to hold out a "
+                                "validation set (need at least 10)")
+            train_idx, val_idx = split_holdout(len(full), n_val, seed)
+            train_set, val_set = full.subset(train_idx.tolist()), full.subset(val_idx.tolist())
+            val_set.source = f"{full.source} (seeded {n_val}-image holdout, seed {seed})"
+            train_set.source = f"{full.source} (minus the holdout)"
+        if test_spec is None and parsed is not None and parsed[1] == "train":
+            test_spec = f"{parsed[0]}:test"
+    test_set = load(test_spec, train_set.spec) if test_spec else None
+    return train_set, val_set, test_set
 
 
 def resolve(split: str | ImageSet, expect: ImageSpec | None = None,

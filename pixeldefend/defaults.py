@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = Path("models/digits")
+DEFAULT_CLASSIFIER = Path("models/digits-classifier")
 
 # ------------------------------------------------------------------ models.pixelcnn
 PIXELCNN_PRESETS: dict[str, dict[str, int]] = {
@@ -75,3 +76,4 @@ CASE_NAMES = ("digits", "28x28x1", "32x32x3")
 
 # --------------------------------------------------------------------------- purify
 DEFAULT_BATCH = 64
+GATE_CHOICES = ("none", "anomalous")  # defend --fail-on

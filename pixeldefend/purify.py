@@ -47,6 +47,7 @@ from .models.decoder import cached_logits as cached_logits
 from .models.decoder import sample as sample
 from .models.pixelcnn import PixelCNN
 from .models.pixelcnn import scaled as scaled
+from .pixels import model_device, to_float, to_levels
 
 TIE_TOLERANCE = 1e-8
 
@@ -101,10 +102,6 @@ def _check_eps(eps_defend: int) -> int:
     return int(eps_defend)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 # ----------------------------------------------------------------------- purifiers
 
 
@@ -137,7 +134,7 @@ def purify_reference(model: PixelCNN, images: torch.Tensor, eps_defend: int,
     model64 = float64_copy(model)
     out = []
     for chunk in _chunks(images, batch_size):
-        orig = chunk.to(_device(model)).long()
+        orig = chunk.to(model_device(model)).long()
         x = orig.clone()
         for _ in reference_steps(model64, x, orig, eps):
             pass
@@ -310,16 +307,28 @@ def purify(model_or_detector: Any, images: torch.Tensor | np.ndarray | ImageSet,
 
 
 class PurifiedClassifier(nn.Module):
-    """A drop-in classifier that purifies its inputs first (PixelDefend as a model).
+    """A drop-in classifier that purifies its inputs first: PixelDefend as a model, and the
+    defended model BPDA attacks (the one class for both; `StraightThroughPurifier` is
+    its old BPDA name).
 
-    Takes float images in [0, 1] (N, C, H, W), quantises them to the detector's levels,
-    purifies them (adaptively if asked) and returns the classifier's logits. Purification
-    is a straight-through step: forward = classifier(purified), backward = identity, which
-    is BPDA (Athalye et al. 2018), so gradient attacks run through it unchanged.
+    Takes float images in [0, 1] (N, C, H, W), rounds them to the density model's levels,
+    purifies them (with `adaptive`: only images above the detector's calibrated threshold
+    (True) or a given threshold in bits/dim (a float)) and returns the classifier's
+    logits. `straight_through` (default): forward = classifier(purified), backward =
+    identity through rounding and purification, which is BPDA (Athalye et al. 2018), so
+    gradient attacks run through it; False stops the gradient at the purifier (the
+    obfuscated gradient an oblivious attacker sees).
+
+    `keep_result` (default) runs the full `purify` and keeps its `PurifyResult` (bits/dim
+    before and after) in `last_result`; False scores bits/dim only when adaptive
+    purification needs them to choose the images, which halves the cost of a step inside
+    an attack loop. Both compute the same logits. `purified_last` counts the images the
+    last forward pass purified.
     """
 
     def __init__(self, detector: Any, classifier: Any, eps_defend: int,
-                 adaptive: bool | float = False, batch_size: int = DEFAULT_BATCH) -> None:
+                 adaptive: bool | float | None = False, batch_size: int = DEFAULT_BATCH,
+                 *, straight_through: bool = True, keep_result: bool = True) -> None:
         super().__init__()
         model, det = _resolve(detector)
         self.detector = det if det is not None else detector
@@ -330,24 +339,58 @@ class PurifiedClassifier(nn.Module):
         self.classifier = inner
         self.eps_defend = _check_eps(eps_defend)
         self.adaptive = adaptive
+        self.threshold = _threshold(det, adaptive)  # fails early without a threshold
         self.batch_size = batch_size
         self.levels = model.config.levels
+        self.straight_through = straight_through
+        self.keep_result = keep_result
         self.last_result: PurifyResult | None = None
-        _threshold(det, adaptive)  # fail early when adaptive lacks a threshold
+        self.purified_last: int = 0
 
     def quantise(self, x: torch.Tensor) -> torch.Tensor:
         """[0, 1] floats -> uint8 levels: round(x * (levels - 1))."""
-        return torch.round(x.detach().clamp(0.0, 1.0) * (self.levels - 1)).to(torch.uint8)
+        return to_levels(x, self.levels)
+
+    def purify_levels(self, q: torch.Tensor) -> torch.Tensor:
+        """uint8 levels (CPU) -> purified uint8 levels (only those above the threshold)."""
+        if self.keep_result:
+            result = purify(self.detector, q, self.eps_defend, adaptive=self.threshold,
+                            batch_size=self.batch_size)
+            self.last_result = result
+            self.purified_last = int(result.purified.sum())
+            return result.images
+        out = q.clone()
+        if self.threshold is None:
+            chosen = torch.arange(q.shape[0])
+        else:
+            score_batch = getattr(self.detector, "batch_size", 256)
+            bpd = bits_per_dim(self.density, q, score_batch)
+            chosen = torch.from_numpy(np.flatnonzero(bpd.numpy() > self.threshold))
+        if len(chosen):
+            out[chosen] = purify_fast(self.density, q[chosen], self.eps_defend,
+                                      self.batch_size)
+        self.purified_last = int(len(chosen))
+        return out
 
     def purify_floats(self, x: torch.Tensor) -> torch.Tensor:
         """Purified images as floats in [0, 1], no gradient."""
         with torch.no_grad():
-            q = self.quantise(x).cpu()
-            result = purify(self.detector, q, self.eps_defend, adaptive=self.adaptive,
-                            batch_size=self.batch_size)
-            self.last_result = result
-            return result.images.to(device=x.device, dtype=x.dtype) / (self.levels - 1)
+            purified = self.purify_levels(self.quantise(x).cpu())
+            return to_float(purified, self.levels, x.dtype).to(x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         purified = self.purify_floats(x)
+        if not self.straight_through:
+            return self.classifier(purified)
         return self.classifier(x + (purified - x).detach())
+
+
+class StraightThroughPurifier(PurifiedClassifier):
+    """The BPDA target under its old name and signature: a `PurifiedClassifier` that
+    purifies everything (or, given `threshold` in bits/dim, only the images above it)
+    and does not rescore, for attack loops."""
+
+    def __init__(self, model: nn.Module, classifier: nn.Module, eps_defend: int,
+                 threshold: float | None = None, batch_size: int = DEFAULT_BATCH) -> None:
+        super().__init__(model, classifier, eps_defend, adaptive=threshold,
+                         batch_size=batch_size, keep_result=False)

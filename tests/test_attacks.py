@@ -22,13 +22,9 @@ from pixeldefend.attacks import (
 from pixeldefend.cli import app
 from pixeldefend.data import load_images
 from pixeldefend.errors import DataError, UsageError
-from pixeldefend.models.classifier import (
-    ClassifierConfig,
-    ResNetClassifier,
-    load_classifier,
-    save_classifier,
-    train_classifier,
-)
+from pixeldefend.models.classifier import ClassifierConfig, ResNetClassifier, save_classifier
+from pixeldefend.models.classifier_training import train_classifier
+from pixeldefend.models.loading import load_classifier
 from pixeldefend.train import TrainSettings
 
 LEVELS = 17
@@ -306,3 +302,46 @@ def test_cli_attack_fashion_mnist_at_8_over_255(runner, repo):
     summary = json.loads(result.stdout)
     assert summary["data"] == "fashion-mnist:test[:48]" and summary["eps_ball_levels"] == 8
     assert summary["clean_accuracy"] > 0.8 and summary["adversarial_accuracy"] < 0.5
+
+
+def test_attack_pipeline_from_python(tmp_path):
+    """The `attack` pipeline runs without the CLI: labels from the data, the summary the
+    CLI prints, and the output folder it writes."""
+    import json
+
+    from pixeldefend.attack_pipeline import (
+        attack_dataset,
+        attack_manifest,
+        load_attack_images,
+        write_attack_output,
+    )
+    from pixeldefend.models.loading import as_loaded
+
+    torch.manual_seed(0)
+    loaded = as_loaded(ResNetClassifier(ClassifierConfig.from_preset("tiny", 1, 8, 8, 10, 17)))
+    images = load_attack_images(loaded, "digits:test", n=4)
+    summary, result = attack_dataset(loaded, images, "fgsm", "2", eps_levels=True)
+    assert summary["labels_from"] == "data" and summary["n"] == 4
+    assert summary["eps_ball_levels"] == 2 and int(result.linf.max()) <= 2
+    manifest = attack_manifest(summary, result)
+    write_attack_output(tmp_path / "adv", images, result, manifest)
+    saved = json.loads((tmp_path / "adv" / "manifest.json").read_text())
+    assert [r["file"] for r in saved["images"]] == [r["file"] for r in manifest["images"]]
+    assert all((tmp_path / "adv" / r["file"]).is_file() for r in saved["images"])
+
+
+def test_attack_registry_is_the_one_place():
+    """The CLI's torch-free choice list is the registry's keys, and every derived table
+    comes from the registry's entries."""
+    from pixeldefend import attacks, defaults
+
+    assert defaults.METHODS == tuple(attacks.ATTACKS) == attacks.METHODS
+    assert attacks.TARGETED_METHODS == ("fgsm", "bim", "pgd", "cw")
+    assert attacks.L2_METHODS == ("cw", "deepfool")
+    assert attacks.DEFAULT_STEPS == {"bim": 10, "pgd": 10, "cw": 50, "deepfool": 50}
+    assert set(attacks.ATTACK_COST) == set(attacks.METHODS)
+    for name, spec in attacks.ATTACKS.items():
+        assert spec.name == name and spec.help and spec.norm in ("linf", "l2")
+        assert spec.cost > 0 and set(spec.needs) <= {"eps", "num_classes"}
+    with pytest.raises(UsageError, match="choose from"):
+        attacks.attack_spec("nope")

@@ -13,18 +13,10 @@ from pixeldefend.bundle import save_bundle
 from pixeldefend.cli import app
 from pixeldefend.data import load_images
 from pixeldefend.errors import BundleError, DataError, UsageError
-from pixeldefend.models.classifier import (
-    ClassifierConfig,
-    ResNetClassifier,
-    check_inputs,
-    classify,
-    error_rate,
-    load_classifier,
-    random_shift,
-    save_classifier,
-    to_float,
-    train_classifier,
-)
+from pixeldefend.models.classifier import ClassifierConfig, ResNetClassifier, save_classifier
+from pixeldefend.models.classifier_training import error_rate, random_shift, train_classifier
+from pixeldefend.models.loading import check_inputs, classify, load_classifier
+from pixeldefend.pixels import to_float
 from pixeldefend.train import TrainSettings
 
 LEVELS = 17
@@ -244,6 +236,19 @@ def test_cli_classifier_train(runner, tmp_path):
     assert load_classifier(out).num_classes == 10
 
 
+def test_cli_classifier_train_csv_is_csv(runner, tmp_path):
+    """--format csv writes a header and one row of metrics, not a dict repr."""
+    import csv
+    import io
+
+    result = runner.invoke(app, ["classifier", "train", "--preset", "tiny", "--epochs", "1",
+                                 "--out", str(tmp_path / "c"), "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(rows) == 1 and rows[0]["bundle"] == str(tmp_path / "c")
+    assert 0 <= float(rows[0]["val_accuracy"]) <= 1 and rows[0]["epochs"] == "1"
+
+
 def test_cli_classifier_train_usage_errors(runner, tmp_path):
     result = runner.invoke(app, ["classifier", "train", "--preset", "huge",
                                  "--out", str(tmp_path / "x")])
@@ -285,3 +290,15 @@ def test_shipped_fashion_classifier(repo):
     head = test.head(500)
     pred, _ = classify(loaded, head.images, head.levels)
     assert (pred == head.labels).float().mean() >= 0.9
+
+
+def test_old_import_paths_still_work():
+    """Branches written before the split import these from models.classifier."""
+    from pixeldefend.models import classifier, classifier_training, loading
+
+    assert classifier.load_classifier is loading.load_classifier
+    assert classifier.LoadedClassifier is loading.LoadedClassifier
+    assert classifier.predict_logits is loading.predict_logits
+    assert classifier.train_classifier is classifier_training.train_classifier
+    with pytest.raises(AttributeError):
+        classifier.no_such_name  # noqa: B018

@@ -532,3 +532,30 @@ def test_cli_help_has_examples():
     for command in ("purify", "defend", "bench"):
         result = invoke(command, "--help")
         assert result.exit_code == 0 and "Example" in result.stdout, command
+
+
+def test_defend_pipeline_from_python(detector, digits):
+    """The `defend` pipeline runs without the CLI: one row per input, errors kept in
+    place, the anomalous gate on the calibrated threshold."""
+    from pixeldefend.data import Batch
+    from pixeldefend.defend import defend
+    from pixeldefend.models.classifier import ClassifierConfig, ResNetClassifier
+    from pixeldefend.models.loading import as_loaded
+
+    test = digits[2]
+    torch.manual_seed(0)
+    clf = as_loaded(ResNetClassifier(ClassifierConfig.from_preset("tiny", 1, 8, 8, 10, 17)))
+    batches = [Batch(["a", "b", "bad"], [None, None, "unreadable"], test.images[:2],
+                     test.labels[:2]),
+               Batch(["noisy"], [None], noisy(test.images[2:3], 17, 8), test.labels[2:3])]
+    seen: list[int] = []
+    result = defend(detector, clf, batches, 1, fail_on="anomalous", progress=seen.append)
+    assert [r["path"] for r in result.rows] == ["a", "b", "bad", "noisy"]
+    assert seen == [3, 1] and result.rows[2]["verdict"] == "error"
+    assert result.summary["n"] == 4 and result.summary["errors"] == 1
+    assert result.summary["labelled"] == 3 and result.summary["purified"] == 3
+    anomalous = result.summary["anomalous"]
+    assert result.gate_failed == (anomalous > 0)
+    assert anomalous == sum(r["verdict"] == "anomalous" for r in result.rows)
+    with pytest.raises(UsageError):
+        defend(detector, clf, [], fail_on="sometimes")

@@ -41,7 +41,7 @@ def _threads(value: int | None) -> int | None:
 @app.callback()
 def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
+                                 help="Print the version and exit.", metavar=""),
     threads: int | None = typer.Option(
         None, "--threads", min=1, envvar="PIXELDEFEND_THREADS", callback=_threads,
         help="CPU threads for PyTorch \\[default: the physical cores available to this "

@@ -4,38 +4,33 @@ the detector and the purifier with. Thin: the maths lives in `pixeldefend.attack
 
 from __future__ import annotations
 
-import re
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from .. import __version__
 from ..defaults import CLASSIFIER_PRESETS as PRESETS
-from ..defaults import METHODS
-from ..errors import DataError, UsageError
+from ..defaults import DEFAULT_CLASSIFIER, METHODS
+from ..errors import UsageError
 from .app import app
 from .common import (
-    DEVICE_HELP,
-    OVERWRITE,
-    TRUST_CODE_HELP,
+    DataRoot,
+    Device,
+    Download,
+    Grayscale,
     OutputFormat,
+    Overwrite,
     RichTrainProgress,
+    TrustCode,
     emit,
     err_console,
+    flag,
     fmt_float,
     handle_errors,
     make_progress,
-    out_console,
+    parse_floats,
 )
-
-if TYPE_CHECKING:
-    import torch
-
-    from ..data import ImageSet
-    from ..models.classifier import LoadedClassifier
 
 classifier_app = typer.Typer(
     help="Train the classifiers that `pixeldefend attack` attacks and the purifier protects.",
@@ -43,11 +38,6 @@ classifier_app = typer.Typer(
     rich_markup_mode="rich",
 )
 app.add_typer(classifier_app, name="classifier")
-
-DEFAULT_CLASSIFIER = Path("models/digits-classifier")
-HOLDOUT = 5000  # validation images carved from a large built-in training split
-SMALL_SET = 10_000  # fewer training images than this: more epochs by default
-
 
 class ClassifierProgress(RichTrainProgress):
     """Training progress worded for a classifier: loss and validation accuracy."""
@@ -68,53 +58,6 @@ def _default_out(data: str) -> Path:
     parsed = parse_builtin(data)
     name = parsed[0] if parsed else Path(data.rstrip("/")).stem or "model"
     return Path("runs") / f"{name}-classifier"  # untracked: never the shipped models/
-
-
-def _need_labels(images: ImageSet, what: str) -> torch.Tensor:
-    if images.labels is None:
-        raise DataError(f"{images.source}: {what} images have no labels (use a labelled data "
-                        "set, an .npz with 'labels', or one sub-folder per class)")
-    return images.labels
-
-
-def classifier_splits(data: str, val: str | None, test: str | None, seed: int,
-                      data_root: str | None, download: bool
-                      ) -> tuple[ImageSet, ImageSet, ImageSet | None]:
-    """(train, validation, test) for a training spec.
-
-    digits: the fixed digits:train / :val / :test splits. Fashion-MNIST, MNIST, CIFAR-10:
-    a seeded 5,000-image validation slice of the training split, test = the test split.
-    Anything else: a seeded 10% validation slice, test only with --test.
-    """
-    from ..data import ImageSpec, load_images, parse_builtin
-    from ..models.classifier import split_holdout
-
-    def load(spec: str, expect: ImageSpec | None = None) -> ImageSet:
-        return load_images(spec, expect, data_root=data_root, download=download)
-
-    parsed = parse_builtin(data)
-    test_spec = test
-    if parsed is not None and parsed[0] == "digits" and parsed[1] in ("all", "train"):
-        train_set = load("digits:train")
-        val_set = load(val or "digits:val")
-        test_spec = test or "digits:test"
-    else:
-        full = load(data)
-        if val is not None:
-            train_set, val_set = full, load(val, full.spec)
-        else:
-            n_val = HOLDOUT if len(full) >= 10 * HOLDOUT else max(1, len(full) // 10)
-            if len(full) < 10:
-                raise DataError(f"{data}: {len(full)} images are too few to hold out a "
-                                "validation set (need at least 10)")
-            train_idx, val_idx = split_holdout(len(full), n_val, seed)
-            train_set, val_set = full.subset(train_idx.tolist()), full.subset(val_idx.tolist())
-            val_set.source = f"{full.source} (seeded {n_val}-image holdout, seed {seed})"
-            train_set.source = f"{full.source} (minus the holdout)"
-        if test_spec is None and parsed is not None and parsed[1] == "train":
-            test_spec = f"{parsed[0]}:test"
-    test_set = load(test_spec, train_set.spec) if test_spec else None
-    return train_set, val_set, test_set
 
 
 @classifier_app.command("train")
@@ -139,15 +82,15 @@ def classifier_train(
     val: str | None = typer.Option(None, help="Validation images \\[default: see above]."),
     test: str | None = typer.Option(None, help="Test images \\[default: the data's test split]."),
     seed: int = typer.Option(0, help="Seed for weights, shuffling, augmentation and splits."),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    resume: bool = typer.Option(False, "--resume",
-                                help="Continue an interrupted run from its last checkpoint."),
-    data_root: str | None = typer.Option(None, help="Folder holding data set files."),
-    download: bool = typer.Option(False, "--download",
-                                  help="Let torchvision download the data set if missing."),
-    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f",
-                                     help="table or json."),
-    overwrite: bool = OVERWRITE,
+    device: Device = "auto",
+    resume: Annotated[bool, flag("--resume", help="Continue an interrupted run from its "
+                                                  "last checkpoint.")] = False,
+    data_root: DataRoot = None,
+    download: Download = False,
+    fmt: Annotated[OutputFormat, typer.Option(
+        "--format", "-f", help="table: one line; json: the metrics; jsonl or csv: them as "
+                               "one row.")] = OutputFormat.table,
+    overwrite: Overwrite = False,
 ) -> None:
     """Train a small ResNet classifier and write it as a bundle (safetensors + JSON).
 
@@ -164,20 +107,12 @@ def classifier_train(
 
       pixeldefend classifier train --data my_images/ --epochs 20   [dim]# one folder per class[/]
     """
-    import torch
-
+    from ..data import classifier_splits
     from ..device import resolve_device
-    from ..models.classifier import (
-        ClassifierConfig,
-        ResNetClassifier,
-        count_parameters,
-        default_shift,
-        error_rate,
-        save_classifier,
-        train_classifier,
-    )
+    from ..models.classifier import count_parameters, save_classifier
+    from ..models.classifier_training import fit_classifier, plan_classifier
     from ..outputs import check_checkpoint_dir, input_paths, prepare_dir
-    from ..train import CHECKPOINT_FILES, TrainSettings, remove_checkpoint
+    from ..train import CHECKPOINT_FILES, remove_checkpoint
 
     if preset not in PRESETS:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
@@ -186,150 +121,39 @@ def classifier_train(
                 overwrite=overwrite, bundle=True)
     checkpoint = out.with_name(out.name + ".checkpoint")
     check_checkpoint_dir(checkpoint, CHECKPOINT_FILES)
-    train_set, val_set, test_set = classifier_splits(data, val, test, seed, data_root, download)
-    train_labels = _need_labels(train_set, "training")
-    val_labels = _need_labels(val_set, "validation")
-    test_labels = _need_labels(test_set, "test") if test_set is not None else None
-    num_classes = max(len(train_set.classes or []), int(train_labels.max()) + 1, 2)
-    spec = train_set.spec
-    cfg = ClassifierConfig.from_preset(preset, spec.channels, spec.height, spec.width,
-                                       num_classes, spec.levels)
-    epochs = epochs or (40 if len(train_set) < SMALL_SET else 10)
-    shift = default_shift(spec.height, spec.width) if shift is None else shift
-    settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr,
-                             lr_decay=round(0.05 ** (1 / max(1, epochs - 1)), 6),
-                             weight_decay=1e-4, grad_clip=5.0, seed=seed)
+    splits = classifier_splits(data, val, test, seed, data_root, download)
+    plan = plan_classifier(*splits, preset=preset, epochs=epochs, batch_size=batch_size,
+                           lr=lr, shift=shift, seed=seed)
     dev = resolve_device(device)
-    torch.manual_seed(seed)
-    model = ResNetClassifier(cfg)
+    train_set, val_set, test_set = splits
     err_console.print(
         f"data {data}: {len(train_set)} train, {len(val_set)} validation"
         f"{f', {len(test_set)} test' if test_set is not None else ''} images, "
-        f"{spec.describe()}, {num_classes} classes; preset {preset} "
-        f"({count_parameters(model):,} parameters), {epochs} epochs, shifts of up to "
-        f"{shift} px, on {dev}", highlight=False)
-    start = time.perf_counter()
+        f"{train_set.spec.describe()}, {plan.model.config.num_classes} classes; preset "
+        f"{preset} ({count_parameters(plan.model):,} parameters), {plan.settings.epochs} "
+        f"epochs, shifts of up to {plan.shift} px, on {dev}", highlight=False)
     try:
         with ClassifierProgress() as progress:
-            result = train_classifier(model, train_set.images, train_labels, val_set.images,
-                                      val_labels, settings, dev, checkpoint_dir=checkpoint,
-                                      resume=resume, progress=progress, shift=shift)
+            meta = fit_classifier(plan, data, dev, checkpoint_dir=checkpoint, resume=resume,
+                                  progress=progress)
     except KeyboardInterrupt:
         err_console.print(f"[yellow]interrupted[/]: continue with the same command plus "
                           f"--resume (checkpoint in {checkpoint})")
         raise
-    seconds = time.perf_counter() - start
-    model.eval()
-    val_acc = 1.0 - result.best_val
-    test_acc = None
-    if test_set is not None and test_labels is not None:
-        test_acc = 1.0 - error_rate(model, test_set.images, test_labels, spec.levels)
-    metrics = {"val_accuracy": round(val_acc, 5),
-               "test_accuracy": None if test_acc is None else round(test_acc, 5),
-               "train_seconds": round(seconds, 1), "epochs": epochs,
-               "best_epoch": result.best_epoch + 1}
-    meta = {
-        "input": "float images in [0, 1], shape (N, C, H, W) -> logits (N, num_classes); "
-                 "uint8 levels x map to x / (levels - 1)",
-        "classes": train_set.classes or [str(i) for i in range(num_classes)],
-        "data": {"spec": data, "train": train_set.source, "n_train": len(train_set),
-                 "val": val_set.source, "n_val": len(val_set),
-                 "test": None if test_set is None else test_set.source,
-                 "n_test": 0 if test_set is None else len(test_set)},
-        "metrics": metrics,
-        "training": {"settings": settings.__dict__, "preset": preset,
-                     "shift": shift, "history": result.history,
-                     "parameters": count_parameters(model)},
-    }
-    save_classifier(out, model, meta)
+    save_classifier(out, plan.model, meta)
     remove_checkpoint(checkpoint)
     err_console.print(f"wrote bundle {out}", highlight=False)
+    metrics = meta["metrics"]
     doc = {"bundle": str(out), **metrics, "n_test": meta["data"]["n_test"],
-           "parameters": count_parameters(model)}
-    if fmt == OutputFormat.json:
-        emit(fmt, doc, [doc], list(doc), lambda: "")
-        return
-    out_console.print(
-        f"test accuracy {fmt_float(test_acc, 4)}"
-        f"{f' on {len(test_set)} images' if test_set is not None else ''}"
-        f" (validation {val_acc:.4f}); {epochs} epochs in {seconds:.0f} s -> {out}",
-        highlight=False)
+           "parameters": count_parameters(plan.model)}
+    line = (f"test accuracy {fmt_float(metrics['test_accuracy'], 4)}"
+            f"{f' on {len(test_set)} images' if test_set is not None else ''}"
+            f" (validation {metrics['val_accuracy']:.4f}); {metrics['epochs']} epochs in "
+            f"{metrics['train_seconds']:.0f} s -> {out}")
+    emit(fmt, doc, [doc], list(doc), lambda: line)
 
 
 # --------------------------------------------------------------------------- attack
-
-
-def resolve_classifier_path(spec: str | None) -> str:
-    """The default classifier: ./models/digits-classifier, else the one in the source tree."""
-    if spec is not None:
-        return spec
-    if DEFAULT_CLASSIFIER.exists():
-        return str(DEFAULT_CLASSIFIER)
-    shipped = Path(__file__).resolve().parents[2] / DEFAULT_CLASSIFIER
-    if shipped.exists():
-        return str(shipped)
-    raise UsageError(f"no --classifier given and no {DEFAULT_CLASSIFIER} here: train one with "
-                     "`pixeldefend classifier train` or pass --classifier")
-
-
-def parse_floats(text: str | None, option: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        values = [float(v) for v in re.split(r"[,\s]+", text.strip()) if v]
-    except ValueError as exc:
-        raise UsageError(f"{option} takes comma-separated numbers, e.g. 0.485,0.456,0.406"
-                         ) from exc
-    if not values:
-        raise UsageError(f"{option} needs at least one number")
-    return values
-
-
-def _slug(name: str) -> str:
-    stem = Path(name).stem if ("/" in name or "\\" in name) else name
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", stem).strip("-")
-    return slug[-40:] or "image"
-
-
-def _map_labels(images: ImageSet, loaded: LoadedClassifier) -> torch.Tensor | None:
-    """Data labels in the classifier's class order when both sides name their classes."""
-    import torch
-
-    labels = images.labels
-    if labels is None or not images.classes or not loaded.classes:
-        return labels
-    if list(images.classes) == list(loaded.classes):
-        return labels
-    if all(c in loaded.classes for c in images.classes):
-        lookup = torch.tensor([loaded.classes.index(c) for c in images.classes])
-        return lookup[labels]
-    return labels
-
-
-def write_attack_output(out: Path, images: ImageSet, result: Any, manifest: dict[str, Any]
-                        ) -> None:
-    """PNGs, manifest.json and images.npz, all swapped in at once (an earlier run's folder
-    is replaced whole, never mixed with the new one)."""
-    import numpy as np
-
-    from ..atomic import atomic_dir, write_json
-    from ..data import save_image, save_npz
-    from ..outputs import write_marker
-
-    with atomic_dir(out) as tmp:
-        for rec in manifest["images"]:
-            save_image(tmp / rec["file"], result.adversarial[rec["index"]], images.levels)
-        extra: dict[str, np.ndarray] = {
-            "clean": images.images.numpy().astype(np.uint8),
-            "clean_pred": result.clean_pred.numpy().astype(np.int64),
-            "adv_pred": result.adv_pred.numpy().astype(np.int64),
-            "names": np.array(images.names),
-        }
-        if result.targets is not None:
-            extra["targets"] = result.targets.numpy().astype(np.int64)
-        save_npz(tmp / "images.npz", result.adversarial, images.levels, result.labels, **extra)
-        write_json(tmp / "manifest.json", manifest)
-        write_marker(tmp, "attack")
 
 
 def attack_table(summary: dict[str, Any]) -> Table:
@@ -358,12 +182,12 @@ def attack(
     paths: list[str] | None = typer.Argument(
         None, help="Images, folders (labels from sub-folder names) or .npz files; "
                    "instead of --data."),
-    method: str = typer.Option("pgd", "--method", "-m", help=f"One of {', '.join(METHODS)}."),
+    method: str = typer.Option("pgd", "--method", help=f"One of {', '.join(METHODS)}."),
     eps: str | None = typer.Option(
         None, help="Budget as a fraction of the pixel range: 8/255 or 0.03; with "
                    "--eps-levels, whole pixel levels \\[default: 8/255, at least 1 level]."),
-    eps_levels: bool = typer.Option(False, "--eps-levels",
-                                    help="Read --eps as a number of pixel levels."),
+    eps_levels: Annotated[bool, flag("--eps-levels",
+                                     help="Read --eps as a number of pixel levels.")] = False,
     steps: int | None = typer.Option(None, min=1, help="Iterations (bim, pgd, cw, deepfool)."),
     alpha: str | None = typer.Option(
         None, help="Step size for bim/pgd, as a fraction (2/255) or, with --eps-levels, "
@@ -375,9 +199,8 @@ def attack(
     overshoot: float = typer.Option(
         0.02, help="DeepFool: overshoot (the clipped, quantised result keeps more of a "
                    "larger one, e.g. 1)."),
-    targeted: bool = typer.Option(False, "--targeted",
-                                  help="Aim for a random wrong label (seeded); fgsm, bim, "
-                                       "pgd, cw."),
+    targeted: Annotated[bool, flag("--targeted", help="Aim for a random wrong label "
+                                   "(seeded); fgsm, bim, pgd, cw.")] = False,
     data: str | None = typer.Option(
         None, "--data", "-d",
         help="Labelled images: digits:test, fashion-mnist:test, a folder, an .npz "
@@ -397,16 +220,16 @@ def attack(
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Write PNGs, manifest.json and images.npz to this folder."),
     batch_size: int = typer.Option(128, min=1),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    fmt: OutputFormat = typer.Option(
-        OutputFormat.table, "--format", "-f",
-        help="table or json: the summary; jsonl or csv: one row per image."),
-    data_root: str | None = typer.Option(None, help="Folder holding data set files."),
-    resize: bool = typer.Option(False, "--resize", help="Resize images to the classifier's "
-                                                        "size."),
-    grayscale: bool = typer.Option(False, "--grayscale", help="Convert colour/gray to match."),
-    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
-    overwrite: bool = OVERWRITE,
+    device: Device = "auto",
+    fmt: Annotated[OutputFormat, typer.Option(
+        "--format", "-f", help="table or json: the summary; jsonl or csv: one row per "
+                               "image.")] = OutputFormat.table,
+    data_root: DataRoot = None,
+    resize: Annotated[bool, flag("--resize", help="Resize images to the classifier's "
+                                                  "size.")] = False,
+    grayscale: Grayscale = False,
+    trust_code: TrustCode = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Attack a classifier; save quantised adversarial images and report its accuracy.
 
@@ -426,9 +249,14 @@ def attack(
 
       pixeldefend attack photos/ -c model.ts --mean 0.5 --std 0.5 --method fgsm --eps 4/255
     """
-    from ..attacks import default_eps, parse_eps, run_attack
-    from ..data import ImageSpec, load_images
-    from ..models.classifier import load_classifier, predict_logits
+    from ..attack_pipeline import (
+        attack_dataset,
+        attack_manifest,
+        load_attack_images,
+        resolve_classifier_path,
+        write_attack_output,
+    )
+    from ..models.loading import load_classifier
     from ..outputs import input_paths, prepare_dir
 
     method = method.lower()
@@ -436,63 +264,42 @@ def attack(
         raise UsageError(f"unknown --method {method!r}: choose from {', '.join(METHODS)}")
     if paths and data is not None:
         raise UsageError("give image paths or --data, not both")
-    classifier = resolve_classifier_path(classifier)
+    try:
+        classifier = resolve_classifier_path(classifier)
+    except UsageError as exc:  # the library's message does not know the flag
+        raise UsageError(f"no --classifier given and no {DEFAULT_CLASSIFIER} here: train "
+                         "one with `pixeldefend classifier train` or pass --classifier"
+                         ) from exc
     if out is not None:
         prepare_dir(out, command="attack", overwrite=overwrite,
                     inputs=input_paths(paths, data, classifier, classifier_weights, data_root))
     loaded = load_classifier(classifier, device=device,
                              mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
                              factory_weights=classifier_weights, trust_code=trust_code)
-    if not paths and data is None:
-        data = (loaded.config.get("data") or {}).get("test")
-        if not data:
-            raise UsageError("pass --data SPEC or image paths (the classifier does not record "
-                             "a test split)")
-    expect = None
-    if loaded.input_shape is not None and loaded.levels is not None:
-        expect = ImageSpec(*loaded.input_shape, loaded.levels)
-    sources: str | list[str] = list(paths) if paths else str(data)
-    images = load_images(sources, expect, data_root=data_root, resize=resize,
-                         grayscale=grayscale)
+    if not paths and data is None and not (loaded.config.get("data") or {}).get("test"):
+        raise UsageError("pass --data SPEC or image paths (the classifier does not record "
+                         "a test split)")
+    images = load_attack_images(loaded, paths or data, data_root=data_root, resize=resize,
+                                grayscale=grayscale, n=n)
     for name, error in images.errors:
         err_console.print(f"[yellow]skipped[/] {name}: {error}", highlight=False)
-    images = images.head(n)
-    labels = _map_labels(images, loaded)
-    labels_from = "data"
-    if labels is None:
-        pred = predict_logits(loaded.model, images.images, images.levels, batch_size).argmax(1)
-        labels, labels_from = pred, "clean predictions"
+    if images.labels is None:
         err_console.print("[yellow]note[/]: the images have no labels; attacking the "
                           "classifier's clean predictions instead", highlight=False)
-    budget = parse_eps(eps, images.levels, eps_levels) if eps is not None \
-        else default_eps(images.levels)
-    step = None
-    if alpha is not None:
-        step = parse_eps(alpha, images.levels, eps_levels).fraction
     with make_progress() as progress:
         task = progress.add_task(f"attack {method}", total=len(images), status="")
-        result = run_attack(
-            loaded, images.images, labels, images.levels, method, budget, steps=steps,
-            alpha=step, c=c, kappa=kappa, lr=lr, overshoot=overshoot, targeted=targeted,
-            seed=seed, batch_size=batch_size, names=images.names,
-            progress=lambda k: progress.update(task, advance=k))
-    summary = {"classifier": loaded.source, "data": images.source, "labels_from": labels_from,
-               **result.summary}
+        summary, result = attack_dataset(
+            loaded, images, method, eps, eps_levels=eps_levels, alpha=alpha, steps=steps,
+            c=c, kappa=kappa, lr=lr, overshoot=overshoot, targeted=targeted, seed=seed,
+            batch_size=batch_size, progress=lambda k: progress.update(task, advance=k))
     for warning in summary["warnings"]:
         err_console.print(f"[yellow]warning[/]: {warning}", highlight=False)
     if out is not None:
-        records = []
-        for rec in result.records:
-            rec = dict(rec)
-            rec["file"] = (f"{rec['index']:05d}_{_slug(rec['name'])}_label{rec['label']}"
-                           f"_pred{rec['adv_pred']}.png")
-            records.append(rec)
-        manifest = {"tool": "pixeldefend", "version": __version__, "command": "attack",
-                    **summary, "files": {"images": "images.npz"}, "images": records}
+        manifest = attack_manifest(summary, result)
         write_attack_output(out, images, result, manifest)
         summary["out"] = str(out)
-        err_console.print(f"wrote {len(records)} PNGs, manifest.json and images.npz to {out}",
-                          highlight=False)
+        err_console.print(f"wrote {len(manifest['images'])} PNGs, manifest.json and "
+                          f"images.npz to {out}", highlight=False)
     columns = ["index", "name", "label", "clean_pred", "adv_pred", "success", "linf", "l2"]
     if targeted:
         columns.insert(5, "target")

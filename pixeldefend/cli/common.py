@@ -12,11 +12,12 @@ import functools
 import io
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Iterable
 from enum import Enum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -31,7 +32,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ..atomic import write_text
-from ..errors import PixelDefendError
+from ..errors import PixelDefendError, UsageError
 
 err_console = Console(stderr=True, soft_wrap=True)
 # results on a pipe or file are not squeezed into 80 columns
@@ -51,16 +52,40 @@ class OutputFormat(str, Enum):
 
 DEVICE_HELP = "auto (CUDA if available, else CPU), cpu, cuda or cuda:N."
 FORMAT_HELP = "Output format for results on stdout (or --output)."
-OVERWRITE = typer.Option(
-    False, "--overwrite",
-    help="Replace outputs that already exist. Only files and folders pixeldefend created "
-         "are ever replaced (output folders carry a .pixeldefend-output.json marker; "
-         "bundles a pixeldefend config.json), never a folder it did not create, never an "
-         "input of the same call.")
+OVERWRITE_HELP = (
+    "Replace outputs that already exist. Only files and folders pixeldefend created "
+    "are ever replaced (output folders carry a .pixeldefend-output.json marker; "
+    "bundles a pixeldefend config.json), never a folder it did not create, never an "
+    "input of the same call.")
 TRUST_CODE_HELP = (
     "Allow classifiers that run code when loaded: TorchScript files (torch.jit.load) and "
     "package.module:factory specs. Only for files and modules you trust. Classifier "
     "bundles need no flag.")
+
+
+def flag(*decls: str, help: str) -> Any:  # noqa: A002 (Typer's own keyword)
+    """An on/off option shown without a `<bool>` type (it takes no value)."""
+    return typer.Option(*decls, help=help, metavar="")
+
+
+OVERWRITE = typer.Option(False, "--overwrite", help=OVERWRITE_HELP, metavar="")
+
+# Options several commands share, declared once: `device: Device = "auto"`.
+ImagePaths = Annotated[list[str], typer.Argument(
+    help="Images, folders, .npz/.npy files or built-in data specs such as digits:test.")]
+Device = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
+ModelBundle = Annotated[Path, typer.Option("--model", "-m", help="Model bundle directory.")]
+Format = Annotated[OutputFormat, typer.Option("--format", "-f", help=FORMAT_HELP)]
+StdoutFormat = Annotated[OutputFormat, typer.Option(
+    "--format", "-f", help="Output format for results on stdout.")]
+DataRoot = Annotated[str | None, typer.Option("--data-root",
+                                              help="Folder holding data set files.")]
+Download = Annotated[bool, flag("--download",
+                                help="Let torchvision download the data set if missing.")]
+Resize = Annotated[bool, flag("--resize", help="Resize images to the model's size.")]
+Grayscale = Annotated[bool, flag("--grayscale", help="Convert colour/gray to match.")]
+Overwrite = Annotated[bool, flag("--overwrite", help=OVERWRITE_HELP)]
+TrustCode = Annotated[bool, flag("--trust-code", help=TRUST_CODE_HELP)]
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
@@ -204,6 +229,19 @@ class RowStream:
                 from None
         if self.output is not None and exc[0] is None:
             err_console.print(f"wrote {self.output}", highlight=False)
+
+
+def parse_floats(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in re.split(r"[,\s]+", text.strip()) if v]
+    except ValueError as exc:
+        raise UsageError(f"{option} takes comma-separated numbers, e.g. 0.485,0.456,0.406"
+                         ) from exc
+    if not values:
+        raise UsageError(f"{option} needs at least one number")
+    return values
 
 
 def fmt_float(value: float | None, digits: int = 3) -> str:

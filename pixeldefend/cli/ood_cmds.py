@@ -8,13 +8,16 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.table import Table
 
-from ..defaults import BUILTIN_OOD, SCORE_KINDS
+from ..defaults import BUILTIN_OOD, DEFAULT_MODEL, SCORE_KINDS
 from ..errors import UsageError
 from .app import app
 from .common import (
-    DEVICE_HELP,
-    OVERWRITE,
+    DataRoot,
+    Device,
+    Download,
+    ModelBundle,
     OutputFormat,
+    Overwrite,
     emit,
     err_console,
     handle_errors,
@@ -23,9 +26,6 @@ from .common import (
 
 if TYPE_CHECKING:
     from ..ood import OODReport
-
-DEFAULT_MODEL = Path("models/digits")
-
 
 def ood_table(report: OODReport) -> Table:
     """A row per OOD set, a column per score kind; the best ROC AUC of a row in bold."""
@@ -58,7 +58,7 @@ def parse_list(value: str | None) -> list[str]:
 @app.command("evaluate-ood")
 @handle_errors
 def evaluate_ood_cmd(
-    model: Path = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model bundle directory."),
+    model: ModelBundle = DEFAULT_MODEL,
     in_spec: str | None = typer.Option(
         None, "--in", help="In-distribution (clean) test images \\[default: the bundle's test "
                            "split, else its calibration split]."),
@@ -76,11 +76,10 @@ def evaluate_ood_cmd(
                               "\\[default: every kind the bundle supports]."),
     seed: int = typer.Option(0, help="Seed for subsets and the random OOD sets."),
     batch_size: int = typer.Option(256, min=1),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    data_root: str | None = typer.Option(None, help="Folder holding data set files."),
-    download: bool = typer.Option(False, "--download",
-                                  help="Let torchvision download data sets if missing."),
-    overwrite: bool = OVERWRITE,
+    device: Device = "auto",
+    data_root: DataRoot = None,
+    download: Download = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Benchmark every score kind against out-of-distribution sets.
 

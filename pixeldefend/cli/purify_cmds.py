@@ -6,79 +6,67 @@ manifest; `defend` scores, purifies and classifies, printing one row per image.
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from ..atomic import write_json
-from ..defaults import DEFAULT_BATCH
+from ..defaults import DEFAULT_BATCH, DEFAULT_MODEL, GATE_CHOICES
 from ..errors import UsageError
 from .app import app
 from .common import (
-    DEVICE_HELP,
     EXIT_GATE,
     EXIT_OK,
     EXIT_USAGE,
-    FORMAT_HELP,
-    OVERWRITE,
-    TRUST_CODE_HELP,
+    DataRoot,
+    Device,
+    Format,
+    Grayscale,
+    ImagePaths,
+    ModelBundle,
     OutputFormat,
+    Overwrite,
+    Resize,
+    StdoutFormat,
+    TrustCode,
     emit,
     err_console,
+    flag,
     fmt_float,
     handle_errors,
     json_safe,
     make_progress,
+    parse_floats,
 )
 
 if TYPE_CHECKING:
-    from ..data import Batch
     from ..detector import DensityDetector
-    from ..purify import PurifyResult
 
-DEFAULT_MODEL = Path("models/digits")
-GATE_CHOICES = ("none", "anomalous")
-PURIFY_COLUMNS = ["path", "output", "bits_per_dim_before", "bits_per_dim_after", "purified",
-                  "changed", "verdict", "error"]
-DEFEND_COLUMNS = ["path", "label", "bits_per_dim_before", "p_value", "verdict", "purified",
-                  "bits_per_dim_after", "changed", "pred_before", "pred", "prob", "correct",
-                  "error"]
+
+# --fail-on's choices, listed by --help and checked by Typer
+GateChoice = Enum("GateChoice", {c: c for c in GATE_CHOICES}, type=str)  # type: ignore[misc]
 
 EPS_HELP = ("Purification radius in pixel levels (default: 16/255 of the level range, as "
             "in the paper: 16 for 8-bit images, 1 for 17-level digits).")
 ADAPTIVE_HELP = ("Purify only images whose bits/dim exceed the model's calibrated threshold; "
                  "the rest pass through untouched (adaptive PixelDefend).")
-
-
-def _verdict(bpd: float, threshold: float | None) -> str:
-    if threshold is None:
-        return "uncalibrated"
-    return "anomalous" if bpd > threshold else "clean"
-
-
-def _run_purify(detector: DensityDetector, batch: Batch, eps: int, adaptive: bool,
-                fast: bool) -> PurifyResult | None:
-    from ..purify import purify
-
-    if batch.images.shape[0] == 0:
-        return None
-    return purify(detector, batch.images, eps, adaptive=adaptive or None, fast=fast,
-                  batch_size=DEFAULT_BATCH)
+EpsDefend = Annotated[int | None, typer.Option("--eps-defend", "-e", min=0, help=EPS_HELP)]
+Adaptive = Annotated[bool, flag("--adaptive", help=ADAPTIVE_HELP)]
 
 
 def _load(model: Path, device: str, adaptive: bool, eps_defend: int | None,
           need_calibration: bool = False) -> tuple[DensityDetector, int]:
+    from ..defend import eps_for
     from ..detector import DensityDetector
-    from ..purify import default_eps_defend
 
     detector = DensityDetector.load(model, device=device)
     if (adaptive or need_calibration) and detector.bpd_threshold is None:
         raise UsageError(f"{model} has no calibrated threshold: run `pixeldefend calibrate` "
                          "first (needed by --adaptive and --fail-on)")
-    eps = default_eps_defend(detector.spec.levels) if eps_defend is None else eps_defend
-    return detector, eps
+    return detector, eps_for(detector, eps_defend)
 
 
 # -------------------------------------------------------------------------- purify
@@ -103,32 +91,24 @@ def _purify_table(doc: dict[str, Any]) -> Table:
     return table
 
 
-def _mean(values: list[float | None]) -> float | None:
-    import numpy as np
-
-    vals = [v for v in values if v is not None]
-    return float(np.mean(vals)) if vals else None
-
-
 @app.command("purify")
 @handle_errors
 def purify_cmd(
-    paths: list[str] = typer.Argument(..., help="Images, folders, .npz/.npy files or built-in "
-                                               "data specs such as digits:test."),
+    paths: ImagePaths,
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the purified images and "
                                                       "manifest.json."),
-    model: Path = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model bundle directory."),
-    eps_defend: int | None = typer.Option(None, "--eps-defend", "-e", min=0, help=EPS_HELP),
-    adaptive: bool = typer.Option(False, "--adaptive", help=ADAPTIVE_HELP),
-    reference: bool = typer.Option(False, "--reference", help="Use the slow reference "
-                                   "implementation (one forward pass per sub-pixel)."),
-    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help=FORMAT_HELP),
+    model: ModelBundle = DEFAULT_MODEL,
+    eps_defend: EpsDefend = None,
+    adaptive: Adaptive = False,
+    reference: Annotated[bool, flag("--reference", help="Use the slow reference "
+                                    "implementation (one forward pass per sub-pixel).")] = False,
+    fmt: StdoutFormat = OutputFormat.table,
     batch_size: int = typer.Option(DEFAULT_BATCH, min=1, help="Images read per batch."),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    resize: bool = typer.Option(False, "--resize", help="Resize images to the model's size."),
-    grayscale: bool = typer.Option(False, "--grayscale", help="Convert colour/gray to match."),
-    data_root: str | None = typer.Option(None, help="Folder holding data set files."),
-    overwrite: bool = OVERWRITE,
+    device: Device = "auto",
+    resize: Resize = False,
+    grayscale: Grayscale = False,
+    data_root: DataRoot = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Purify images (PixelDefend): move each sub-pixel, within +-eps_defend levels of its
     value, to the most likely value given the already purified pixels.
@@ -148,6 +128,7 @@ def purify_cmd(
       pixeldefend purify digits:test --out pur/ --format json
     """
     from ..data import ImageStream
+    from ..defend import PURIFY_COLUMNS, purify_rows, summarise_purify
     from ..outputs import PurifyOutputs, clear_dir, input_paths, prepare_dir
 
     out_dir = prepare_dir(out, command="purify", overwrite=overwrite,
@@ -160,43 +141,19 @@ def purify_cmd(
     plan = PurifyOutputs.plan(paths, out, spec.levels)
     clear_dir(out_dir)  # ours (marker) and --overwrite: no stale copies of an earlier run
     out_dir.mark()
-    rows: list[dict[str, Any]] = []
-    threshold = detector.bpd_threshold
     with make_progress() as progress:
         task = progress.add_task("purify", total=len(stream), status="")
-        for batch in stream.batches(batch_size):
-            result = _run_purify(detector, batch, eps, adaptive, not reference)
-            labels = batch.labels.tolist() if batch.labels is not None else None
-            k = 0
-            for name, error in zip(batch.names, batch.errors, strict=True):
-                if error is not None:
-                    rows.append({"path": name, "output": None, "bits_per_dim_before": None,
-                                 "bits_per_dim_after": None, "purified": None, "changed": None,
-                                 "verdict": "error", "error": error})
-                    continue
-                assert result is not None
-                target = plan.add(name, result.images[k], labels[k] if labels else None)
-                rows.append({
-                    "path": name, "output": target,
-                    "bits_per_dim_before": float(result.bpd_before[k]),
-                    "bits_per_dim_after": float(result.bpd_after[k]),
-                    "purified": bool(result.purified[k]), "changed": int(result.changed[k]),
-                    "verdict": _verdict(float(result.bpd_before[k]), threshold), "error": None,
-                })
-                k += 1
-            progress.update(task, advance=len(batch.names), status="")
+        rows = purify_rows(detector, stream.batches(batch_size), eps, adaptive,
+                           fast=not reference, keep=plan.add,
+                           progress=lambda k: progress.update(task, advance=k))
     plan.flush()
-    errors = sum(r["error"] is not None for r in rows)
+    summary = summarise_purify(rows)
+    errors = summary["errors"]
     doc = {
-        "model": str(model), "eps_defend": eps, "adaptive": adaptive, "threshold": threshold,
+        "model": str(model), "eps_defend": eps, "adaptive": adaptive,
+        "threshold": detector.bpd_threshold,
         "implementation": "reference" if reference else "fast", "out": str(out),
-        "summary": {
-            "n": len(rows), "purified": sum(bool(r["purified"]) for r in rows),
-            "errors": errors,
-            "mean_bpd_before": _mean([r["bits_per_dim_before"] for r in rows]),
-            "mean_bpd_after": _mean([r["bits_per_dim_after"] for r in rows]),
-        },
-        "images": rows,
+        "summary": summary, "images": rows,
     }
     write_json(out / "manifest.json", json_safe(doc))
     emit(fmt, doc, rows, PURIFY_COLUMNS, lambda: _purify_table(doc))
@@ -206,15 +163,6 @@ def purify_cmd(
 
 
 # -------------------------------------------------------------------------- defend
-
-
-def _floats(text: str | None, option: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.replace(",", " ").split()]
-    except ValueError as exc:
-        raise UsageError(f"{option} takes comma-separated numbers, got {text!r}") from exc
 
 
 def _defend_table(doc: dict[str, Any]) -> Table:
@@ -246,28 +194,28 @@ def _defend_table(doc: dict[str, Any]) -> Table:
 @app.command("defend")
 @handle_errors
 def defend_cmd(
-    paths: list[str] = typer.Argument(..., help="Images, folders, .npz/.npy files or built-in "
-                                               "data specs such as digits:test."),
+    paths: ImagePaths,
     classifier: str = typer.Option(..., "--classifier", "-c", help="Classifier: bundle "
                                    "directory, TorchScript file or package.module:factory "
                                    "(these two run code: need --trust-code)."),
-    model: Path = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model bundle directory."),
-    eps_defend: int | None = typer.Option(None, "--eps-defend", "-e", min=0, help=EPS_HELP),
-    adaptive: bool = typer.Option(False, "--adaptive", help=ADAPTIVE_HELP),
-    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help=FORMAT_HELP),
+    model: ModelBundle = DEFAULT_MODEL,
+    eps_defend: EpsDefend = None,
+    adaptive: Adaptive = False,
+    fmt: Format = OutputFormat.table,
     output: Path | None = typer.Option(None, "--output", "-o", help="Write results here."),
-    fail_on: str = typer.Option("none", help="Gate: 'anomalous' exits 1 if any input was "
-                                "flagged (bits/dim above the calibrated threshold)."),
+    fail_on: Annotated[GateChoice, typer.Option(
+        "--fail-on", help="Gate: 'anomalous' exits 1 if any input was flagged (bits/dim "
+                          "above the calibrated threshold).")] = GateChoice.none,
     mean: str | None = typer.Option(None, help="Per-channel mean the classifier expects, "
                                     "e.g. 0.49,0.48,0.45."),
     std: str | None = typer.Option(None, help="Per-channel std the classifier expects."),
     batch_size: int = typer.Option(DEFAULT_BATCH, min=1, help="Images read per batch."),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    resize: bool = typer.Option(False, "--resize", help="Resize images to the model's size."),
-    grayscale: bool = typer.Option(False, "--grayscale", help="Convert colour/gray to match."),
-    data_root: str | None = typer.Option(None, help="Folder holding data set files."),
-    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
-    overwrite: bool = OVERWRITE,
+    device: Device = "auto",
+    resize: Resize = False,
+    grayscale: Grayscale = False,
+    data_root: DataRoot = None,
+    trust_code: TrustCode = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Score, purify and classify: the PixelDefend pipeline in front of a classifier.
 
@@ -286,90 +234,33 @@ def defend_cmd(
 
       pixeldefend defend digits:test -c models/digits-classifier --eps-defend 2 --format json
     """
-    import numpy as np
-
     from ..data import ImageStream
-    from ..models.classifier import check_inputs, classify, load_classifier
+    from ..defend import DEFEND_COLUMNS, defend
+    from ..models.loading import load_classifier
     from ..outputs import check_files, input_paths
 
-    if fail_on not in GATE_CHOICES:
-        raise UsageError(f"--fail-on must be one of {', '.join(GATE_CHOICES)}, not {fail_on!r}")
     check_files((output, "--output"), overwrite=overwrite,
                 inputs=input_paths(paths, model, classifier, data_root))
     detector, eps = _load(model, device, adaptive, eps_defend,
-                          need_calibration=fail_on != "none")
+                          need_calibration=fail_on != GateChoice.none)
     spec = detector.spec
-    loaded = load_classifier(classifier, device=device, mean=_floats(mean, "--mean"),
-                             std=_floats(std, "--std"), input_shape=spec.shape,
+    loaded = load_classifier(classifier, device=device, mean=parse_floats(mean, "--mean"),
+                             std=parse_floats(std, "--std"), input_shape=spec.shape,
                              trust_code=trust_code)
-    classes = loaded.classes
     stream = ImageStream(paths, spec, resize=resize, grayscale=grayscale, data_root=data_root)
     if len(stream) == 0:
         raise UsageError(f"no images found in {', '.join(paths)}")
-    classes = classes or stream.classes
-    cal = detector.calibrations.get("bpd")  # verdicts here are on bits/dim
-    threshold = detector.bpd_threshold
-    rows: list[dict[str, Any]] = []
-
-    def name_of(label: int) -> str | int:
-        return classes[label] if classes and 0 <= label < len(classes) else label
-
+    classes = loaded.classes or stream.classes
     with make_progress() as progress:
         task = progress.add_task("defend", total=len(stream), status="")
-        for batch in stream.batches(batch_size):
-            result = _run_purify(detector, batch, eps, adaptive, True)
-            if result is not None:
-                check_inputs(loaded, batch.images, batch.labels)
-                pred_before, _ = classify(loaded, batch.images, spec.levels, batch_size)
-                pred, probs = classify(loaded, result.images, spec.levels, batch_size)
-                p_values = cal.p_values(result.bpd_before) if cal is not None else None
-            labels = batch.labels.tolist() if batch.labels is not None else None
-            k = 0
-            for name, error in zip(batch.names, batch.errors, strict=True):
-                if error is not None:
-                    rows.append({c: None for c in DEFEND_COLUMNS} | {
-                        "path": name, "verdict": "error", "error": error,
-                        "pred_before_name": None, "pred_name": None})
-                    continue
-                assert result is not None
-                label = labels[k] if labels else None
-                p = int(pred[k])
-                rows.append({
-                    "path": name, "label": label,
-                    "bits_per_dim_before": float(result.bpd_before[k]),
-                    "p_value": None if p_values is None else float(p_values[k]),
-                    "verdict": _verdict(float(result.bpd_before[k]), threshold),
-                    "purified": bool(result.purified[k]),
-                    "bits_per_dim_after": float(result.bpd_after[k]),
-                    "changed": int(result.changed[k]),
-                    "pred_before": int(pred_before[k]), "pred": p,
-                    "pred_before_name": name_of(int(pred_before[k])), "pred_name": name_of(p),
-                    "prob": float(probs[k, p]),
-                    "correct": None if label is None else p == label,
-                    "error": None,
-                })
-                k += 1
-            progress.update(task, advance=len(batch.names), status="")
-    ok = [r for r in rows if r["error"] is None]
-    labelled = [r for r in ok if r["label"] is not None]
-    summary = {
-        "n": len(rows), "anomalous": sum(r["verdict"] == "anomalous" for r in ok),
-        "purified": sum(bool(r["purified"]) for r in ok),
-        "errors": len(rows) - len(ok),
-        "mean_bpd_before": _mean([r["bits_per_dim_before"] for r in ok]),
-        "mean_bpd_after": _mean([r["bits_per_dim_after"] for r in ok]),
-        "labelled": len(labelled),
-        "accuracy_before": (float(np.mean([r["pred_before"] == r["label"] for r in labelled]))
-                            if labelled else None),
-        "accuracy_after": float(np.mean([r["correct"] for r in labelled])) if labelled else None,
-    }
-    gate_failed = fail_on == "anomalous" and summary["anomalous"] > 0
+        result = defend(detector, loaded, stream.batches(batch_size), eps, adaptive=adaptive,
+                        fail_on=fail_on.value, classes=classes, batch_size=batch_size,
+                        progress=lambda k: progress.update(task, advance=k))
+    rows, summary, gate_failed = result.rows, result.summary, result.gate_failed
     doc = {
         "model": str(model), "classifier": str(classifier), "eps_defend": eps,
-        "adaptive": adaptive, "threshold": threshold, "classes": classes, "summary": summary,
-        "gate": {"failed": gate_failed,
-                 "reasons": [f"{summary['anomalous']} anomalous image(s)"] if gate_failed
-                 else []},
+        "adaptive": adaptive, "threshold": detector.bpd_threshold, "classes": classes,
+        "summary": summary, "gate": {"failed": gate_failed, "reasons": result.gate_reasons},
         "images": rows,
     }
     emit(fmt, doc, rows, DEFEND_COLUMNS, lambda: _defend_table(doc), output)

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..defaults import PIXELCNN_PRESETS as PRESETS
 from ..errors import DataError
+from ..pixels import check_range
 
 
 @dataclass(frozen=True)
@@ -287,10 +288,7 @@ class PixelCNN(nn.Module):
                 f"images are {tuple(images.shape[1:])} (C,H,W), model expects "
                 f"{(cfg.channels, cfg.height, cfg.width)}"
             )
-        if images.is_floating_point():
-            raise DataError("images must hold integer pixel levels (uint8), not floats")
-        if images.numel() and (int(images.min()) < 0 or int(images.max()) >= cfg.levels):
-            raise DataError(f"pixel values must lie in [0, {cfg.levels - 1}]")
+        check_range(images, cfg.levels)
         return images
 
     # ----------------------------------------------------- one row / one pixel at a time
