@@ -15,7 +15,15 @@ class BundleError(PixelDefendError):
 
 class UsageError(PixelDefendError, ValueError):
     """Arguments that cannot work together or are out of range (a ValueError, as
-    scikit-learn raises for bad parameters)."""
+    scikit-learn raises for bad parameters).
+
+    `param` names the offending Python parameter (or a tuple of them); the message uses
+    that name ("fpr must be between 0 and 1"), and the CLI shows it as its flag ("--fpr
+    must be ...")."""
+
+    def __init__(self, message: str, param: str | tuple[str, ...] | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class CalibrationError(UsageError):
@@ -30,6 +38,6 @@ class TooFewCalibrationImages(CalibrationError):
         self.n, self.fpr, self.needed = n, fpr, needed
         super().__init__(
             f"fpr={fpr:g} needs at least {needed} clean calibration images, got {n}: "
-            f"calibrate on more images, raise --fpr, or pass --conservative-threshold for "
-            f"the largest calibration score as a finite threshold (its false-positive rate "
-            f"is then not guaranteed)")
+            f"calibrate on more images, raise fpr, or ask for a conservative threshold "
+            f"(the largest calibration score as a finite threshold; its false-positive "
+            f"rate is then not guaranteed)", param="fpr")
