@@ -36,7 +36,7 @@ from .calibration import (
     parse_calibration_file,
 )
 from .data import ImageSet, ImageSpec
-from .density import LN2, bits_per_dim, nll_map, nll_nats
+from .density import LN2, bits_per_dim, nll_map
 from .device import resolve_device
 from .dose import DoseModel, split_halves
 from .errors import BundleError, DataError, TooFewCalibrationImages, UsageError
@@ -45,14 +45,11 @@ from .schema import PIXELCNN_CONFIG, check_pixelcnn_architecture
 from .scores import (
     DEFAULT_CODEC,
     DEFAULT_MUTATION_RATE,
-    SCORE_KINDS,
-    SCORE_UNITS,
+    SCORES,
+    ScorePass,
     TypicalityTest,
     codec_bits_per_dim,
-    complexity_score,
-    llr_score,
     mutate,
-    typicality_score,
     typicality_test,
 )
 from .statistics import ModelPass, model_pass
@@ -123,7 +120,8 @@ class DensityDetector:
     @property
     def available_kinds(self) -> tuple[str, ...]:
         """Score kinds this detector can compute (`llr` needs a background model)."""
-        return tuple(k for k in SCORE_KINDS if k != "llr" or self.background is not None)
+        return tuple(k for k, spec in SCORES.items()
+                     if "background" not in spec.needs or self.background is not None)
 
     def _require_model(self) -> PixelCNN:
         if self.model is None:
@@ -256,11 +254,20 @@ class DensityDetector:
 
     def check_kind(self, kind: str) -> str:
         """`kind` if this detector can compute it, else a UsageError that says why not."""
-        if kind not in SCORE_KINDS:
-            raise UsageError(f"unknown score kind {kind!r}: choose from {', '.join(SCORE_KINDS)}")
-        if kind == "llr" and self.background is None:
-            raise UsageError("score 'llr' needs a background model: train one with "
+        if kind not in SCORES:
+            raise UsageError(f"unknown score kind {kind!r}: choose from {', '.join(SCORES)}",
+                             param="kind")
+        if "background" in SCORES[kind].needs and self.background is None:
+            raise UsageError(f"score {kind!r} needs a background model: train one with "
                              "`pixeldefend train-background --model M` (or train --background)")
+        return kind
+
+    def check_ready(self, kind: str) -> str:
+        """`check_kind`, and what `kind` needs from its calibration is there (a clear
+        error before any scoring, rather than per batch)."""
+        reference = SCORES[self.check_kind(kind)].reference
+        if reference is not None:
+            reference(self)
         return kind
 
     def typicality_reference(self) -> float:
@@ -300,32 +307,16 @@ class DensityDetector:
         kinds = list(self.available_kinds if kinds is None else kinds)
         for kind in kinds:
             self.check_kind(kind)
-        x = self._check(images)
-        model = self._require_model()
-        out: dict[str, np.ndarray] = {}
-        if "dose" in kinds:
-            dose = dose or self.dose_model()
-            run = model_pass(model, x, self.batch_size, progress)
-            nll = run.nll.double().flatten(1).sum(1).numpy()
-            out["dose_statistics"] = dose.features(run, self.codec_bpd(x, out))
-        else:
-            nll = nll_nats(model, x, self.batch_size, progress).numpy()
-        bpd = nll / (x[0].numel() * LN2) if len(x) else np.zeros(0)
-        out.update({"nll_nats": nll, "bpd": bpd})
-        for kind in kinds:
-            if kind == "dose":
-                assert dose is not None
-                out[kind] = dose.score(out["dose_statistics"])
-            elif kind == "complexity":
-                out[kind] = complexity_score(bpd, self.codec_bpd(x, out))
-            elif kind == "llr":
-                assert self.background is not None
-                out["background_bpd"] = bits_per_dim(self.background, x, self.batch_size).numpy()
-                out[kind] = llr_score(bpd, out["background_bpd"])
-            elif kind == "typicality":
-                mean = self.typicality_reference() if typicality_mean is None else typicality_mean
-                out[kind] = typicality_score(bpd, mean)
-        return out
+        references = {k: v for k, v in (("typicality", typicality_mean), ("dose", dose))
+                      if v is not None}
+        return self.score_pass(images, kinds, progress, references).scores(kinds)
+
+    def score_pass(self, images: ImagesLike, kinds: Sequence[str],
+                   progress: Callable[[int], None] | None = None,
+                   references: dict[str, Any] | None = None) -> ScorePass:
+        """The shared model pass the `kinds` are computed from (scores.ScorePass)."""
+        return ScorePass(self, self._check(images), references=references, progress=progress,
+                         full_pass=any(SCORES[k].full_pass for k in kinds))
 
     def codec_bpd(self, x: torch.Tensor, cache: dict[str, np.ndarray]) -> np.ndarray:
         """Lossless-codec bits/dim of the images (the complexity estimator), computed once
@@ -408,28 +399,28 @@ class DensityDetector:
         needed = min_calibration_images(fpr)
         if len(x) < needed and not conservative:  # before the (possibly long) model pass
             raise TooFewCalibrationImages(len(x), fpr, needed)
-        if implicit and "dose" in kinds and not self.can_fit_dose(len(x), fpr, conservative):
-            # too few images for the statistics density and its half-size calibration:
-            # leave `dose` uncalibrated (a gate on it then fails with a clear error) rather
-            # than lose the others
-            kinds.remove("dose")
-            self.calibrations.pop("dose", None)
-        probe = [k for k in kinds if k not in ("typicality", "dose")]
-        scores = self.compute_scores(x, probe)
-        mean = float(scores["bpd"].mean())
-        if "typicality" in kinds:
-            scores["typicality"] = typicality_score(scores["bpd"], mean)
+        for kind in list(kinds):
+            enough = SCORES[kind].enough_images
+            if implicit and enough is not None and not enough(self, len(x), fpr, conservative):
+                # too few images for it (dose: its statistics density and its half-size
+                # calibration): leave it uncalibrated (a gate on it then fails with a
+                # clear error) rather than lose the others
+                kinds.remove(kind)
+                self.calibrations.pop(kind, None)
+        probe = [k for k in kinds if SCORES[k].calibrate is None]
+        for kind in probe:
+            self.check_kind(kind)
+        shared = self.score_pass(x, probe)
+        scores = shared.scores(probe)
         out = {}
         for kind in kinds:
-            reference: dict[str, Any] = {}
-            kind_scores = scores.get(kind)
-            if kind == "typicality":
-                reference = {"mean_bpd": mean,
-                             "bpd_scores": [float(v) for v in np.sort(scores["bpd"])]}
-            elif kind == "dose":
-                kind_scores, reference = self._calibrate_dose(x)
+            spec, reference = SCORES[kind], {}
+            if spec.calibrate is not None:
+                kind_scores, reference = spec.calibrate(shared)
+            else:
+                kind_scores = scores[kind]
             out[kind] = Calibration.fit(kind_scores, fpr=fpr, kind=kind, data=data,
-                                        unit=SCORE_UNITS[kind], reference=reference,
+                                        unit=spec.unit, reference=reference,
                                         conservative=conservative)
         self.calibrations.update(out)
         return out

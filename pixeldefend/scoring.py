@@ -67,9 +67,7 @@ def check_gate(detector: DensityDetector, kind: str | None, policy: GatePolicy,
                model: Path | str = "the bundle") -> tuple[str, Calibration | None]:
     """The score kind to use and its calibration; a clear error before any work when the
     bundle cannot serve the gate that was asked for."""
-    kind = detector.check_kind(kind or detector.default_kind)
-    if kind == "typicality":
-        detector.typicality_reference()  # a clear error now rather than per batch
+    kind = detector.check_ready(kind or detector.default_kind)
     cal = detector.calibrations.get(kind)
     if cal is None and (policy.per_image or policy.max_anomalous_fraction is not None):
         raise UsageError(f"{model} has no calibration for {kind!r}: run `pixeldefend calibrate`")
