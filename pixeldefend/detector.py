@@ -41,6 +41,7 @@ from .device import resolve_device
 from .dose import DoseModel, split_halves
 from .errors import BundleError, DataError, TooFewCalibrationImages, UsageError
 from .models.pixelcnn import PixelCNN, PixelCNNConfig
+from .pixels import check_images, check_range
 from .schema import PIXELCNN_CONFIG, check_pixelcnn_architecture
 from .scores import (
     DEFAULT_CODEC,
@@ -60,20 +61,18 @@ BACKGROUND_PREFIX = "background."
 
 
 def as_tensor(images: ImagesLike) -> torch.Tensor:
-    """ImageSet / array / tensor -> uint8 tensor (N, C, H, W)."""
+    """ImageSet / array / tensor -> uint8 tensor (N, C, H, W) (the pixel contract:
+    pixels.check_images; integer arrays of another dtype are converted if in 0..255)."""
     if isinstance(images, ImageSet):
         return images.images
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
-    if images.dtype != torch.uint8:
-        if images.is_floating_point() or images.min() < 0 or images.max() > 255:
-            raise DataError("images must hold integer pixel levels (uint8), not floats")
-        images = images.to(torch.uint8)
     if images.dim() == 3:
         images = images.unsqueeze(1)
-    if images.dim() != 4:
-        raise DataError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
-    return images
+    if images.dtype != torch.uint8:
+        check_range(images, 256)
+        images = images.to(torch.uint8)
+    return check_images(images, 256)
 
 
 class DensityDetector:
@@ -133,8 +132,7 @@ class DensityDetector:
         spec = self.spec
         if tuple(x.shape[1:]) != spec.shape:
             raise DataError(f"images are {tuple(x.shape[1:])} (C,H,W), model expects {spec.shape}")
-        if x.numel() and int(x.max()) >= spec.levels:
-            raise DataError(f"pixel value {int(x.max())} out of range for {spec.levels} levels")
+        check_range(x, spec.levels)
         return x
 
     # -------------------------------------------------------------------------- fit
@@ -200,7 +198,8 @@ class DensityDetector:
         `preset` None copies the main model's architecture.
         """
         if not 0.0 < mutation_rate < 1.0:
-            raise UsageError(f"--mutation-rate must be between 0 and 1, got {mutation_rate}")
+            raise UsageError(f"mutation_rate must be between 0 and 1, got {mutation_rate}",
+                             param="mutation_rate")
         main = self._require_model().config
         settings = settings or TrainSettings()
         torch.manual_seed(settings.seed)
@@ -377,7 +376,8 @@ class DensityDetector:
         Too few images for `fpr` raise `TooFewCalibrationImages` (a ValueError) unless
         `conservative`, which takes the largest clean score as the threshold instead."""
         if not 0.0 < fpr < 1.0:
-            raise UsageError(f"--fpr must be between 0 and 1 (exclusive), got {fpr}")
+            raise UsageError(f"fpr must be between 0 and 1 (exclusive), got {fpr}",
+                             param="fpr")
         kind = self.check_kind(kind or self.default_kind)
         cal = self.calibrate_all(images, fpr=fpr, kinds=[kind], data=data,
                                  conservative=conservative)[kind]
@@ -390,7 +390,8 @@ class DensityDetector:
         """Calibrate several kinds (default: all available) from one pass; keeps the
         default kind. Typicality is measured from these images' own mean bits/dim."""
         if not 0.0 < fpr < 1.0:
-            raise UsageError(f"--fpr must be between 0 and 1 (exclusive), got {fpr}")
+            raise UsageError(f"fpr must be between 0 and 1 (exclusive), got {fpr}",
+                             param="fpr")
         implicit = kinds is None
         kinds = list(self.available_kinds if kinds is None else kinds)
         x = self._check(images)

@@ -2,7 +2,14 @@
 
 
 class PixelDefendError(Exception):
-    """Base class: a problem the user can fix (bad input, bad usage, bad bundle)."""
+    """Base class: a problem the user can fix (bad input, bad usage, bad bundle).
+
+    `param` names the Python parameter (or a tuple of them) the message refers to by
+    that name; the CLI shows it as its flag (`cli.common.cli_message`)."""
+
+    def __init__(self, message: str = "", param: str | tuple[str, ...] | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class DataError(PixelDefendError):
@@ -17,13 +24,8 @@ class UsageError(PixelDefendError, ValueError):
     """Arguments that cannot work together or are out of range (a ValueError, as
     scikit-learn raises for bad parameters).
 
-    `param` names the offending Python parameter (or a tuple of them); the message uses
-    that name ("fpr must be between 0 and 1"), and the CLI shows it as its flag ("--fpr
-    must be ...")."""
-
-    def __init__(self, message: str, param: str | tuple[str, ...] | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+    Messages name the Python parameter ("fpr must be between 0 and 1", `param="fpr"`);
+    the CLI shows it as its flag ("--fpr must be ...")."""
 
 
 class CalibrationError(UsageError):

@@ -122,3 +122,20 @@ def test_info_csv_is_field_value_rows(runner, tiny_bundle):
     assert not any(v.startswith("{") for v in values.values())
     doc = json.loads(run(runner, "info", "--model", tiny_bundle, "--format", "json").stdout)
     assert float(values["calibration.bpd.threshold"]) == doc["calibration"]["bpd"]["threshold"]
+
+
+def test_cli_message_turns_parameters_into_flags():
+    from pixeldefend.cli.common import cli_message
+    from pixeldefend.errors import DataError
+
+    assert cli_message(UsageError("fpr must be between 0 and 1", param="fpr")) == \
+        "--fpr must be between 0 and 1"
+    assert cli_message(DataError("set data_root to their folder, or set download",
+                                 param=("data_root", "download"))) == \
+        "set --data-root to their folder, or set --download"
+    assert cli_message(UsageError("factory_weights is only for module:factory classifiers",
+                                  param="factory_weights")).startswith("--classifier-weights ")
+    # only whole words: a parameter inside another name or path is left alone
+    assert cli_message(UsageError("eps 2 with eps_levels, see eps_defend", param="eps")) == \
+        "--eps 2 with eps_levels, see eps_defend"
+    assert cli_message(UsageError("plain message")) == "plain message"

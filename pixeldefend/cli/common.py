@@ -115,7 +115,8 @@ def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
 
 
 # library parameters whose flag is not `--` plus the dashed name
-FLAG_OF_PARAM = {"kind": "--score", "score_kind": "--score", "l2": "--l2"}
+FLAG_OF_PARAM = {"kind": "--score", "score_kind": "--score", "l2": "--l2",
+                 "factory_weights": "--classifier-weights"}
 
 
 def option_flag(param: str) -> str:
