@@ -173,8 +173,8 @@ def fall_back_if_uncalibrated(detector: DensityDetector, n: int, warn: Log = _qu
     if detector.default_kind in detector.calibrations or "bpd" not in detector.calibrations:
         return
     warn(f"{n} clean images are too few to calibrate score {detector.default_kind!r}; the "
-         "default score is now 'bpd' (calibrate with more clean images and --score dose to "
-         "restore it)")
+         f"default score is now 'bpd' (calibrate {detector.default_kind!r} on more clean "
+         "images to restore it)")
     detector.default_kind = "bpd"
 
 
