@@ -287,6 +287,7 @@ class SuiteSettings:
     t_start: float = DEFAULT_T_START
     t_end: float = DEFAULT_T_END
     passes: int = 1
+    box_softness: float = 1.0  # levels; see surrogate.soft_purify_levels
     cw_steps: int = 100
     cw_search: int = 6
     square_all: bool = False  # Square on every image, not only the survivors
@@ -330,7 +331,7 @@ def attack_column(name: str, model: nn.Module, classifier: nn.Module, defence: s
             raise ValueError("bpda-surrogate needs a purifying column")
         soft = SoftPurifier(model, int(eps_defend or 0), passes=settings.passes,
                             straight_through=True, batch_size=settings.batch_size,
-                            threshold=thr)
+                            threshold=thr, box_softness=settings.box_softness)
 
         def objective(x: torch.Tensor, y: torch.Tensor, t: int
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -338,7 +339,8 @@ def attack_column(name: str, model: nn.Module, classifier: nn.Module, defence: s
             logits = classifier(soft(x))
             return F.cross_entropy(logits, y, reduction="none"), logits
     elif name == "surrogate-pgd":
-        soft = SoftPurifier(model, int(eps_defend or 0), passes=max(2, settings.passes))
+        soft = SoftPurifier(model, int(eps_defend or 0), passes=max(2, settings.passes),
+                            box_softness=settings.box_softness)
 
         def objective(x: torch.Tensor, y: torch.Tensor, t: int) -> tuple[torch.Tensor, None]:
             soft.temperature = temp(t)
@@ -371,7 +373,7 @@ def attack_column(name: str, model: nn.Module, classifier: nn.Module, defence: s
             bpd = bits_per_dim(model, run.adversarial)
         run.passes_gate = (bpd <= threshold).numpy()
     run.summary.update({"t_start": settings.t_start, "t_end": settings.t_end,
-                        "passes": settings.passes})
+                        "passes": settings.passes, "box_softness": settings.box_softness})
     return run
 
 
@@ -549,10 +551,12 @@ def measure_agreement(model: nn.Module, classifier: nn.Module, images: torch.Ten
         exact = purify_fast(model, images, int(e or 0), settings.batch_size)
         rows = []
         for anchored, temp, passes in ((False, settings.t_end, max(2, settings.passes)),
+                                       (True, settings.t_start, settings.passes),
                                        (True, settings.t_end, settings.passes),
-                                       (True, settings.t_start, settings.passes)):
+                                       (True, 0.001, settings.passes)):
             a = agreement(model, images, int(e or 0), temp, passes, classifier, exact=exact,
-                          batch_size=settings.batch_size, anchored=anchored)
+                          batch_size=settings.batch_size, anchored=anchored,
+                          box_softness=settings.box_softness)
             rows.append(a.as_dict())
         out[f"purify@{e}"] = rows
     return out

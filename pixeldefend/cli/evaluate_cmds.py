@@ -16,6 +16,9 @@ import typer
 from rich.progress import TaskID
 from rich.table import Table
 
+from ..adaptive import SuiteSettings
+from ..adaptive_report import sanity_lines
+from ..attacks import parse_eps
 from ..data import ImageSpec, load_images, parse_builtin, split_slice
 from ..detector import DensityDetector
 from ..errors import UsageError
@@ -96,6 +99,10 @@ class RichEvalProgress(EvalProgress):
         if self.current is not None:
             self.progress.update(self.current, advance=items, status=status)
         self._overall(units, stage)
+
+    def note(self, message: str) -> None:
+        elapsed = (time.perf_counter() - self.started) / 60
+        err_console.print(f"adaptive: {message} ({elapsed:.1f} min)", highlight=False)
 
     def _overall(self, units: float, stage: Stage) -> None:
         if self.overall is not None and self.total > 0:
@@ -190,9 +197,36 @@ def evaluate(
     defences: str = typer.Option(",".join(DEFENCES), "--defences",
                                  help="Columns: none, purify, adaptive (purify only images "
                                       "above the calibrated bits/dim threshold)."),
-    adaptive_attack: str = typer.Option("bpda", "--adaptive-attack",
-                                        help="bpda (PGD through the purifier, straight-"
-                                             "through backward pass) or none."),
+    adaptive_attack: str = typer.Option(
+        "bpda", "--adaptive-attack",
+        help="Comma-separated: bpda (PGD, identity backward pass), bpda-surrogate (exact "
+             "purifier forward, differentiable surrogate backward), surrogate-pgd (PGD "
+             "through the surrogate), square (gradient-free, on the images every other "
+             "attack failed on), detector (adaptive PixelDefend: stay under the bits/dim "
+             "threshold), cw-bs (CW with binary search over c); all; or none."),
+    adaptive_steps: int = typer.Option(50, "--adaptive-steps", min=1,
+                                       help="PGD steps of bpda-surrogate, surrogate-pgd and "
+                                            "detector."),
+    restarts: int = typer.Option(1, "--restarts", min=1,
+                                 help="Random restarts of every PGD attack (BPDA included); "
+                                      "each restart only attacks the images not fooled yet."),
+    queries: int = typer.Option(1000, "--queries", min=1, help="Square Attack queries."),
+    temperature: str = typer.Option(
+        "1,0.01", "--temperature",
+        help="Surrogate softmax temperature, annealed geometrically START,END over the steps."),
+    surrogate_passes: int = typer.Option(1, "--surrogate-passes", min=1,
+                                         help="Soft refinement passes of the surrogate "
+                                              "(surrogate-pgd uses at least 2)."),
+    adaptive_alpha: str | None = typer.Option(
+        None, "--adaptive-alpha",
+        help="Step size of the suite's PGD attacks as a fraction (0 is the deliberately "
+             r"broken attack the sanity checks must flag) \[default: eps * max(2.5 / steps, "
+             "0.1)]."),
+    cw_steps: int = typer.Option(100, "--cw-steps", min=1,
+                                 help="Adam steps per binary-search step of cw-bs."),
+    sanity_n: int = typer.Option(50, "--sanity-n", min=0,
+                                 help="Images for the sanity checks (eps sweep, fewer steps); "
+                                      "0 skips them."),
     bpda_steps: int = typer.Option(100, "--bpda-steps", min=1, help="BPDA PGD steps."),
     bpda_n: int | None = typer.Option(
         None, "--bpda-n", min=1,
@@ -257,10 +291,22 @@ def evaluate(
     images = images.head(n)
     alpha = None
     if bpda_alpha is not None:
-        from ..attacks import parse_eps
-
         alpha = parse_eps(bpda_alpha, spec.levels).fraction
     adaptive = adaptive_attack.strip().lower()
+    try:
+        t_start, t_end = (float(v) for v in (parse_list(temperature) or []))
+    except ValueError as exc:
+        raise UsageError("--temperature takes START,END, e.g. 1,0.01") from exc
+    if not (t_start > 0 and t_end > 0):
+        raise UsageError("--temperature values must be positive")
+    suite_alpha = None
+    if adaptive_alpha is not None:
+        suite_alpha = 0.0 if adaptive_alpha.strip() in ("0", "0.0") else \
+            parse_eps(adaptive_alpha, spec.levels).fraction
+    suite = SuiteSettings(steps=adaptive_steps, restarts=restarts, queries=queries,
+                          alpha=suite_alpha, t_start=t_start, t_end=t_end,
+                          passes=surrogate_passes, cw_steps=cw_steps, seed=seed,
+                          batch_size=purify_batch)
     settings = EvaluateSettings(
         attacks=tuple(a.lower() for a in parse_list(attacks) or []),
         eps=tuple(parse_list(eps)) if eps is not None else None,
@@ -272,7 +318,7 @@ def evaluate(
         bpda_n=bpda_n if bpda_n is not None else min(len(images), DEFAULT_BPDA_N),
         bpda_eps=tuple(parse_list(bpda_eps) or []) if bpda_eps is not None else None,
         bpda_alpha=alpha, eot=eot, seed=seed, batch_size=batch_size,
-        purify_batch=purify_batch, resume=resume,
+        purify_batch=purify_batch, resume=resume, suite=suite, sanity_n=sanity_n,
     ).checked()
     out = out or _default_out(data)
     _prepare_out(out)
@@ -303,4 +349,7 @@ def evaluate(
     for line in headline(results):
         console.print(f"• {line}", highlight=False)
     console.print(_rich_table(detection_table(results), "detection by bits/dim"))
+    for line in sanity_lines(results):
+        (err_console if line.startswith("SANITY") else console).print(
+            f"[bold red]{line}[/]" if line.startswith("SANITY") else line, highlight=False)
     console.print(f"report: {out / 'report.html'}", highlight=False)
