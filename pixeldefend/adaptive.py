@@ -221,7 +221,7 @@ def run_square(defended: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 def cw_binary_search(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                      levels: int, ball: int, *, steps: int = 100, search_steps: int = 6,
-                     c_init: float = 1.0, kappa: float = 0.0, lr: float = 0.01
+                     c_init: float = 1.0, kappa: float = 0.0, lr: float = 0.05
                      ) -> tuple[torch.Tensor, np.ndarray]:
     """Carlini-Wagner L2 with its binary search over c, one c per image.
 
@@ -231,15 +231,22 @@ def cw_binary_search(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     c_i·f_i is then exactly the per-image objective), and run the standard search
     around it (success: smaller c next time; failure: 10× c until a success bounds it,
     then bisect). Success is judged on what the evaluation uses: the image clipped to
-    the eps ball and quantised. Returns (uint8 images: per image the smallest-L2
-    success, else the last attempt; the final c per image)."""
+    the eps ball and quantised. The wrapper also keeps pixels at exactly 0 or 1 movable
+    (torchattacks sends them to tanh-space infinity). Returns (uint8 images: per image
+    the smallest-L2 success, else the last attempt; the smallest c that succeeded, NaN
+    if none)."""
     import torchattacks
 
     class PerImageCW(torchattacks.CW):
         c_vec: torch.Tensor
 
         def f(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return self.c_vec * super().f(outputs, labels)
+            return self.c_vec.to(outputs.device) * super().f(outputs, labels)
+
+        def inverse_tanh_space(self, x: torch.Tensor) -> torch.Tensor:
+            # torchattacks maps pixels at exactly 0 or 1 to atanh(±1) = ±inf, where they
+            # can never move (and dark backgrounds are most of an MNIST-like image)
+            return self.atanh(torch.clamp(x * 2 - 1, min=-1 + 1e-6, max=1 - 1e-6))
 
     labels = torch.as_tensor(labels, dtype=torch.long)
     n = images.shape[0]
@@ -249,7 +256,6 @@ def cw_binary_search(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     lo, hi = torch.zeros(n), torch.full((n,), math.inf)
     best = quantise(x, images, levels, ball)
     best_l2 = torch.full((n,), math.inf)
-    best_c = torch.full((n,), math.nan)
     with quiet_stdout():
         atk = PerImageCW(model, c=1.0, kappa=kappa, steps=steps, lr=lr)
     for _ in range(search_steps):
@@ -263,13 +269,13 @@ def cw_binary_search(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         ok = pred != labels
         l2 = (q.float() - images.float()).flatten(1).norm(dim=1)
         better = ok & (l2 < best_l2)
-        best[better], best_l2[better], best_c[better] = q[better], l2[better], c[better]
+        best[better], best_l2[better] = q[better], l2[better]
         hi = torch.where(ok, torch.minimum(hi, c), hi)
         lo = torch.where(ok, lo, torch.maximum(lo, c))
         c = torch.where(torch.isinf(hi), c * 10, (lo + hi) / 2)
     never = torch.isinf(best_l2)
     best[never] = q[never]
-    return best, best_c.numpy()
+    return best, torch.where(torch.isinf(hi), torch.nan, hi).numpy()
 
 
 # --------------------------------------------------------------------------- suite
@@ -497,9 +503,11 @@ def run_suite(model: nn.Module, classifier: nn.Module, images: torch.Tensor,
                     adv[sub] = sq.adversarial
                     run = AttackRun("square", adv, pred, fooled, summary=sq.summary)
                     entry["fooled_of_attacked"] = int(sq.fooled.sum())
+                    entry.update(_rate(~sq.fooled))  # accuracy on the images it attacked
                 else:
                     run = AttackRun("square", images.clone(), defended_clean,
                                     np.zeros(len(y), dtype=bool), summary={"skipped": True})
+                    entry.update(_rate(np.zeros(0, dtype=bool)))
             else:
                 log(f"{name} vs {ck}")
                 run = _cached(cache, f"adaptive-{name}-eps{ball}-{ck.replace('@', '-e')}",
@@ -512,8 +520,6 @@ def run_suite(model: nn.Module, classifier: nn.Module, images: torch.Tensor,
             ok = ~run.fooled
             if name != "square":
                 entry.update(_rate(ok))
-            else:
-                entry.update(_rate(ok & (defended_clean == y)))
             entry["summary"] = run.summary
             if run.loss_curve:
                 entry["loss_curve"] = run.loss_curve

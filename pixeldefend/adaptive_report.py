@@ -46,7 +46,7 @@ def adaptive_markdown(results: dict[str, Any]) -> list[str]:
            "Accuracy (%) of the exact pipeline (quantised image → exact purifier → "
            "classifier), with 95% Wilson score intervals. Square runs only on the images "
            "every earlier attack (oblivious, BPDA and the attacks above it) failed on: the "
-           "per-image worst case needs nothing else; its row is the accuracy after it. "
+           "per-image worst case needs nothing else; its row counts the survivors it fooled. "
            "cw-bs is oblivious (it attacks the bare classifier) with a binary search over c.",
            ""]
     for sr in suite:
@@ -70,8 +70,8 @@ def adaptive_markdown(results: dict[str, Any]) -> list[str]:
                 if e is None:
                     cells.append("–")
                 elif a == "square":
-                    cells.append(f"{_ci(e)} ({e.get('fooled_of_attacked', 0)} of "
-                                 f"{e.get('n_attacked', 0)} fooled)")
+                    cells.append(f"{e.get('fooled_of_attacked', 0)} of "
+                                 f"{e.get('n_attacked', 0)} survivors fooled")
                 else:
                     cells.append(_ci(e))
             out.append(f"| {a} | " + " | ".join(cells) + " |")
