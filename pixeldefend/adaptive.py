@@ -204,13 +204,17 @@ def run_square(defended: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     eps = ball / (levels - 1)
     labels = torch.as_tensor(labels, dtype=torch.long)
     x = images.float() / (levels - 1)
+    was_training = defended.training
+    defended.eval()  # torchattacks restores the mode it found: it must find eval
     with quiet_stdout():
         atk = torchattacks.Square(defended, norm="Linf", eps=eps, n_queries=queries,
                                   n_restarts=1, seed=seed, loss="margin", verbose=False)
         out = atk(x, labels)
+    defended.eval()
     adv = quantise(out, images, levels, ball)
     with torch.no_grad():
         pred = defended(adv.float() / (levels - 1)).argmax(1).cpu()
+    defended.train(was_training)
     return AttackRun(name, adv, pred.numpy(), (pred != labels).numpy(),
                      summary={"queries": queries, "seed": seed,
                               "seconds": round(time.perf_counter() - start, 3)})
@@ -296,7 +300,11 @@ class SuiteSettings:
     box_softness: float = 1.0  # levels; see surrogate.soft_purify_levels
     cw_steps: int = 100
     cw_search: int = 6
+    # attacks run only on the images every earlier attack failed on (the per-image worst
+    # case needs nothing else; each costs a purification per query or step)
+    on_survivors: tuple[str, ...] = ("square",)
     square_all: bool = False  # Square on every image, not only the survivors
+    square_n: int | None = None  # at most this many (the first) survivors: CPU budget
     seed: int = 0
     batch_size: int = 256
 
@@ -309,9 +317,10 @@ def exact_pipeline(model: nn.Module, classifier: nn.Module, defence: str,
                    batch_size: int = 256) -> nn.Module:
     """Float [0, 1] images -> logits of classifier ∘ exact purifier for one column."""
     if defence == "none":
-        return classifier
+        return classifier.eval()
     return StraightThroughPurifier(model, classifier, int(eps_defend or 0),
-                                   threshold if defence == "adaptive" else None, batch_size)
+                                   threshold if defence == "adaptive" else None,
+                                   batch_size).eval()
 
 
 def attack_column(name: str, model: nn.Module, classifier: nn.Module, defence: str,
@@ -345,7 +354,7 @@ def attack_column(name: str, model: nn.Module, classifier: nn.Module, defence: s
             logits = classifier(soft(x))
             return F.cross_entropy(logits, y, reduction="none"), logits
     elif name == "surrogate-pgd":
-        soft = SoftPurifier(model, int(eps_defend or 0), passes=max(2, settings.passes),
+        soft = SoftPurifier(model, int(eps_defend or 0), passes=settings.passes,
                             box_softness=settings.box_softness)
 
         def objective(x: torch.Tensor, y: torch.Tensor, t: int) -> tuple[torch.Tensor, None]:
@@ -479,47 +488,54 @@ def run_suite(model: nn.Module, classifier: nn.Module, images: torch.Tensor,
                     pred = exact(cw_adv.adversarial.float() / (levels - 1)).argmax(1).numpy()
                 run = AttackRun("cw-bs", cw_adv.adversarial, pred, pred != y,
                                 summary=cw_adv.summary)
-            elif name == "square":
-                survivors = np.flatnonzero(correct) if not settings.square_all else \
-                    np.arange(len(y))
-                entry["run_on"] = "all images" if settings.square_all else \
-                    "survivors of every earlier attack"
-                entry["n_attacked"] = int(len(survivors))
-                log(f"square on {len(survivors)} images vs {ck}")
-                sub = torch.from_numpy(survivors)
-                if len(sub):
-                    sq = _cached(cache, f"adaptive-square-eps{ball}-{ck.replace('@', '-e')}",
-                                 {"stage": "adaptive-square", **key, "ball": ball,
-                                  "column": ck, "queries": settings.queries,
-                                  "seed": settings.seed, "images": survivors.tolist()},
-                                 lambda sub=sub, exact=exact: run_square(
-                                     exact, images[sub], labels[sub], levels, ball,
-                                     settings.queries, settings.seed))
-                    fooled = np.zeros(len(y), dtype=bool)
-                    fooled[survivors] = sq.fooled
-                    pred = defended_clean.copy()
-                    pred[survivors] = sq.pred
-                    adv = images.clone()
-                    adv[sub] = sq.adversarial
-                    run = AttackRun("square", adv, pred, fooled, summary=sq.summary)
-                    entry["fooled_of_attacked"] = int(sq.fooled.sum())
-                    entry.update(_rate(~sq.fooled))  # accuracy on the images it attacked
-                else:
-                    run = AttackRun("square", images.clone(), defended_clean,
-                                    np.zeros(len(y), dtype=bool), summary={"skipped": True})
-                    entry.update(_rate(np.zeros(0, dtype=bool)))
+                entry.update(_rate(~run.fooled))
             else:
-                log(f"{name} vs {ck}")
-                run = _cached(cache, f"adaptive-{name}-eps{ball}-{ck.replace('@', '-e')}",
-                              {"stage": f"adaptive-{name}", **key, "ball": ball,
-                               "column": ck, "settings": settings.as_dict()},
-                              lambda name=name, defence=defence, e=e: attack_column(
-                                  name, model, classifier, defence, e, threshold, images,
-                                  labels, levels, ball, settings))
+                on_survivors = name in settings.on_survivors and not (
+                    name == "square" and settings.square_all)
+                index = np.flatnonzero(correct) if on_survivors else np.arange(len(y))
+                if on_survivors:
+                    entry["run_on"] = "survivors of every earlier attack"
+                    entry["survivors"] = int(len(index))
+                    if name == "square" and settings.square_n is not None \
+                            and len(index) > settings.square_n:
+                        index = index[:settings.square_n]
+                        entry["run_on"] += f", the first {settings.square_n} of them"
+                    entry["n_attacked"] = int(len(index))
+                log(f"{name} on {len(index)} images vs {ck}")
+                sub = torch.from_numpy(index)
+                stage = {"stage": f"adaptive-{name}", **key, "ball": ball, "column": ck,
+                         "settings": settings.as_dict(),
+                         "images": index.tolist() if on_survivors else "all"}
+                if len(sub) == 0:
+                    part = AttackRun(name, images[:0].clone(), np.zeros(0, dtype=np.int64),
+                                     np.zeros(0, dtype=bool), summary={"skipped": True})
+                elif name == "square":
+                    part = _cached(cache, f"adaptive-square-eps{ball}-{ck.replace('@', '-e')}",
+                                   stage, lambda sub=sub, exact=exact: run_square(
+                                       exact, images[sub], labels[sub], levels, ball,
+                                       settings.queries, settings.seed))
+                else:
+                    part = _cached(cache, f"adaptive-{name}-eps{ball}-{ck.replace('@', '-e')}",
+                                   stage, lambda name=name, defence=defence, e=e, sub=sub:
+                                   attack_column(name, model, classifier, defence, e,
+                                                 threshold, images[sub], labels[sub], levels,
+                                                 ball, settings))
+                if on_survivors:
+                    fooled = np.zeros(len(y), dtype=bool)
+                    fooled[index] = part.fooled
+                    pred = defended_clean.copy()
+                    pred[index] = part.pred
+                    adv = images.clone()
+                    adv[sub] = part.adversarial
+                    run = AttackRun(name, adv, pred, fooled, part.loss_curve,
+                                    part.accuracy_curve, None, part.summary)
+                    entry["fooled_of_attacked"] = int(part.fooled.sum())
+                    entry.update(_rate(~part.fooled))  # accuracy on the images it attacked
+                else:
+                    run = part
+                    entry.update(_rate(~run.fooled))
             runs[f"{name}|{ck}"] = run
             ok = ~run.fooled
-            if name != "square":
-                entry.update(_rate(ok))
             entry["summary"] = run.summary
             if run.loss_curve:
                 entry["loss_curve"] = run.loss_curve
@@ -556,7 +572,7 @@ def measure_agreement(model: nn.Module, classifier: nn.Module, images: torch.Ten
 
         exact = purify_fast(model, images, int(e or 0), settings.batch_size)
         rows = []
-        for anchored, temp, passes in ((False, settings.t_end, max(2, settings.passes)),
+        for anchored, temp, passes in ((False, settings.t_end, settings.passes),
                                        (True, settings.t_start, settings.passes),
                                        (True, settings.t_end, settings.passes),
                                        (True, 0.001, settings.passes)):
@@ -637,6 +653,12 @@ def sanity_checks(model: nn.Module, classifier: nn.Module, images: torch.Tensor,
                        "detail": f"{quarter.steps} steps: {100 * a_q:.0f}%, "
                                  f"{settings.steps} steps: {100 * a_f:.0f}% (raw, separate "
                                  f"runs, first {m} images)"})
+    if base_run is not None and base_run.accuracy_curve:
+        start, end = base_run.accuracy_curve[0], base_run.accuracy_curve[-1]
+        checks.append({"name": "gradient steps fool images beyond the random start",
+                       "passed": bool(end < start),
+                       "detail": f"{100 * start:.1f}% after the random start, "
+                                 f"{100 * end:.1f}% after {settings.steps} steps"})
     for name, run in runs.items():
         if not run.loss_curve:
             continue

@@ -46,7 +46,8 @@ def adaptive_markdown(results: dict[str, Any]) -> list[str]:
            "Accuracy (%) of the exact pipeline (quantised image → exact purifier → "
            "classifier), with 95% Wilson score intervals. Square runs only on the images "
            "every earlier attack (oblivious, BPDA and the attacks above it) failed on: the "
-           "per-image worst case needs nothing else; its row counts the survivors it fooled. "
+           "per-image worst case needs nothing else; its row counts the survivors it fooled "
+           "(so do the rows of any attack run with --on-survivors). "
            "cw-bs is oblivious (it attacks the bare classifier) with a binary search over c.",
            ""]
     for sr in suite:
@@ -69,9 +70,10 @@ def adaptive_markdown(results: dict[str, Any]) -> list[str]:
                 e = sr["columns"][k]["attacks"].get(a)
                 if e is None:
                     cells.append("–")
-                elif a == "square":
+                elif "n_attacked" in e:
                     cells.append(f"{e.get('fooled_of_attacked', 0)} of "
-                                 f"{e.get('n_attacked', 0)} survivors fooled")
+                                 f"{e.get('n_attacked', 0)} attacked fooled "
+                                 f"({e.get('survivors', '?')} survivors)")
                 else:
                     cells.append(_ci(e))
             out.append(f"| {a} | " + " | ".join(cells) + " |")
@@ -93,7 +95,7 @@ def adaptive_markdown(results: dict[str, Any]) -> list[str]:
                 if "seconds_per_image_step" in e:
                     cost.append(f"{a} vs {labels.get(k, k)} "
                                 f"{1000 * e['seconds_per_image_step']:.1f} ms")
-                elif a == "square" and e.get("n_attacked"):
+                elif a == "square" and e.get("n_attacked"):  # no steps: whole run
                     secs = e["summary"].get("seconds", 0)
                     cost.append(f"square vs {labels.get(k, k)} {secs:.0f} s for "
                                 f"{e['n_attacked']} images × ≤ {e['summary'].get('queries')} "

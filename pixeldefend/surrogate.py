@@ -75,16 +75,20 @@ def soft_purify_levels(model: nn.Module, u: torch.Tensor, eps_defend: int,
     values = torch.arange(levels, device=u.device, dtype=u.dtype)
     edge = None
     if box_softness > 0:
+        # the two values just outside the box get a log-sigmoid penalty that shrinks as
+        # u moves towards them; values inside get none, so at low temperature the
+        # argmax is the purifier's
         uu = u.unsqueeze(-1)
         lo, hi = uu - eps_defend - 0.5, uu + eps_defend + 0.5
-        edge = (F.logsigmoid((values - lo) / box_softness)
+        ramp = (F.logsigmoid((values - lo) / box_softness)
                 + F.logsigmoid((hi - values) / box_softness))
-        inbox = inbox | _box(centre, eps_defend + 1, levels)  # let the ramps act
+        edge = torch.where(inbox, torch.zeros_like(ramp), ramp)
+        inbox = _box(centre, eps_defend + 1, levels)
     z = u if start is None else start
     for _ in range(max(1, passes)):
         logits = _logits(model, z, levels).to(u.dtype)
         if edge is not None:
-            logits = logits + edge * temperature  # ramps independent of the temperature
+            logits = logits + edge
         logits = logits.masked_fill(~inbox, float("-inf"))
         z = (torch.softmax(logits / temperature, dim=-1) * values).sum(-1)
     return z

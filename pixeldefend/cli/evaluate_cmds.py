@@ -211,12 +211,19 @@ def evaluate(
                                  help="Random restarts of every PGD attack (BPDA included); "
                                       "each restart only attacks the images not fooled yet."),
     queries: int = typer.Option(1000, "--queries", min=1, help="Square Attack queries."),
+    square_n: int | None = typer.Option(
+        None, "--square-n", min=1,
+        help="Run Square on at most the first N survivors of the other attacks (each query "
+             r"purifies an image: the CPU budget) \[default: all survivors]."),
     temperature: str = typer.Option(
         "1,0.01", "--temperature",
         help="Surrogate softmax temperature, annealed geometrically START,END over the steps."),
     surrogate_passes: int = typer.Option(1, "--surrogate-passes", min=1,
-                                         help="Soft refinement passes of the surrogate "
-                                              "(surrogate-pgd uses at least 2)."),
+                                         help="Soft refinement passes of the surrogate."),
+    on_survivors: str = typer.Option(
+        "square", "--on-survivors",
+        help="Adaptive attacks to run only on the images every earlier attack failed on "
+             "(the per-image worst case needs no more; saves purifications)."),
     adaptive_alpha: str | None = typer.Option(
         None, "--adaptive-alpha",
         help="Step size of the suite's PGD attacks as a fraction (0 is the deliberately "
@@ -306,6 +313,8 @@ def evaluate(
     suite = SuiteSettings(steps=adaptive_steps, restarts=restarts, queries=queries,
                           alpha=suite_alpha, t_start=t_start, t_end=t_end,
                           passes=surrogate_passes, cw_steps=cw_steps, seed=seed,
+                          square_n=square_n,
+                          on_survivors=tuple(a.lower() for a in parse_list(on_survivors) or []),
                           batch_size=purify_batch)
     settings = EvaluateSettings(
         attacks=tuple(a.lower() for a in parse_list(attacks) or []),
