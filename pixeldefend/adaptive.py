@@ -528,7 +528,8 @@ def run_suite(model: nn.Module, classifier: nn.Module, images: torch.Tensor,
                     adv = images.clone()
                     adv[sub] = part.adversarial
                     run = AttackRun(name, adv, pred, fooled, part.loss_curve,
-                                    part.accuracy_curve, None, part.summary)
+                                    part.accuracy_curve, None,
+                                    {**part.summary, "attacked": index.tolist()})
                     entry["fooled_of_attacked"] = int(part.fooled.sum())
                     entry.update(_rate(~part.fooled))  # accuracy on the images it attacked
                 else:
@@ -603,7 +604,9 @@ def sanity_checks(model: nn.Module, classifier: nn.Module, images: torch.Tensor,
     key = key or {}
     defence, e = column
     ck = "none" if defence == "none" else f"{defence}@{e}"
-    images, labels = images[:n], torch.as_tensor(labels, dtype=torch.long)[:n]
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    all_images, all_labels = images, labels
+    images, labels = images[:n], labels[:n]
     m = len(labels)
     checks: list[dict[str, Any]] = []
     sweep: list[dict[str, Any]] = []
@@ -653,6 +656,25 @@ def sanity_checks(model: nn.Module, classifier: nn.Module, images: torch.Tensor,
                        "detail": f"{quarter.steps} steps: {100 * a_q:.0f}%, "
                                  f"{settings.steps} steps: {100 * a_f:.0f}% (raw, separate "
                                  f"runs, first {m} images)"})
+    square = runs.get(f"square|{ck}")
+    attacked = (square.summary.get("attacked") or []) if square is not None else []
+    if attacked and settings.queries >= 4:
+        fewer = settings.queries // 4
+        log(f"sanity: square vs {ck} with {fewer} queries on the same {len(attacked)} images")
+        idx = torch.tensor(attacked)
+        exact = exact_pipeline(model, classifier, defence, e, threshold, settings.batch_size)
+        run = _cached(cache, f"adaptive-sanity-square-q{fewer}-{ck.replace('@', '-e')}",
+                      {"stage": "adaptive-sanity-square", **key, "ball": ball,
+                       "queries": fewer, "images": attacked, "column": ck,
+                       "seed": settings.seed},
+                      lambda: run_square(exact, all_images[idx], all_labels[idx], levels,
+                                         ball, fewer, settings.seed))
+        k_few, k_full = int(run.fooled.sum()), int(square.fooled[idx.numpy()].sum())
+        checks.append({"name": "more queries never help the defence",
+                       "passed": bool(k_full >= k_few - max(1, len(attacked) // 20)),
+                       "detail": f"Square fooled {k_few} of {len(attacked)} with {fewer} "
+                                 f"queries, {k_full} with {settings.queries} (raw, "
+                                 "separate runs)"})
     if base_run is not None and base_run.accuracy_curve:
         start, end = base_run.accuracy_curve[0], base_run.accuracy_curve[-1]
         checks.append({"name": "gradient steps fool images beyond the random start",
