@@ -52,6 +52,11 @@ results.json (schema ``pixeldefend.evaluate/1``), every number in the report:
   "mean_bpd_clean", "mean_bpd_adv", "auroc", "auroc_fooled", "n_fooled", "tpr_calibrated",
   "tpr_fpr5", "fpr_calibrated"}``; AUROC of bits/dim (adversarial = positive) by
   scikit-learn; auroc_fooled uses only adversarial images that fool the bare classifier
+- ``adaptive``: per eps the suite of `pixeldefend.adaptive` (``--adaptive-attack`` other
+  than bpda): ``{"eps", "eps_text", "ball", "n", "settings", "columns": {column:
+  {"clean", "prior", "attacks": {attack: {"n", "correct", "accuracy", "ci95",
+  "ci_method", "summary", ...}}, "worst_case"}}, "agreement", "sanity"}``; the
+  ``worst_case`` entry of that eps then covers these attacks too (and gains ``ci95``)
 - ``timing``: ``{"seconds_total", "stages": {stage: seconds}}`` (cached stages keep the
   seconds they took when they ran)
 - ``notes``: the plain-words caveats printed above the table
