@@ -311,6 +311,12 @@ class SuiteSettings:
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    def pgd_key(self) -> dict[str, Any]:
+        """The settings a PGD-style attack's result depends on (its cache key)."""
+        keep = ("steps", "restarts", "alpha", "t_start", "t_end", "passes", "box_softness",
+                "seed", "batch_size")
+        return {k: getattr(self, k) for k in keep}
+
 
 def exact_pipeline(model: nn.Module, classifier: nn.Module, defence: str,
                    eps_defend: int | None, threshold: float | None,
@@ -504,7 +510,8 @@ def run_suite(model: nn.Module, classifier: nn.Module, images: torch.Tensor,
                 log(f"{name} on {len(index)} images vs {ck}")
                 sub = torch.from_numpy(index)
                 stage = {"stage": f"adaptive-{name}", **key, "ball": ball, "column": ck,
-                         "settings": settings.as_dict(),
+                         "settings": ({"queries": settings.queries, "seed": settings.seed}
+                                      if name == "square" else settings.pgd_key()),
                          "images": index.tolist() if on_survivors else "all"}
                 if len(sub) == 0:
                     part = AttackRun(name, images[:0].clone(), np.zeros(0, dtype=np.int64),
@@ -622,7 +629,7 @@ def sanity_checks(model: nn.Module, classifier: nn.Module, images: torch.Tensor,
                                "steps": max(10, settings.steps // 2)})
         run = _cached(cache, f"adaptive-sanity-{attack}-ball{b}-{ck.replace('@', '-e')}",
                       {"stage": "adaptive-sanity", **key, "ball": b, "n": m,
-                       "settings": sub.as_dict(), "column": ck},
+                       "settings": sub.pgd_key(), "column": ck},
                       lambda b=b, sub=sub: attack_column(attack, model, classifier, defence,
                                                          e, threshold, images, labels,
                                                          levels, b, sub))
@@ -645,7 +652,7 @@ def sanity_checks(model: nn.Module, classifier: nn.Module, images: torch.Tensor,
         run = _cached(cache, f"adaptive-sanity-{attack}-steps{quarter.steps}-"
                       f"{ck.replace('@', '-e')}",
                       {"stage": "adaptive-sanity-steps", **key, "ball": ball, "n": m,
-                       "settings": quarter.as_dict(), "column": ck},
+                       "settings": quarter.pgd_key(), "column": ck},
                       lambda: attack_column(attack, model, classifier, defence, e,
                                             threshold, images, labels, levels, ball,
                                             quarter))
