@@ -197,3 +197,22 @@ def test_evaluate_cli_runs_the_suite(runner, repo, tmp_path):
     assert wc["accuracy"]["purify@1"] == suite["columns"]["purify@1"]["worst_case"]["accuracy"]
     assert (out / "adaptive-loss-curves.png").exists()
     assert "Adaptive attacks" in (out / "report.md").read_text()
+    assert "SANITY CHECK FAILED" not in result.output
+
+
+def test_evaluate_cli_shouts_when_the_attack_is_broken(runner, repo, tmp_path):
+    """--adaptive-alpha 0 (a zero step size) must make the sanity checks fail loudly."""
+    from pixeldefend.cli import app
+
+    out = tmp_path / "broken"
+    result = runner.invoke(app, [
+        "--threads", "1", "evaluate", "-m", str(repo / "models" / "digits"),
+        "-c", str(repo / "models" / "digits-classifier"), "-n", "10", "--attacks", "",
+        "--eps", "2", "--eps-levels", "--eps-defend", "1", "--defences", "purify",
+        "--adaptive-attack", "bpda-surrogate", "--adaptive-steps", "4",
+        "--adaptive-alpha", "0", "--sanity-n", "8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "SANITY CHECK FAILED" in result.output
+    assert "SANITY CHECK FAILED" in (out / "report.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert results["adaptive"][0]["sanity"]["passed"] is False

@@ -348,6 +348,9 @@ def evaluate(
     written = write_report(evaluation, detector, out, classes, figures=figures)
     err_console.print(f"wrote {', '.join(p.name for p in written)} to {out}", highlight=False)
     results = evaluation.results
+    for line in sanity_lines(results):  # on stderr whatever the format: loud
+        if line.startswith("SANITY"):
+            err_console.print(f"[bold red]{line}[/]", highlight=False)
     if fmt == OutputFormat.json:
         sys.stdout.write(results_json(results))
         sys.stdout.flush()
@@ -359,6 +362,6 @@ def evaluate(
         console.print(f"• {line}", highlight=False)
     console.print(_rich_table(detection_table(results), "detection by bits/dim"))
     for line in sanity_lines(results):
-        (err_console if line.startswith("SANITY") else console).print(
-            f"[bold red]{line}[/]" if line.startswith("SANITY") else line, highlight=False)
+        if not line.startswith("SANITY"):
+            console.print(line, highlight=False)
     console.print(f"report: {out / 'report.html'}", highlight=False)
