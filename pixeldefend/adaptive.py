@@ -15,6 +15,8 @@ Every attack here knows the defence, and every success is judged on the *exact* 
   λ·relu(bits/dim − threshold + margin); bits/dim is differentiated exactly (the PixelCNN's
   log-likelihood, linearly interpolated between neighbouring levels so the target values
   also get a gradient). Reports "fools the classifier" and "fools it while passing the gate".
+  It starts from the clean image; ``detector-random`` is the same from a random point in
+  the ball (noise costs bits/dim, but explores more).
 - ``cw-bs``: Carlini-Wagner L2 with a binary search over c per image (see `cw_binary_search`
   for why torchattacks' CW is wrapped), clipped to the eps ball; an oblivious baseline
   evaluated through every defence.
@@ -43,7 +45,8 @@ from .bpda import StraightThroughPurifier, straight_through_quantise
 from .density import LN2, bits_per_dim
 from .surrogate import SoftPurifier
 
-ATTACKS = ("cw-bs", "bpda-surrogate", "surrogate-pgd", "detector", "square")
+ATTACKS = ("cw-bs", "bpda-surrogate", "surrogate-pgd", "detector", "detector-random",
+           "square")
 DEFAULT_QUERIES = 1000
 DEFAULT_T_START, DEFAULT_T_END = 1.0, 0.01
 DETECTOR_LAMBDA = 10.0  # nats of classifier loss per bit/dim over the threshold
@@ -376,7 +379,7 @@ def attack_column(name: str, model: nn.Module, classifier: nn.Module, defence: s
                     above = (bits_per_dim(model, q) > thr).view(-1, 1, 1, 1)
                 purified = torch.where(above, purified, x)
             return F.cross_entropy(classifier(purified), y, reduction="none"), None
-    elif name == "detector":
+    elif name in ("detector", "detector-random"):
         if thr is None:
             raise ValueError("the detector-aware attack needs the adaptive column")
         target = thr - DETECTOR_MARGIN
@@ -391,12 +394,12 @@ def attack_column(name: str, model: nn.Module, classifier: nn.Module, defence: s
     run = run_pgd(name, objective, exact, images, labels, levels, ball,
                   steps=settings.steps, alpha=settings.alpha, restarts=settings.restarts,
                   seed=settings.seed, progress=progress,
-                  gate=None if name != "detector" else
+                  gate=None if not name.startswith("detector") else
                   (lambda q: bits_per_dim(model, q) <= threshold),
                   # uniform noise in the ball costs ~2 bits/dim, which the gate sees: the
                   # detector-aware attack starts from the clean image
                   random_start=name != "detector")
-    if name == "detector":
+    if name.startswith("detector"):
         with torch.no_grad():
             bpd = bits_per_dim(model, run.adversarial)
         run.passes_gate = (bpd <= threshold).numpy()
@@ -490,7 +493,7 @@ def run_suite(model: nn.Module, classifier: nn.Module, images: torch.Tensor,
             correct &= prior_correct[ck]
             col["prior"] = _rate(prior_correct[ck])
         for name in settings.attacks:
-            if name == "detector" and defence != "adaptive":
+            if name.startswith("detector") and defence != "adaptive":
                 continue
             if name in ("bpda-surrogate", "surrogate-pgd") and defence == "none":
                 continue

@@ -81,10 +81,12 @@ def adaptive_markdown(results: dict[str, Any]) -> list[str]:
             f"**{_ci(sr['columns'][k]['worst_case'])}**" for k in cols) + " |")
         out.append("")
         for k in cols:
-            det = sr["columns"][k]["attacks"].get("detector")
-            if det is not None:
+            for dname in ("detector", "detector-random"):
+                det = sr["columns"][k]["attacks"].get(dname)
+                if det is None:
+                    continue
                 out.append(
-                    f"- detector-aware attack vs {labels.get(k, k)}: accuracy "
+                    f"- {dname} (detector-aware) vs {labels.get(k, k)}: accuracy "
                     f"{_pct(det['accuracy'])}% (fools the classifier through the defence: "
                     f"{_pct(1 - det['accuracy'])}%); adversarial images under the bits/dim "
                     f"threshold (pass the gate): {_pct(det['passes_gate'])}%; fool the "
