@@ -430,9 +430,9 @@ class DensityDetector:
                      conservative: bool = False) -> bool:
         """Enough clean images for `dose`: half fit its density (more images than
         statistics), the other half calibrate its threshold at `fpr`."""
-        from .dose import DEFAULT_STATISTICS, GRID
+        from .dose import DEFAULT_STATISTICS, statistic_columns
 
-        columns = len(DEFAULT_STATISTICS) - 1 + GRID * GRID
+        columns = statistic_columns(DEFAULT_STATISTICS)
         held_out = n_images - n_images // 2
         return (n_images // 2 >= columns + 2
                 and (conservative or held_out >= min_calibration_images(fpr)))

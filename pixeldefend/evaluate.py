@@ -52,6 +52,11 @@ results.json (schema ``pixeldefend.evaluate/1``), every number in the report:
   "mean_bpd_clean", "mean_bpd_adv", "auroc", "auroc_fooled", "n_fooled", "tpr_calibrated",
   "tpr_fpr5", "fpr_calibrated"}``; AUROC of bits/dim (adversarial = positive) by
   scikit-learn; auroc_fooled uses only adversarial images that fool the bare classifier
+- ``adaptive``: per eps the suite of `pixeldefend.adaptive` (``--adaptive-attack`` other
+  than bpda): ``{"eps", "eps_text", "ball", "n", "settings", "columns": {column:
+  {"clean", "prior", "attacks": {attack: {"n", "correct", "accuracy", "ci95",
+  "ci_method", "summary", ...}}, "worst_case"}}, "agreement", "sanity"}``; the
+  ``worst_case`` entry of that eps then covers these attacks too (and gains ``ci95``)
 - ``timing``: ``{"seconds_total", "stages": {stage: seconds}}`` (cached stages keep the
   seconds they took when they ran)
 - ``notes``: the plain-words caveats printed above the table
@@ -75,6 +80,8 @@ import numpy as np
 import torch
 
 from . import __version__
+from .adaptive import ATTACKS as SUITE_ATTACKS
+from .adaptive import SuiteSettings, measure_agreement, run_suite, sanity_checks
 from .atomic import atomic_path
 from .attacks import DEFAULT_STEPS, METHODS, Eps, parse_eps, run_attack
 from .bpda import DEFAULT_STEPS as BPDA_STEPS
@@ -88,7 +95,7 @@ from .progress import EvalProgress as EvalProgress
 from .purify import purify, purify_fast
 
 SCHEMA = "pixeldefend.evaluate/1"
-ADAPTIVE_ATTACKS = ("bpda",)
+ADAPTIVE_ATTACKS = ("bpda", *SUITE_ATTACKS)  # "all" selects every one
 DEFAULT_EPS = ("8/255", "25/255")
 DEFAULT_EPS_DEFEND = (16, 32)  # of 255 levels, as in the paper
 # cost of one image in units of "purify one image" (attack stages include scoring the
@@ -118,7 +125,7 @@ class EvaluateSettings:
     eps_levels: bool = False
     eps_defend: tuple[int, ...] | None = None  # None: 16, 32 of 255 scaled to the levels
     defences: tuple[str, ...] = DEFENCES
-    adaptive_attack: str | None = "bpda"
+    adaptive_attack: str | None = "bpda"  # comma-separated names of ADAPTIVE_ATTACKS
     bpda_steps: int = BPDA_STEPS
     bpda_n: int | None = None  # BPDA on the first N images (None: all)
     bpda_eps: tuple[str, ...] | None = None  # BPDA at these of the eps (None: all)
@@ -128,21 +135,34 @@ class EvaluateSettings:
     batch_size: int = 128  # attack batches
     purify_batch: int = 256  # purification batches (large batches amortise the decoder)
     resume: bool = False
+    suite: SuiteSettings = field(default_factory=SuiteSettings)  # pixeldefend.adaptive
+    sanity_n: int = 50  # images for the sanity checks of the adaptive suite (0: none)
+
+    @property
+    def adaptive_names(self) -> tuple[str, ...]:
+        """The adaptive attacks asked for ('all': every one)."""
+        names = [a.strip().lower() for a in (self.adaptive_attack or "").split(",")
+                 if a.strip()]
+        if "all" in names:
+            return ADAPTIVE_ATTACKS
+        return tuple(a for a in names if a != "none")
 
     def checked(self) -> EvaluateSettings:
         for name in self.attacks:
             if name not in METHODS:
                 raise UsageError(f"unknown attack {name!r}: choose from {', '.join(METHODS)}")
-        if not self.attacks and self.adaptive_attack is None:
+        if not self.attacks and not self.adaptive_names:
             raise UsageError("nothing to evaluate: give --attacks or --adaptive-attack")
         for d in self.defences:
             if d not in DEFENCES:
                 raise UsageError(f"unknown defence {d!r}: choose from {', '.join(DEFENCES)}")
         if "none" not in self.defences:
             self.defences = ("none", *self.defences)  # the baseline column is always there
-        if self.adaptive_attack not in (None, *ADAPTIVE_ATTACKS):
-            raise UsageError(f"unknown adaptive attack {self.adaptive_attack!r}: "
-                             f"choose from {', '.join(ADAPTIVE_ATTACKS)} or none")
+        for a in self.adaptive_names:
+            if a not in ADAPTIVE_ATTACKS:
+                raise UsageError(f"unknown adaptive attack {a!r}: choose from "
+                                 f"{', '.join(ADAPTIVE_ATTACKS)}, all or none")
+        self.suite.attacks = tuple(a for a in SUITE_ATTACKS if a in self.adaptive_names)
         if self.eps_defend is not None and any(int(e) != e or e < 1 for e in self.eps_defend):
             raise UsageError("--eps-defend takes positive whole pixel levels, e.g. 16,32")
         if self.bpda_steps < 1 or self.eot < 1:
@@ -288,6 +308,7 @@ class Evaluation:
     adversarial: dict[str, dict[str, Any]] = field(default_factory=dict)  # set -> arrays
     purified: dict[str, dict[str, Any]] = field(default_factory=dict)  # set|e -> arrays
     bpda: dict[str, dict[str, Any]] = field(default_factory=dict)  # eps|column -> arrays
+    suite: dict[str, dict[str, Any]] = field(default_factory=dict)  # eps -> adaptive runs
 
 
 def _eps_tag(eps: Eps) -> str:
@@ -405,7 +426,7 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
             for e in eps_defend:
                 name = f"purify-{s}-e{e}"
                 stages[name] = Stage(name, f"purify {s} ε_def={e}", n, COST["purify"])
-    if settings.adaptive_attack == "bpda":
+    if "bpda" in settings.adaptive_names:
         for text, b in budgets:
             if b.ball not in bpda_balls:
                 continue
@@ -435,7 +456,7 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
     alpha_of = {b.ball: settings.bpda_alpha or default_alpha(b.ball / (levels - 1),
                                                              settings.bpda_steps)
                 for _, b in budgets}
-    if settings.adaptive_attack == "bpda":
+    if "bpda" in settings.adaptive_names:
         for _, b in budgets:
             if b.ball not in bpda_balls:
                 continue
@@ -444,7 +465,9 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
                 keys[f"bpda-{_eps_tag(b)}-{ck.replace('@', '-e')}"] = {
                     "stage": "bpda", **base, "eps_ball": b.ball, "column": ck,
                     "steps": settings.bpda_steps, "alpha": alpha_of[b.ball],
-                    "eot": settings.eot, "n": bpda_n, "seed": settings.seed}
+                    "eot": settings.eot, "n": bpda_n, "seed": settings.seed,
+                    **({"restarts": settings.suite.restarts}
+                       if settings.suite.restarts > 1 else {})}
     for name, stage in stages.items():
         stage.cached = cache.has(name, keys[name])
     progress.plan(list(stages.values()))
@@ -554,7 +577,7 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
 
     # ---- BPDA
     bpda_rows: list[dict[str, Any]] = []
-    if settings.adaptive_attack == "bpda":
+    if "bpda" in settings.adaptive_names:
         xb, yb = x[:bpda_n], labels[:bpda_n]
         for bi, (text, b) in enumerate(budgets):
             if b.ball not in bpda_balls:
@@ -583,6 +606,20 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
                                          alpha=alpha, eot=settings.eot, seed=settings.seed,
                                          batch_size=max(settings.purify_batch, 1),
                                          device=loaded.device, progress=tick)
+                    for r in range(1, settings.suite.restarts):  # --restarts: the rest again
+                        left = np.flatnonzero(result.first_success < 0)
+                        if len(left) == 0:
+                            break
+                        again = bpda_attack(defended, xb[left], yb[left], levels, b,
+                                            steps=settings.bpda_steps, alpha=alpha,
+                                            eot=settings.eot, seed=settings.seed + r,
+                                            batch_size=max(settings.purify_batch, 1),
+                                            device=loaded.device)
+                        won = left[again.first_success >= 0]
+                        result.adversarial[won] = again.adversarial[again.first_success >= 0]
+                        result.first_success[won] = again.first_success[
+                            again.first_success >= 0]
+                    result.summary["restarts"] = settings.suite.restarts
                     adv = result.adversarial
                     if d == "none":
                         final, bpd = predict(adv), detector.anomaly_score(adv, "bpd")
@@ -604,6 +641,42 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
                     "pred": got["pred"], "bpd": got["bpd"]}
             bpda_rows.append({"eps_index": bi, "text": text, "cols": per_col})
 
+    # ---- the adaptive suite (pixeldefend.adaptive), on the BPDA images
+    suite_results: list[dict[str, Any]] = []
+    if settings.suite.attacks:
+        xs, ys = x[:bpda_n], labels[:bpda_n]
+        for bi, (text, b) in enumerate(budgets):
+            if b.ball not in bpda_balls:
+                continue
+            prior: dict[str, np.ndarray] = {}  # survivors of the oblivious attacks and BPDA
+            for d, e in columns:
+                ok = np.ones(bpda_n, dtype=bool)
+                for a in settings.attacks:
+                    ok &= column_pred(f"{a}-{_eps_tag(b)}", d, e)[:bpda_n] == y[:bpda_n]
+                for br in bpda_rows:
+                    if br["eps_index"] == bi:
+                        ok &= np.asarray(br["cols"][column_key(d, e)]["pred"]) == y[:bpda_n]
+                prior[column_key(d, e)] = ok
+            suite_key = {**base, "n": bpda_n}
+            got, runs = run_suite(detector.model, loaded.model, xs, ys, levels, b.ball,
+                                  columns, threshold, settings.suite, prior_correct=prior,
+                                  cache=cache, key=suite_key,
+                                  log=lambda m: progress.note(m))
+            got.update({"eps": bi, "eps_text": text})
+            got["agreement"] = measure_agreement(detector.model, loaded.model,
+                                                 xs[:settings.sanity_n or bpda_n], columns,
+                                                 settings.suite)
+            target = next(((d, e) for d, e in columns if d == "purify"), None)
+            grad_attack = next((a for a in ("bpda-surrogate", "surrogate-pgd")
+                                if a in settings.suite.attacks), None)
+            if settings.sanity_n and target is not None and grad_attack is not None:
+                got["sanity"] = sanity_checks(
+                    detector.model, loaded.model, xs, ys, levels, b.ball, target, threshold,
+                    settings.suite, runs, attack=grad_attack, n=settings.sanity_n,
+                    cache=cache, key=suite_key, log=lambda m: progress.note(m))
+            suite_results.append(got)
+            evaluation.suite[_eps_tag(b)] = runs
+
     # ---- assemble the document
     keys_cols = [column_key(d, e) for d, e in columns]
     results: dict[str, Any] = {
@@ -621,7 +694,7 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
             "eps_defend": eps_defend,
             "defences": list(settings.defences),
             "adaptive_attack": settings.adaptive_attack,
-            "bpda": None if settings.adaptive_attack is None else {
+            "bpda": None if "bpda" not in settings.adaptive_names else {
                 "steps": settings.bpda_steps, "n": bpda_n, "eot": settings.eot,
                 "eps": sorted(bpda_balls),
                 "alpha": {str(ball): alpha_of[ball] for ball in sorted(bpda_balls)},
@@ -733,12 +806,24 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
             worst_case.append({"eps": bi, "eps_text": text, "n": m, "accuracy": survived,
                                "attacks": list(settings.attacks)
                                + (["bpda"] if has_bpda else [])})
+    for sr in suite_results:  # the worst case now covers every adaptive attack too
+        wc = next((w for w in worst_case if w["eps"] == sr["eps"]), None)
+        if wc is None:
+            wc = {"eps": sr["eps"], "eps_text": sr["eps_text"], "n": bpda_n,
+                  "accuracy": {}, "attacks": list(settings.attacks)}
+            worst_case.append(wc)
+        wc["n"] = bpda_n
+        wc["accuracy"].update({k: c["worst_case"]["accuracy"]
+                               for k, c in sr["columns"].items()})
+        wc["ci95"] = {k: c["worst_case"]["ci95"] for k, c in sr["columns"].items()}
+        wc["attacks"] = list(dict.fromkeys(wc["attacks"] + list(settings.suite.attacks)))
+    results["adaptive"] = suite_results
     results["rows"] = rows
     results["worst_case"] = worst_case
     results["strongest"] = strongest
     results["detection"] = detection
     notes = [OBLIVIOUS_NOTE]
-    if settings.adaptive_attack is None:
+    if not settings.adaptive_names:
         notes.append("No adaptive attack was run (--adaptive-attack none): this table does "
                      "not evaluate the defence.")
     else:

@@ -25,3 +25,6 @@ class EvalProgress:
 
     def end(self, stage: Stage, cached: bool) -> None:
         """A stage finished (ran, or loaded from the cache)."""
+
+    def note(self, message: str) -> None:
+        """A line of news from work outside the planned stages (the adaptive suite)."""

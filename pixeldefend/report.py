@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .adaptive_report import adaptive_markdown, loss_curve_figure
 from .atomic import write_bytes, write_text
 from .evaluate import Evaluation
 
@@ -279,6 +280,9 @@ def make_figures(ev: Evaluation, detector: Any, classes: list[str] | None = None
     nll = nll_figure(ev, detector)
     if nll is not None:
         figs["nll-maps.png"] = nll
+    curves = loss_curve_figure(ev.results)
+    if curves is not None:
+        figs["adaptive-loss-curves.png"] = curves
     return figs
 
 
@@ -309,6 +313,7 @@ def render_markdown(results: dict[str, Any], figures: list[str]) -> str:
     out += ["", f"> **{results['notes'][0]}**", "", "## Accuracy (%)", ""]
     out += [markdown_table(accuracy_table(results)), ""]
     out += [f"- {line}" for line in headline(results)]
+    out += [""] + adaptive_markdown(results)
     out += ["", "## Detection (bits/dim, adversarial = positive)", ""]
     out += [markdown_table(detection_table(results)), ""]
     out += ["## Notes", ""] + [f"- {n}" for n in results["notes"][1:]] + [""]
@@ -336,6 +341,9 @@ def render_html(results: dict[str, Any], figures: dict[str, bytes]) -> str:
     parts += ["</ul>", f"<p class='warn'><b>{esc(results['notes'][0])}</b></p>",
               "<h2>Accuracy (%)</h2>", html_table(accuracy_table(results)), "<ul>"]
     parts += [f"<li>{esc(line)}</li>" for line in headline(results)]
+    adaptive = adaptive_markdown(results)
+    if adaptive:  # the section as preformatted markdown: tables stay readable
+        parts += ["</ul>", "<pre>" + esc("\n".join(adaptive)) + "</pre>", "<ul>"]
     parts += ["</ul>", "<h2>Detection (bits/dim, adversarial = positive)</h2>",
               html_table(detection_table(results)), "<h2>Notes</h2><ul>"]
     parts += [f"<li>{esc(n)}</li>" for n in results["notes"][1:]]

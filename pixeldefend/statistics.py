@@ -28,6 +28,7 @@ class ModelPass:
     nll: torch.Tensor  # (N, C, H, W) per-sub-pixel NLL in nats
     entropy: torch.Tensor  # (N, C, H, W) entropy of the predicted distribution, nats
     feature_norm: np.ndarray  # (N,) mean L2 norm of the per-pixel context features
+    images: torch.Tensor | None = None  # (N, C, H, W) the images themselves, in [0, 1]
 
     @property
     def pixel_bits(self) -> np.ndarray:
@@ -58,7 +59,7 @@ def model_pass(model: PixelCNN, images: torch.Tensor, batch_size: int = 256,
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    nll, ent, norms = [], [], []
+    nll, ent, norms, seen = [], [], [], []
     for start in range(0, images.shape[0], batch_size):
         chunk = images[start : start + batch_size].to(device)
         xs = model.scale(chunk)
@@ -70,14 +71,15 @@ def model_pass(model: PixelCNN, images: torch.Tensor, batch_size: int = 256,
         nll.append(-logp.gather(1, chunk.long().unsqueeze(1)).squeeze(1).float().cpu())
         ent.append(-(logp.exp() * logp).sum(1).float().cpu())
         norms.append(ctx.norm(dim=1).flatten(1).mean(1).double().cpu())
+        seen.append(chunk.float().cpu() / (model.config.levels - 1))
         if progress is not None:
             progress(chunk.shape[0])
     model.train(was_training)
     if not nll:
         c, h, w = model.config.channels, model.config.height, model.config.width
         empty = torch.zeros((0, c, h, w))
-        return ModelPass(empty, empty.clone(), np.zeros(0))
-    return ModelPass(torch.cat(nll), torch.cat(ent), torch.cat(norms).numpy())
+        return ModelPass(empty, empty.clone(), np.zeros(0), empty.clone())
+    return ModelPass(torch.cat(nll), torch.cat(ent), torch.cat(norms).numpy(), torch.cat(seen))
 
 
 def surprise_gap(nll: torch.Tensor, entropy: torch.Tensor) -> np.ndarray:
@@ -143,3 +145,50 @@ def grid_means(pixel_bits: np.ndarray, cells: int) -> np.ndarray:
     pooled = F.adaptive_avg_pool2d(torch.from_numpy(np.asarray(pixel_bits, np.float64))[:, None],
                                    cells)
     return pooled.reshape(len(pixel_bits), -1).numpy()
+
+
+def mass_moments(mass: np.ndarray) -> np.ndarray:
+    """(N, 4) layout of each image's mass map (e.g. per-pixel bits), read as a distribution
+    over pixel positions: log(vertical / horizontal variance), the correlation of row and
+    column, and the skewness along rows (y) and along columns (x). A 90 degree rotation
+    swaps the two variances, flips the correlation's sign and moves the skewness from one
+    axis to the other, which the per-cell grid means barely see when the item is
+    centred. Positions are in [0, 1]; negative mass is not allowed."""
+    m = np.asarray(mass, dtype=np.float64)
+    n, h, w = m.shape
+    m = m + 1e-12  # an all-zero map is a uniform distribution, not a division by zero
+    total = m.sum(axis=(1, 2))
+    ys, xs = (np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w
+    py, px = m.sum(2) / total[:, None], m.sum(1) / total[:, None]
+    dy, dx = ys[None] - (py @ ys)[:, None], xs[None] - (px @ xs)[:, None]
+    var_y, var_x = (py * dy ** 2).sum(1), (px * dx ** 2).sum(1)
+    cov = np.einsum("nhw,nh,nw->n", m, dy, dx) / total
+    return np.stack([np.log(var_y / var_x), cov / np.sqrt(var_y * var_x),
+                     (py * dy ** 3).sum(1) / var_y ** 1.5,
+                     (px * dx ** 3).sum(1) / var_x ** 1.5], axis=1)
+
+
+def principal_subspace(images: torch.Tensor | np.ndarray,
+                       rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and the top `rank` principal directions (rank, D) of clean images,
+    flattened (D = C * H * W), by SVD: the low-dimensional layout clean images share."""
+    flat = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
+    mean = flat.mean(axis=0)
+    rank = max(0, min(rank, flat.shape[0] - 1, flat.shape[1]))
+    _, _, directions = np.linalg.svd(flat - mean, full_matrices=False)
+    return mean, directions[:rank]
+
+
+def residual_window_max(images: torch.Tensor | np.ndarray, mean: np.ndarray,
+                        directions: np.ndarray, k: int) -> np.ndarray:
+    """Largest k x k window mean of what the clean principal subspace does not explain
+    (image minus its projection, channels averaged), signed so that *brighter* than
+    explained is positive: a pasted bright patch or object leaves a local excess that no
+    combination of clean layouts accounts for, while the model's per-pixel likelihood
+    inside a flat patch is unremarkable."""
+    x = np.asarray(images, dtype=np.float64)
+    n = x.shape[0]
+    flat = x.reshape(n, -1) - mean
+    resid = (flat - (flat @ directions.T) @ directions).reshape(x.shape).mean(axis=1)
+    pooled = F.avg_pool2d(torch.from_numpy(resid)[:, None], kernel_size=k, stride=1)
+    return pooled.reshape(n, -1).max(dim=1).values.numpy()

@@ -14,9 +14,12 @@ from pixeldefend.statistics import (
     ModelPass,
     hottest_window,
     location_stats,
+    mass_moments,
     model_pass,
     pixel_quantile,
     pixel_spread,
+    principal_subspace,
+    residual_window_max,
     surprise_gap,
     window_max,
 )
@@ -205,3 +208,95 @@ def test_model_pass_known_answers_on_a_model_with_fixed_outputs():
     assert np.allclose(run.bits_per_dim, math.log2(7), atol=1e-5)
     expected = float(torch.nn.functional.elu(model.trunk.bias.detach()).norm())
     assert np.allclose(run.feature_norm, expected, atol=1e-5)
+
+
+def test_mass_moments_known_answers_and_rotation():
+    # equal mass at two diagonal corners: equal spreads, perfect row-column correlation,
+    # no skew; a 90 degree rotation turns the correlation to -1
+    diag = np.zeros((1, 3, 3))
+    diag[0, 0, 0] = diag[0, 2, 2] = 1.0
+    assert np.allclose(mass_moments(diag), [[0.0, 1.0, 0.0, 0.0]], atol=1e-9)
+    rotated = np.rot90(diag, 1, axes=(1, 2))
+    assert mass_moments(rotated)[0, 1] == pytest.approx(-1.0)
+    # rows 0 and 3 carry 2/3 and 1/3 of the mass, columns 0 and 3 half each, independent:
+    # skewness along rows (2/3 at -1, 1/3 at +2 in units of 3/4): 1/sqrt(2), none along
+    # columns, correlation 0, log variance ratio log((1/8) / (9/64)) = log(8/9)
+    mass = np.zeros((1, 4, 4))
+    mass[0, 0, 0] = mass[0, 0, 3] = 1.0
+    mass[0, 3, 0] = mass[0, 3, 3] = 0.5
+    aspect, corr, skew_y, skew_x = mass_moments(mass)[0]
+    assert aspect == pytest.approx(math.log(8 / 9))
+    assert corr == pytest.approx(0.0, abs=1e-9)
+    assert skew_y == pytest.approx(1 / math.sqrt(2))
+    assert skew_x == pytest.approx(0.0, abs=1e-9)
+
+
+def test_residual_window_max_known_answers():
+    image = np.zeros((1, 1, 4, 4))
+    image[0, 0, 1:3, 1:3] = 1.0
+    flat_dim = 16
+    # empty subspace, zero mean: the residual is the image; its hottest 2 x 2 window is 1
+    none = np.zeros((0, flat_dim))
+    assert residual_window_max(image, np.zeros(flat_dim), none, 2)[0] == pytest.approx(1.0)
+    # a subspace that contains the block explains it: nothing left
+    block = image.reshape(1, -1) / np.linalg.norm(image)
+    assert residual_window_max(image, np.zeros(flat_dim), block, 2)[0] == pytest.approx(0.0)
+    # darker than explained is not an excess: every 2 x 2 window covers at least one of
+    # the four dark pixels, the best (a corner window) exactly one
+    assert residual_window_max(-image, np.zeros(flat_dim), none, 2)[0] == pytest.approx(-0.25)
+    # principal_subspace recovers the one direction clean images vary along
+    rng = np.random.default_rng(0)
+    clean = 0.3 + rng.normal(size=(50, 1, 1, 1)) * image
+    mean, directions = principal_subspace(clean, 3)
+    assert directions.shape == (3, flat_dim)  # rank capped by the data only
+    assert abs(directions[0] @ block[0]) == pytest.approx(1.0)
+    assert np.allclose(mean, clean.reshape(50, -1).mean(0))
+
+
+def test_local_statistic_is_scored_by_its_own_tail_and_round_trips():
+    # two standardised columns (identity transform and precision): the density score of
+    # (0, z) is z^2 / 2 + log 2pi; the residual's tail maps z to median + scale * z
+    model = DoseModel(statistics=["bpd", "residual"], center=np.zeros(2), scale=np.ones(2),
+                      lambdas=np.ones(2), weights=np.ones(1), means=np.zeros((1, 2)),
+                      precision_chol=np.eye(2)[None], location_mean=np.zeros((2, 2)),
+                      location_std=np.ones((2, 2)), window=2, n_fit=10,
+                      principal_mean=np.zeros(4), principal_directions=np.zeros((0, 4)),
+                      density_median=1.0, density_scale=2.0)
+    const = np.log(2 * np.pi)
+    scores = model.score(np.array([[0.0, 0.0], [0.0, 3.0], [0.0, np.nan]]))
+    assert scores[0] == pytest.approx(const)  # the density is the larger
+    assert scores[1] == pytest.approx(7.0)  # 1 + 2 * 3 > 4.5 + log 2pi
+    assert scores[2] == np.inf  # fails closed
+    again = DoseModel.from_reference(model.to_reference())
+    assert again.principal_directions.shape == (0, 4)
+    # a reference written before the residual statistic loads and scores as before
+    old = {k: v for k, v in model.to_reference().items()
+           if k not in ("principal_mean", "principal_directions", "density_median",
+                        "density_scale")}
+    old["statistics"] = ["bpd", "gap"]
+    legacy = DoseModel.from_reference(old)
+    assert legacy.n_local == 0
+    assert legacy.score(np.array([[0.0, 3.0]]))[0] == pytest.approx(4.5 + const)
+
+
+def test_fitted_dose_flags_a_bright_patch_the_density_statistics_do_not_see():
+    rng = np.random.default_rng(0)
+    n = 400
+    images = torch.from_numpy(rng.uniform(0.0, 0.2, (n, 1, 8, 8))).float()
+    nll = torch.from_numpy(rng.gamma(2.0, 1.0, (n, 1, 8, 8))).float()
+    run = ModelPass(nll=nll, entropy=nll * 0.9, feature_norm=rng.normal(5, 1, n),
+                    images=images)
+    codec = rng.normal(4, 0.5, n)
+    dose = DoseModel.fit(run, codec, ["residual", "bpd", "moments"])
+    assert dose.statistics == ["bpd", "moments", "residual"]  # local statistics last
+    clean = dose.score(dose.features(run, codec))
+    patched = images[:20].clone()
+    patched[:, :, 3:5, 3:5] = 1.0  # same NLL maps: only the image changed
+    odd = ModelPass(nll=nll[:20], entropy=nll[:20] * 0.9, feature_norm=run.feature_norm[:20],
+                    images=patched)
+    assert np.all(dose.score(dose.features(odd, codec[:20])) > np.quantile(clean, 0.99))
+    again = DoseModel.from_reference(dose.to_reference())
+    assert np.allclose(again.score(dose.features(run, codec)), clean)
+    with pytest.raises(ValueError, match="images"):
+        DoseModel.fit(ModelPass(nll=nll, entropy=nll, feature_norm=run.feature_norm), codec,
+                      ["bpd", "residual"])

@@ -97,6 +97,10 @@ class RichEvalProgress(EvalProgress):
             self.progress.update(self.current, advance=items, status=status)
         self._overall(units, stage)
 
+    def note(self, message: str) -> None:
+        elapsed = (time.perf_counter() - self.started) / 60
+        err_console.print(f"adaptive: {message} ({elapsed:.1f} min)", highlight=False)
+
     def _overall(self, units: float, stage: Stage) -> None:
         if self.overall is not None and self.total > 0:
             self.progress.update(self.overall, advance=100 * units / self.total,
@@ -185,9 +189,43 @@ def evaluate(
     defences: str = typer.Option(",".join(DEFENCES), "--defences",
                                  help="Columns: none, purify, adaptive (purify only images "
                                       "above the calibrated bits/dim threshold)."),
-    adaptive_attack: str = typer.Option("bpda", "--adaptive-attack",
-                                        help="bpda (PGD through the purifier, straight-"
-                                             "through backward pass) or none."),
+    adaptive_attack: str = typer.Option(
+        "bpda", "--adaptive-attack",
+        help="Comma-separated: bpda (PGD, identity backward pass), bpda-surrogate (exact "
+             "purifier forward, differentiable surrogate backward), surrogate-pgd (PGD "
+             "through the surrogate), square (gradient-free, on the images every other "
+             "attack failed on), detector (adaptive PixelDefend: stay under the bits/dim "
+             "threshold), cw-bs (CW with binary search over c); all; or none."),
+    adaptive_steps: int = typer.Option(50, "--adaptive-steps", min=1,
+                                       help="PGD steps of bpda-surrogate, surrogate-pgd and "
+                                            "detector."),
+    restarts: int = typer.Option(1, "--restarts", min=1,
+                                 help="Random restarts of every PGD attack (BPDA included); "
+                                      "each restart only attacks the images not fooled yet."),
+    queries: int = typer.Option(1000, "--queries", min=1, help="Square Attack queries."),
+    square_n: int | None = typer.Option(
+        None, "--square-n", min=1,
+        help="Run Square on at most the first N survivors of the other attacks (each query "
+             r"purifies an image: the CPU budget) \[default: all survivors]."),
+    temperature: str = typer.Option(
+        "1,0.01", "--temperature",
+        help="Surrogate softmax temperature, annealed geometrically START,END over the steps."),
+    surrogate_passes: int = typer.Option(1, "--surrogate-passes", min=1,
+                                         help="Soft refinement passes of the surrogate."),
+    on_survivors: str = typer.Option(
+        "square", "--on-survivors",
+        help="Adaptive attacks to run only on the images every earlier attack failed on "
+             "(the per-image worst case needs no more; saves purifications)."),
+    adaptive_alpha: str | None = typer.Option(
+        None, "--adaptive-alpha",
+        help="Step size of the suite's PGD attacks as a fraction (0 is the deliberately "
+             r"broken attack the sanity checks must flag) \[default: eps * max(2.5 / steps, "
+             "0.1)]."),
+    cw_steps: int = typer.Option(100, "--cw-steps", min=1,
+                                 help="Adam steps per binary-search step of cw-bs."),
+    sanity_n: int = typer.Option(50, "--sanity-n", min=0,
+                                 help="Images for the sanity checks (eps sweep, fewer steps); "
+                                      "0 skips them."),
     bpda_steps: int = typer.Option(100, "--bpda-steps", min=1, help="BPDA PGD steps."),
     bpda_n: int | None = typer.Option(
         None, "--bpda-n", min=1,
@@ -239,6 +277,9 @@ def evaluate(
 
       pixeldefend evaluate ... --format json | jq '.strongest'
     """
+    from ..adaptive import SuiteSettings
+    from ..adaptive_report import sanity_lines
+    from ..attacks import parse_eps
     from ..data import ImageSpec, load_images
     from ..detector import DensityDetector
     from ..evaluate import EvaluateSettings, parse_list, run_evaluation
@@ -264,10 +305,24 @@ def evaluate(
     images = images.head(n)
     alpha = None
     if bpda_alpha is not None:
-        from ..attacks import parse_eps
-
         alpha = parse_eps(bpda_alpha, spec.levels).fraction
     adaptive = adaptive_attack.strip().lower()
+    try:
+        t_start, t_end = (float(v) for v in (parse_list(temperature) or []))
+    except ValueError as exc:
+        raise UsageError("--temperature takes START,END, e.g. 1,0.01") from exc
+    if not (t_start > 0 and t_end > 0):
+        raise UsageError("--temperature values must be positive")
+    suite_alpha = None
+    if adaptive_alpha is not None:
+        suite_alpha = 0.0 if adaptive_alpha.strip() in ("0", "0.0") else \
+            parse_eps(adaptive_alpha, spec.levels).fraction
+    suite = SuiteSettings(steps=adaptive_steps, restarts=restarts, queries=queries,
+                          alpha=suite_alpha, t_start=t_start, t_end=t_end,
+                          passes=surrogate_passes, cw_steps=cw_steps, seed=seed,
+                          square_n=square_n,
+                          on_survivors=tuple(a.lower() for a in parse_list(on_survivors) or []),
+                          batch_size=purify_batch)
     settings = EvaluateSettings(
         attacks=tuple(a.lower() for a in parse_list(attacks) or []),
         eps=tuple(parse_list(eps)) if eps is not None else None,
@@ -279,7 +334,7 @@ def evaluate(
         bpda_n=bpda_n if bpda_n is not None else min(len(images), DEFAULT_BPDA_N),
         bpda_eps=tuple(parse_list(bpda_eps) or []) if bpda_eps is not None else None,
         bpda_alpha=alpha, eot=eot, seed=seed, batch_size=batch_size,
-        purify_batch=purify_batch, resume=resume,
+        purify_batch=purify_batch, resume=resume, suite=suite, sanity_n=sanity_n,
     ).checked()
     out = out or _default_out(data)
     out_dir = prepare_dir(out, command="evaluate", overwrite=overwrite, resume=resume,
@@ -305,6 +360,9 @@ def evaluate(
     written = write_report(evaluation, detector, out, classes, figures=figures)
     err_console.print(f"wrote {', '.join(p.name for p in written)} to {out}", highlight=False)
     results = evaluation.results
+    for line in sanity_lines(results):  # on stderr whatever the format: loud
+        if line.startswith("SANITY"):
+            err_console.print(f"[bold red]{line}[/]", highlight=False)
     if fmt == OutputFormat.json:
         sys.stdout.write(results_json(results))
         sys.stdout.flush()
@@ -315,4 +373,7 @@ def evaluate(
     for line in headline(results):
         console.print(f"• {line}", highlight=False)
     console.print(_rich_table(detection_table(results), "detection by bits/dim"))
+    for line in sanity_lines(results):
+        if not line.startswith("SANITY"):
+            console.print(line, highlight=False)
     console.print(f"report: {out / 'report.html'}", highlight=False)
