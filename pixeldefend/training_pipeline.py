@@ -305,3 +305,54 @@ def add_background_model(model: Path, *, data: str | None = None,
     remove_checkpoint(checkpoint)
     return TrainResult(detector, TrainingData(train_set, sets["val"], sets["calib"], None, True),
                        seconds=seconds)
+
+
+@dataclass
+class Recalibration:
+    detector: DensityDetector
+    images: ImageSet
+    kinds: list[str]  # the kinds calibrated
+
+    @property
+    def headline(self) -> str:
+        """The default kind if it was calibrated, else the first one."""
+        default = self.detector.default_kind
+        return default if default in self.kinds else self.kinds[0]
+
+
+def recalibrate_bundle(model: Path, data: str | None = None, *, fpr: float = 0.05,
+                       kind: str | None = None, conservative: bool = False,
+                       skip_unreadable: bool = False, batch_size: int = 256,
+                       device: str = "auto", resize: bool = False, grayscale: bool = False,
+                       data_root: str | None = None, warn: Log = _quiet) -> Recalibration:
+    """Recompute a bundle's thresholds on clean images (default: its own calibration
+    split) and store them (atomically). `kind`: calibrate only it and make it the
+    default; None recalibrates every available kind and keeps the default."""
+    from .data import load_images, refuse_unreadable
+    from .detector import DensityDetector
+
+    check_fpr(fpr)
+    detector = DensityDetector.load(model, device=device, batch_size=batch_size,
+                                    ignore_bad_calibration=True)
+    if "calibration_error" in detector.meta:
+        warn(f"replacing the invalid calibration.json of {model} "
+             f"({detector.meta.pop('calibration_error')})")
+    if kind is not None:
+        detector.check_kind(kind)
+    data = data or (detector.meta.get("data") or {}).get("calib")
+    if not data:
+        raise UsageError("the bundle does not record its calibration data: pass data",
+                         param="data")
+    images = load_images(data, detector.spec, data_root=data_root, resize=resize,
+                         grayscale=grayscale)
+    refuse_unreadable(images, "calibration", skip_unreadable)
+    if kind is not None:
+        detector.calibrate(images, fpr=fpr, kind=kind, data=images.source,
+                           conservative=conservative)
+        kinds = [kind]
+    else:
+        kinds = list(detector.calibrate_all(images, fpr=fpr, data=images.source,
+                                            conservative=conservative))
+        fall_back_if_uncalibrated(detector, len(images), warn)
+    detector.save_calibration(model)
+    return Recalibration(detector, images, kinds)

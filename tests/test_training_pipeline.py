@@ -42,3 +42,18 @@ def test_check_job_names_the_parameter(changes, param):
 
 def test_default_bundle_folder():
     assert TrainJob(data="fashion-mnist:train").bundle == default_out("fashion-mnist")
+
+
+def test_recalibrate_bundle_from_python(tiny_bundle, tmp_path):
+    import shutil
+
+    from pixeldefend.training_pipeline import recalibrate_bundle
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    done = recalibrate_bundle(bundle, "digits:calib", fpr=0.1, kind="bpd", device="cpu")
+    assert done.kinds == ["bpd"] and done.headline == "bpd"
+    assert DensityDetector.load(bundle, device="cpu").calibrations["bpd"].fpr == 0.1
+    with pytest.raises(UsageError, match="^fpr must be") as info:
+        recalibrate_bundle(bundle, fpr=0.0)
+    assert info.value.param == "fpr"

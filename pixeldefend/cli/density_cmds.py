@@ -11,7 +11,6 @@ import typer
 
 from ..defaults import DEFAULT_BACKGROUND_L2, DEFAULT_MODEL, DEFAULT_MUTATION_RATE, DEFAULT_SCORE
 from ..defaults import PIXELCNN_PRESETS as PRESETS
-from ..errors import UsageError
 from .app import app
 from .common import (
     EXIT_USAGE,
@@ -301,42 +300,20 @@ def calibrate(
 
       pixeldefend calibrate --model models/digits --score complexity  [dim]# new default[/]
     """
-    from ..data import load_images, refuse_unreadable
-    from ..detector import DensityDetector
-    from ..training_pipeline import check_fpr, fall_back_if_uncalibrated
+    from ..training_pipeline import recalibrate_bundle
 
-    kind = None if score is None else ScoreChoice(score).value
-    check_fpr(fpr)
-    detector = DensityDetector.load(model, device=device, batch_size=batch_size,
-                                    ignore_bad_calibration=True)
-    if "calibration_error" in detector.meta:
-        warn(f"replacing the invalid calibration.json of {model} "
-             f"({detector.meta.pop('calibration_error')})")
-    if kind is not None:
-        detector.check_kind(kind)
-    if data is None:
-        data = (detector.meta.get("data") or {}).get("calib")
-        if not data:
-            raise UsageError("the bundle does not record its calibration data: pass --data")
-    images = load_images(data, detector.spec, data_root=data_root, resize=resize,
-                         grayscale=grayscale)
-    refuse_unreadable(images, "calibration", skip_unreadable)
+    done = recalibrate_bundle(
+        model, data, fpr=fpr, kind=None if score is None else ScoreChoice(score).value,
+        conservative=conservative_threshold, skip_unreadable=skip_unreadable,
+        batch_size=batch_size, device=device, resize=resize, grayscale=grayscale,
+        data_root=data_root, warn=warn)
+    images = done.images
     report_skipped(images.errors)
-    if kind is not None:
-        detector.calibrate(images, fpr=fpr, kind=kind, data=images.source,
-                           conservative=conservative_threshold)
-        kinds = [kind]
-    else:
-        kinds = list(detector.calibrate_all(images, fpr=fpr, data=images.source,
-                                            conservative=conservative_threshold))
-        fall_back_if_uncalibrated(detector, len(images), warn)
-    detector.save_calibration(model)
-    headline = detector.default_kind if detector.default_kind in kinds else kinds[0]
-    cal = detector.calibrations[headline]
+    cal = done.detector.calibrations[done.headline]
     out_console.print(
         f"threshold {cal.threshold:.4f} {cal.unit} ({cal.kind}) at FPR {fpr:g} from {cal.n} "
         f"images of {images.source}; written to {model}/calibration.json", highlight=False)
-    print_calibrations(detector, kinds, cal.n, images.source)
+    print_calibrations(done.detector, done.kinds, cal.n, images.source)
 
 
 @app.command()
