@@ -60,22 +60,7 @@ def png_bits_per_dim(images: torch.Tensor | np.ndarray, levels: int) -> np.ndarr
     for every image of one shape and mode, so it shifts all scores by the same constant
     and changes no ranking, AUROC or calibrated decision.
     """
-    from PIL import Image
-
-    if isinstance(images, torch.Tensor):
-        images = images.detach().cpu().numpy()
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[:, None]
-    n, c, h, w = images.shape
-    pixels = to_8bit(images, levels)
-    out = np.empty(n, dtype=np.float64)
-    for i in range(n):
-        array = pixels[i, 0] if c == 1 else pixels[i].transpose(1, 2, 0)
-        buf = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=9)
-        out[i] = 8.0 * buf.getbuffer().nbytes / (c * h * w)
-    return out
+    return codec_bits_per_dim(images, levels, "png")
 
 
 def _codec_bytes(pixels: np.ndarray, codec: str) -> int:
