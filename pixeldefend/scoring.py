@@ -84,10 +84,12 @@ def score_inputs(detector: DensityDetector, inputs: Sequence[str],
                  heatmaps: Path | None = None, junit: Path | None = None,
                  resamples: int = 1000, seed: int = 0, keep_rows: bool = True,
                  on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
-                 progress: Callable[[int], None] | None = None) -> ScoreRun:
+                 progress: Callable[[int], None] | None = None,
+                 on_total: Callable[[int], None] | None = None) -> ScoreRun:
     """Score every input (images, folders, array files, data specs) and decide the
     gate. `heatmaps`: a folder (already prepared) that receives a heat map
-    PNG per flagged image; `junit`: a JUnit XML report that agrees with the exit code."""
+    PNG per flagged image; `junit`: a JUnit XML report that agrees with the exit code;
+    `on_total` learns the number of inputs before scoring, `progress` each batch done."""
     from .data import ImageStream
     from .outputs import OutputError
 
@@ -97,6 +99,8 @@ def score_inputs(detector: DensityDetector, inputs: Sequence[str],
                          data_root=data_root)
     if len(stream) == 0:
         raise UsageError(f"no images found in {', '.join(inputs)}")
+    if on_total is not None:
+        on_total(len(stream))
     run = ScoreRun(kind, cal, policy, junit=JUnitWriter(junit, kind, policy) if junit else None)
     bpd = _stream_rows(detector, stream, run, batch_size=batch_size, heatmaps=heatmaps,
                        keep_rows=keep_rows, on_rows=on_rows, progress=progress)

@@ -33,10 +33,11 @@ def test_score_inputs_rows_tally_and_gate(detector, tmp_path):
     save_image(tmp_path / "noise.png", noise, 17)
     (tmp_path / "broken.png").write_bytes(b"not a png")
     seen: list[int] = []
+    totals: list[int] = []
     run_ = score_inputs(detector, ["digits:test[:6]", str(tmp_path)],
                         GatePolicy(fail_on_anomalous=True), kind="bpd",
-                        batch_size=4, progress=seen.append)
-    assert sum(seen) == 8 and len(run_.rows) == 8
+                        batch_size=4, progress=seen.append, on_total=totals.append)
+    assert totals == [8] and sum(seen) == 8 and len(run_.rows) == 8
     verdicts = {r["path"].rsplit("/", 1)[-1]: r["verdict"] for r in run_.rows}
     assert verdicts["noise.png"] == "anomalous" and verdicts["broken.png"] == "error"
     assert run_.summary["n"] == 8 and run_.summary["errors"] == 1

@@ -403,7 +403,8 @@ def score(
             model=model, batch_size=batch_size, resize=resize, grayscale=grayscale,
             data_root=data_root, heatmaps=heatmap, junit=junit, resamples=resamples, seed=seed,
             keep_rows=not streaming, on_rows=None if rows_out is None else rows_out.write,
-            progress=lambda n: progress.update(task, advance=n))
+            progress=lambda n: progress.update(task, advance=n),
+            on_total=lambda n: progress.update(task, total=n))
         doc = run.document(model)
         if run.batch_line and (fmt != OutputFormat.table or output is not None):
             err_console.print(run.batch_line, highlight=False)  # else in the caption
