@@ -73,23 +73,26 @@ def parse_eps(text: str | float | int, levels: int, eps_levels: bool = False) ->
     else:
         match = _EPS.match(str(text))
         if match is None:
-            raise UsageError(f"--eps {text!r} is not a number or fraction such as 8/255 or 0.03")
+            raise UsageError(f"eps {text!r} is not a number or fraction such as 8/255 or 0.03",
+                             param="eps")
         value = float(match["num"])
         if match["den"] is not None:
             den = float(match["den"])
             if den == 0:
-                raise UsageError(f"--eps {text!r} divides by zero")
+                raise UsageError(f"eps {text!r} divides by zero", param="eps")
             value /= den
     if not math.isfinite(value):
-        raise UsageError(f"--eps {text!r} is not finite")
+        raise UsageError(f"eps {text!r} is not finite", param="eps")
     if eps_levels:
         if not 0 < value <= levels - 1:
-            raise UsageError(f"--eps {text} --eps-levels must be between 0 (exclusive) and "
-                             f"{levels - 1} levels for {levels}-level images")
+            raise UsageError(f"eps {text} with eps_levels must be between 0 (exclusive) and "
+                             f"{levels - 1} levels for {levels}-level images",
+                             param=("eps", "eps_levels"))
         return Eps(value / (levels - 1), value)
     if not 0 < value <= 1:
-        raise UsageError(f"--eps {text} is outside (0, 1]: eps is a fraction of the pixel "
-                         "range (e.g. 8/255); for whole pixel levels add --eps-levels")
+        raise UsageError(f"eps {text} is outside (0, 1]: a fraction of the pixel range (e.g. "
+                         "8/255); for whole pixel levels set eps_levels",
+                         param=("eps", "eps_levels"))
     return Eps(value, value * (levels - 1))
 
 

@@ -525,8 +525,8 @@ def load_idx_dataset(
         hint = "apt-get install dataset-fashion-mnist, " if name == "fashion-mnist" else ""
         raise DataError(
             f"{name} IDX files not found (looked in {', '.join(map(str, searched)) or 'nothing'}); "
-            f"{hint}pass --data-root DIR, set PIXELDEFEND_DATA, or pass --download"
-        )
+            f"{hint}set data_root to their folder, set PIXELDEFEND_DATA, or set download",
+            param=("data_root", "download"))
     images = _read_idx(found[0])
     labels = _read_idx(found[1]).astype(np.int64)
     if images.ndim != 3 or labels.shape[0] != images.shape[0]:
@@ -554,8 +554,8 @@ def load_cifar10(split: str, data_root: str | None = None, download: bool = Fals
         )
     except RuntimeError as exc:
         raise DataError(
-            f"CIFAR-10 not found under {root}: pass --data-root DIR or --download ({exc})"
-        ) from exc
+            f"CIFAR-10 not found under {root}: set data_root to its folder, or set download "
+            f"({exc})", param=("data_root", "download")) from exc
     images = np.asarray(ds.data, dtype=np.uint8).transpose(0, 3, 1, 2).copy()
     return ImageSet(
         images=torch.from_numpy(images),
@@ -994,8 +994,8 @@ def refuse_unreadable(images: ImageSet, what: str, skip_unreadable: bool = False
         shown = "; ".join(f"{name}: {error}" for name, error in images.errors[:3])
         more = f"; and {n_bad - 3} more" if n_bad > 3 else ""
         raise DataError(f"{n_bad} of {n_bad + len(images)} input files cannot be used for "
-                        f"{what} ({shown}{more}); fix or remove them, or pass "
-                        "--skip-unreadable to go on without them")
+                        f"{what} ({shown}{more}); fix or remove them, or set "
+                        "skip_unreadable to go on without them", param="skip_unreadable")
     return images
 
 

@@ -36,23 +36,21 @@ from .calibration import (
     parse_calibration_file,
 )
 from .data import ImageSet, ImageSpec
-from .density import LN2, bits_per_dim, nll_map, nll_nats
+from .density import LN2, bits_per_dim, nll_map
 from .device import resolve_device
 from .dose import DoseModel, split_halves
 from .errors import BundleError, DataError, TooFewCalibrationImages, UsageError
 from .models.pixelcnn import PixelCNN, PixelCNNConfig
+from .pixels import check_images, check_range
 from .schema import PIXELCNN_CONFIG, check_pixelcnn_architecture
 from .scores import (
     DEFAULT_CODEC,
     DEFAULT_MUTATION_RATE,
-    SCORE_KINDS,
-    SCORE_UNITS,
+    SCORES,
+    ScorePass,
     TypicalityTest,
     codec_bits_per_dim,
-    complexity_score,
-    llr_score,
     mutate,
-    typicality_score,
     typicality_test,
 )
 from .statistics import ModelPass, model_pass
@@ -63,20 +61,18 @@ BACKGROUND_PREFIX = "background."
 
 
 def as_tensor(images: ImagesLike) -> torch.Tensor:
-    """ImageSet / array / tensor -> uint8 tensor (N, C, H, W)."""
+    """ImageSet / array / tensor -> uint8 tensor (N, C, H, W) (the pixel contract:
+    pixels.check_images; integer arrays of another dtype are converted if in 0..255)."""
     if isinstance(images, ImageSet):
         return images.images
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
-    if images.dtype != torch.uint8:
-        if images.is_floating_point() or images.min() < 0 or images.max() > 255:
-            raise DataError("images must hold integer pixel levels (uint8), not floats")
-        images = images.to(torch.uint8)
     if images.dim() == 3:
         images = images.unsqueeze(1)
-    if images.dim() != 4:
-        raise DataError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
-    return images
+    if images.dtype != torch.uint8:
+        check_range(images, 256)
+        images = images.to(torch.uint8)
+    return check_images(images, 256)
 
 
 class DensityDetector:
@@ -123,7 +119,8 @@ class DensityDetector:
     @property
     def available_kinds(self) -> tuple[str, ...]:
         """Score kinds this detector can compute (`llr` needs a background model)."""
-        return tuple(k for k in SCORE_KINDS if k != "llr" or self.background is not None)
+        return tuple(k for k, spec in SCORES.items()
+                     if "background" not in spec.needs or self.background is not None)
 
     def _require_model(self) -> PixelCNN:
         if self.model is None:
@@ -135,8 +132,7 @@ class DensityDetector:
         spec = self.spec
         if tuple(x.shape[1:]) != spec.shape:
             raise DataError(f"images are {tuple(x.shape[1:])} (C,H,W), model expects {spec.shape}")
-        if x.numel() and int(x.max()) >= spec.levels:
-            raise DataError(f"pixel value {int(x.max())} out of range for {spec.levels} levels")
+        check_range(x, spec.levels)
         return x
 
     # -------------------------------------------------------------------------- fit
@@ -202,7 +198,8 @@ class DensityDetector:
         `preset` None copies the main model's architecture.
         """
         if not 0.0 < mutation_rate < 1.0:
-            raise UsageError(f"--mutation-rate must be between 0 and 1, got {mutation_rate}")
+            raise UsageError(f"mutation_rate must be between 0 and 1, got {mutation_rate}",
+                             param="mutation_rate")
         main = self._require_model().config
         settings = settings or TrainSettings()
         torch.manual_seed(settings.seed)
@@ -256,11 +253,20 @@ class DensityDetector:
 
     def check_kind(self, kind: str) -> str:
         """`kind` if this detector can compute it, else a UsageError that says why not."""
-        if kind not in SCORE_KINDS:
-            raise UsageError(f"unknown score kind {kind!r}: choose from {', '.join(SCORE_KINDS)}")
-        if kind == "llr" and self.background is None:
-            raise UsageError("score 'llr' needs a background model: train one with "
+        if kind not in SCORES:
+            raise UsageError(f"unknown score kind {kind!r}: choose from {', '.join(SCORES)}",
+                             param="kind")
+        if "background" in SCORES[kind].needs and self.background is None:
+            raise UsageError(f"score {kind!r} needs a background model: train one with "
                              "`pixeldefend train-background --model M` (or train --background)")
+        return kind
+
+    def check_ready(self, kind: str) -> str:
+        """`check_kind`, and what `kind` needs from its calibration is there (a clear
+        error before any scoring, rather than per batch)."""
+        reference = SCORES[self.check_kind(kind)].reference
+        if reference is not None:
+            reference(self)
         return kind
 
     def typicality_reference(self) -> float:
@@ -300,32 +306,16 @@ class DensityDetector:
         kinds = list(self.available_kinds if kinds is None else kinds)
         for kind in kinds:
             self.check_kind(kind)
-        x = self._check(images)
-        model = self._require_model()
-        out: dict[str, np.ndarray] = {}
-        if "dose" in kinds:
-            dose = dose or self.dose_model()
-            run = model_pass(model, x, self.batch_size, progress)
-            nll = run.nll.double().flatten(1).sum(1).numpy()
-            out["dose_statistics"] = dose.features(run, self.codec_bpd(x, out))
-        else:
-            nll = nll_nats(model, x, self.batch_size, progress).numpy()
-        bpd = nll / (x[0].numel() * LN2) if len(x) else np.zeros(0)
-        out.update({"nll_nats": nll, "bpd": bpd})
-        for kind in kinds:
-            if kind == "dose":
-                assert dose is not None
-                out[kind] = dose.score(out["dose_statistics"])
-            elif kind == "complexity":
-                out[kind] = complexity_score(bpd, self.codec_bpd(x, out))
-            elif kind == "llr":
-                assert self.background is not None
-                out["background_bpd"] = bits_per_dim(self.background, x, self.batch_size).numpy()
-                out[kind] = llr_score(bpd, out["background_bpd"])
-            elif kind == "typicality":
-                mean = self.typicality_reference() if typicality_mean is None else typicality_mean
-                out[kind] = typicality_score(bpd, mean)
-        return out
+        references = {k: v for k, v in (("typicality", typicality_mean), ("dose", dose))
+                      if v is not None}
+        return self.score_pass(images, kinds, progress, references).scores(kinds)
+
+    def score_pass(self, images: ImagesLike, kinds: Sequence[str],
+                   progress: Callable[[int], None] | None = None,
+                   references: dict[str, Any] | None = None) -> ScorePass:
+        """The shared model pass the `kinds` are computed from (scores.ScorePass)."""
+        return ScorePass(self, self._check(images), references=references, progress=progress,
+                         full_pass=any(SCORES[k].full_pass for k in kinds))
 
     def codec_bpd(self, x: torch.Tensor, cache: dict[str, np.ndarray]) -> np.ndarray:
         """Lossless-codec bits/dim of the images (the complexity estimator), computed once
@@ -386,7 +376,8 @@ class DensityDetector:
         Too few images for `fpr` raise `TooFewCalibrationImages` (a ValueError) unless
         `conservative`, which takes the largest clean score as the threshold instead."""
         if not 0.0 < fpr < 1.0:
-            raise UsageError(f"--fpr must be between 0 and 1 (exclusive), got {fpr}")
+            raise UsageError(f"fpr must be between 0 and 1 (exclusive), got {fpr}",
+                             param="fpr")
         kind = self.check_kind(kind or self.default_kind)
         cal = self.calibrate_all(images, fpr=fpr, kinds=[kind], data=data,
                                  conservative=conservative)[kind]
@@ -399,7 +390,8 @@ class DensityDetector:
         """Calibrate several kinds (default: all available) from one pass; keeps the
         default kind. Typicality is measured from these images' own mean bits/dim."""
         if not 0.0 < fpr < 1.0:
-            raise UsageError(f"--fpr must be between 0 and 1 (exclusive), got {fpr}")
+            raise UsageError(f"fpr must be between 0 and 1 (exclusive), got {fpr}",
+                             param="fpr")
         implicit = kinds is None
         kinds = list(self.available_kinds if kinds is None else kinds)
         x = self._check(images)
@@ -408,28 +400,28 @@ class DensityDetector:
         needed = min_calibration_images(fpr)
         if len(x) < needed and not conservative:  # before the (possibly long) model pass
             raise TooFewCalibrationImages(len(x), fpr, needed)
-        if implicit and "dose" in kinds and not self.can_fit_dose(len(x), fpr, conservative):
-            # too few images for the statistics density and its half-size calibration:
-            # leave `dose` uncalibrated (a gate on it then fails with a clear error) rather
-            # than lose the others
-            kinds.remove("dose")
-            self.calibrations.pop("dose", None)
-        probe = [k for k in kinds if k not in ("typicality", "dose")]
-        scores = self.compute_scores(x, probe)
-        mean = float(scores["bpd"].mean())
-        if "typicality" in kinds:
-            scores["typicality"] = typicality_score(scores["bpd"], mean)
+        for kind in list(kinds):
+            enough = SCORES[kind].enough_images
+            if implicit and enough is not None and not enough(self, len(x), fpr, conservative):
+                # too few images for it (dose: its statistics density and its half-size
+                # calibration): leave it uncalibrated (a gate on it then fails with a
+                # clear error) rather than lose the others
+                kinds.remove(kind)
+                self.calibrations.pop(kind, None)
+        probe = [k for k in kinds if SCORES[k].calibrate is None]
+        for kind in probe:
+            self.check_kind(kind)
+        shared = self.score_pass(x, probe)
+        scores = shared.scores(probe)
         out = {}
         for kind in kinds:
-            reference: dict[str, Any] = {}
-            kind_scores = scores.get(kind)
-            if kind == "typicality":
-                reference = {"mean_bpd": mean,
-                             "bpd_scores": [float(v) for v in np.sort(scores["bpd"])]}
-            elif kind == "dose":
-                kind_scores, reference = self._calibrate_dose(x)
+            spec, reference = SCORES[kind], {}
+            if spec.calibrate is not None:
+                kind_scores, reference = spec.calibrate(shared)
+            else:
+                kind_scores = scores[kind]
             out[kind] = Calibration.fit(kind_scores, fpr=fpr, kind=kind, data=data,
-                                        unit=SCORE_UNITS[kind], reference=reference,
+                                        unit=spec.unit, reference=reference,
                                         conservative=conservative)
         self.calibrations.update(out)
         return out

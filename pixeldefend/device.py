@@ -17,7 +17,8 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was requested but CUDA is not available here")
+        raise UsageError("device cuda was requested but CUDA is not available here",
+                         param="device")
     try:
         return torch.device(name)
     except RuntimeError as exc:

@@ -2,7 +2,14 @@
 
 
 class PixelDefendError(Exception):
-    """Base class: a problem the user can fix (bad input, bad usage, bad bundle)."""
+    """Base class: a problem the user can fix (bad input, bad usage, bad bundle).
+
+    `param` names the Python parameter (or a tuple of them) the message refers to by
+    that name; the CLI shows it as its flag (`cli.common.cli_message`)."""
+
+    def __init__(self, message: str = "", param: str | tuple[str, ...] | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class DataError(PixelDefendError):
@@ -15,7 +22,10 @@ class BundleError(PixelDefendError):
 
 class UsageError(PixelDefendError, ValueError):
     """Arguments that cannot work together or are out of range (a ValueError, as
-    scikit-learn raises for bad parameters)."""
+    scikit-learn raises for bad parameters).
+
+    Messages name the Python parameter ("fpr must be between 0 and 1", `param="fpr"`);
+    the CLI shows it as its flag ("--fpr must be ...")."""
 
 
 class CalibrationError(UsageError):
@@ -30,6 +40,6 @@ class TooFewCalibrationImages(CalibrationError):
         self.n, self.fpr, self.needed = n, fpr, needed
         super().__init__(
             f"fpr={fpr:g} needs at least {needed} clean calibration images, got {n}: "
-            f"calibrate on more images, raise --fpr, or pass --conservative-threshold for "
-            f"the largest calibration score as a finite threshold (its false-positive rate "
-            f"is then not guaranteed)")
+            f"calibrate on more images, raise fpr, or ask for a conservative threshold "
+            f"(the largest calibration score as a finite threshold; its false-positive "
+            f"rate is then not guaranteed)", param="fpr")

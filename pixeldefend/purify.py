@@ -98,7 +98,8 @@ def default_eps_defend(levels: int) -> int:
 
 def _check_eps(eps_defend: int) -> int:
     if int(eps_defend) != eps_defend or eps_defend < 0:
-        raise UsageError(f"--eps-defend must be a non-negative integer (levels), got {eps_defend}")
+        raise UsageError(f"eps_defend must be a non-negative integer (levels), got {eps_defend}",
+                         param="eps_defend")
     return int(eps_defend)
 
 

@@ -17,27 +17,31 @@ image shows. Each score here removes that confound in a different way; all are
 - ``typicality`` (Nalisnick et al. 2019): |bpd(x) - mean calibration bpd| per image, and a
   bootstrap test on the mean bits/dim of a whole batch (`typicality_test`).
 
-The functions work on plain arrays so they can be tested with known answers; the
-detector (detector.py) wires them to its models and calibrations.
+The functions work on plain arrays so they can be tested with known answers. The
+registry at the end (`SCORES`, one `ScoreKind` per kind) wires them to the detector's
+shared model pass (`ScorePass`): adding a score kind is one entry there (plus its name
+and one-line help in `defaults.py`, which the CLI reads without PyTorch).
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .data import to_8bit
 from .defaults import DEFAULT_BACKGROUND_L2 as DEFAULT_BACKGROUND_L2
 from .defaults import DEFAULT_MUTATION_RATE as DEFAULT_MUTATION_RATE
 from .defaults import DEFAULT_SCORE as DEFAULT_SCORE
-from .defaults import SCORE_HELP as SCORE_HELP
-from .defaults import SCORE_KINDS as SCORE_KINDS
+from .defaults import SCORE_HELP
+from .pixels import to_8bit
 
-SCORE_UNITS = {"bpd": "bits/dim", "complexity": "bits/dim", "llr": "bits/dim",
-               "typicality": "bits/dim", "dose": "-log density"}
+if TYPE_CHECKING:
+    from .detector import DensityDetector
+    from .dose import DoseModel
 
 
 # ----------------------------------------------------------------------- complexity
@@ -56,22 +60,7 @@ def png_bits_per_dim(images: torch.Tensor | np.ndarray, levels: int) -> np.ndarr
     for every image of one shape and mode, so it shifts all scores by the same constant
     and changes no ranking, AUROC or calibrated decision.
     """
-    from PIL import Image
-
-    if isinstance(images, torch.Tensor):
-        images = images.detach().cpu().numpy()
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[:, None]
-    n, c, h, w = images.shape
-    pixels = to_8bit(images, levels)
-    out = np.empty(n, dtype=np.float64)
-    for i in range(n):
-        array = pixels[i, 0] if c == 1 else pixels[i].transpose(1, 2, 0)
-        buf = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=9)
-        out[i] = 8.0 * buf.getbuffer().nbytes / (c * h * w)
-    return out
+    return codec_bits_per_dim(images, levels, "png")
 
 
 def _codec_bytes(pixels: np.ndarray, codec: str) -> int:
@@ -219,3 +208,121 @@ def typicality_test(batch_bpd: np.ndarray, reference_bpd: np.ndarray, alpha: flo
         statistic=stat, threshold=threshold, p_value=p, alpha=alpha, resamples=resamples,
         seed=seed, anomalous=bool(p <= alpha),
     )
+
+
+# ------------------------------------------------------------------------- registry
+
+
+class ScorePass:
+    """The model pass several score kinds share, computed once per batch of images:
+    per-image NLL and bits/dim now, the rest (lossless-codec bits/dim, background-model
+    bits/dim, DoSE statistics) on first use, cached in `cache`.
+
+    `references` overrides what a kind reads from the detector's calibrations (its
+    `ScoreKind.reference`), e.g. while calibrating."""
+
+    def __init__(self, detector: DensityDetector, x: torch.Tensor, *, full_pass: bool = False,
+                 references: dict[str, Any] | None = None,
+                 progress: Callable[[int], None] | None = None) -> None:
+        from .density import LN2, nll_nats
+        from .statistics import model_pass
+
+        self.detector, self.x = detector, x
+        self.references = dict(references or {})
+        self.cache: dict[str, np.ndarray] = {}
+        model = detector._require_model()
+        self.run = None
+        if full_pass:  # the statistics pass also gives the NLL
+            self.run = model_pass(model, x, detector.batch_size, progress)
+            self.nll = self.run.nll.double().flatten(1).sum(1).numpy()
+        else:
+            self.nll = nll_nats(model, x, detector.batch_size, progress).numpy()
+        self.bpd = self.nll / (x[0].numel() * LN2) if len(x) else np.zeros(0)
+
+    def reference(self, kind: str) -> Any:
+        """What `kind` needs from clean data (override, else the detector's calibration)."""
+        if kind not in self.references:
+            self.references[kind] = SCORES[kind].reference(self.detector)  # type: ignore[misc]
+        return self.references[kind]
+
+    def codec_bpd(self) -> np.ndarray:
+        return self.detector.codec_bpd(self.x, self.cache)
+
+    def background_bpd(self) -> np.ndarray:
+        from .density import bits_per_dim
+
+        if "background_bpd" not in self.cache:
+            self.cache["background_bpd"] = bits_per_dim(
+                self.detector.background, self.x, self.detector.batch_size).numpy()
+        return self.cache["background_bpd"]
+
+    def dose_statistics(self) -> np.ndarray:
+        if "dose_statistics" not in self.cache:
+            assert self.run is not None, "dose needs the full model pass"
+            self.cache["dose_statistics"] = self.reference("dose").features(
+                self.run, self.codec_bpd())
+        return self.cache["dose_statistics"]
+
+    def scores(self, kinds: Sequence[str]) -> dict[str, np.ndarray]:
+        """`nll_nats`, `bpd`, whatever was cached, and one array per kind."""
+        out = {kind: SCORES[kind].compute(self) for kind in kinds}
+        return {**self.cache, "nll_nats": self.nll, "bpd": self.bpd, **out}
+
+
+@dataclass(frozen=True)
+class ScoreKind:
+    """One anomaly score kind, higher = stranger.
+
+    compute: the score per image from the shared pass. needs: "background" (a background
+    model in the bundle) and/or "calibration" (a statistic of clean data stored with its
+    calibration, read by `reference`). full_pass: needs the model-pass statistics, not
+    only the NLL. calibrate: how its calibration scores and stored reference are made,
+    when that is not simply `compute` on the clean images. enough_images: whether n clean
+    images suffice (detector, n, fpr, conservative); a kind without enough is left
+    uncalibrated by `calibrate_all` instead of failing the others.
+    """
+
+    name: str
+    compute: Callable[[ScorePass], np.ndarray]
+    unit: str = "bits/dim"
+    needs: frozenset[str] = field(default_factory=frozenset)
+    full_pass: bool = False
+    reference: Callable[[DensityDetector], Any] | None = None
+    calibrate: Callable[[ScorePass], tuple[np.ndarray, dict[str, Any]]] | None = None
+    enough_images: Callable[[DensityDetector, int, float, bool], bool] | None = None
+
+    @property
+    def help(self) -> str:
+        return SCORE_HELP[self.name]
+
+
+def _calibrate_typicality(p: ScorePass) -> tuple[np.ndarray, dict[str, Any]]:
+    """Typicality is measured from the calibration images' own mean bits/dim, and the
+    batch test resamples their bits/dim."""
+    mean = float(p.bpd.mean())
+    return typicality_score(p.bpd, mean), {
+        "mean_bpd": mean, "bpd_scores": [float(v) for v in np.sort(p.bpd)]}
+
+
+def _dose_score(p: ScorePass) -> np.ndarray:
+    dose: DoseModel = p.reference("dose")
+    return dose.score(p.dose_statistics())
+
+
+SCORES: dict[str, ScoreKind] = {k.name: k for k in (
+    ScoreKind("bpd", lambda p: p.bpd),
+    ScoreKind("complexity", lambda p: complexity_score(p.bpd, p.codec_bpd())),
+    ScoreKind("llr", lambda p: llr_score(p.bpd, p.background_bpd()),
+              needs=frozenset({"background"})),
+    ScoreKind("typicality", lambda p: typicality_score(p.bpd, p.reference("typicality")),
+              needs=frozenset({"calibration"}),
+              reference=lambda det: det.typicality_reference(),
+              calibrate=_calibrate_typicality),
+    ScoreKind("dose", _dose_score, unit="-log density", needs=frozenset({"calibration"}),
+              full_pass=True, reference=lambda det: det.dose_model(),
+              calibrate=lambda p: p.detector._calibrate_dose(p.x),
+              enough_images=lambda det, n, fpr, conservative: det.can_fit_dose(
+                  n, fpr, conservative)),
+)}
+SCORE_KINDS = tuple(SCORES)
+SCORE_UNITS = {k.name: k.unit for k in SCORES.values()}

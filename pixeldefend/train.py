@@ -141,13 +141,13 @@ def run_training(
     torch.manual_seed(settings.seed)
     if resume:
         if checkpoint_dir is None or not (checkpoint_dir / CKPT_META).exists():
-            raise UsageError(f"--resume: no checkpoint in {checkpoint_dir}")
+            raise UsageError(f"resume: no checkpoint in {checkpoint_dir}", param="resume")
         meta, best_state = load_checkpoint(checkpoint_dir, model, optimizer)
         if meta.get("settings") != asdict(settings):
             raise UsageError(
-                f"--resume: checkpoint in {checkpoint_dir} was made with other settings "
-                f"({meta.get('settings')}); rerun with the same options or without --resume"
-            )
+                f"resume: checkpoint in {checkpoint_dir} was made with other settings "
+                f"({meta.get('settings')}); rerun with the same options or without resume",
+                param="resume")
         first_epoch = meta["epoch"] + 1
         history = meta["history"]
         best_val, best_epoch = meta["best_val"], meta["best_epoch"]

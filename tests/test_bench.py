@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 
 from pixeldefend.bench import peak_memory_mb
 from pixeldefend.cli import app
+from pixeldefend.cli.bench_cmds import BENCH_COLUMNS, bench_rows
+from pixeldefend.cli.common import rows_to_csv
 
 
 def test_bench_json_on_the_shipped_digits_model(runner, repo, monkeypatch):
@@ -23,6 +27,10 @@ def test_bench_json_on_the_shipped_digits_model(runner, repo, monkeypatch):
     assert abs(row["speedup_fast_vs_reference"] - row["reference_s"] / row["fast_s"]) < 1e-9
     assert row["peak_memory_mb"] > 10
     assert doc["system"]["threads"] >= 1 and doc["settings"]["reference_budget_s"] is None
+    # --format csv: one real row per case (the shape as CxHxW, no dict reprs)
+    (csv_row,) = csv.DictReader(io.StringIO(rows_to_csv(bench_rows(doc), BENCH_COLUMNS)))
+    assert csv_row["shape"] == "1x8x8" and csv_row["levels"] == "17"
+    assert float(csv_row["fast_images_per_s"]) == row["fast_images_per_s"]
 
 
 def test_bench_budget_is_honoured_and_zero_means_none():

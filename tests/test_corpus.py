@@ -597,9 +597,9 @@ def test_train_with_too_few_calibration_images_fails_before_training(runner, tmp
 
 
 @pytest.mark.parametrize("args, text", [
-    (["--fail-on", "bogus"], "--fail-on must be one of"),
-    (["--max-anomalous-fraction", "2"], "between 0 and 1"),
-    (["--score", "bogus"], "--score must be one of"),
+    (["--fail-on", "bogus"], "Invalid value for '--fail-on'"),
+    (["--max-anomalous-fraction", "2"], "Invalid value for '--max-anomalous-fraction'"),
+    (["--score", "bogus"], "Invalid value for '--score'"),
     (["--model", "/nonexistent/bundle"], "no such model bundle"),
 ])
 def test_score_misuse_is_a_one_line_error(runner, good_png, args, text):

@@ -145,8 +145,9 @@ def test_idx_files_found_in_data_root(tmp_path, monkeypatch):
 def test_missing_dataset_explains_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.setattr("pixeldefend.data.DEBIAN_DATASET_DIRS", {})
     monkeypatch.delenv("PIXELDEFEND_DATA", raising=False)
-    with pytest.raises(DataError, match="--download"):
+    with pytest.raises(DataError, match="set download") as info:
         load_images("fashion-mnist:test", data_root=str(tmp_path))
+    assert info.value.param == ("data_root", "download")  # the CLI shows --data-root
 
 
 def test_unknown_spec_is_a_clear_error():

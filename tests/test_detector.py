@@ -56,7 +56,7 @@ def test_clear_errors(tiny_bundle):
     det = DensityDetector.load(tiny_bundle, device="cpu")
     with pytest.raises(DataError, match="model expects"):
         det.anomaly_score(np.zeros((2, 1, 9, 9), dtype=np.uint8))
-    with pytest.raises(DataError, match="out of range"):
+    with pytest.raises(DataError, match=r"must lie in \[0, 16\]"):
         det.anomaly_score(np.full((2, 1, 8, 8), 17, dtype=np.uint8))
     with pytest.raises(UsageError, match="no model"):
         DensityDetector().anomaly_score(np.zeros((1, 1, 8, 8), dtype=np.uint8))
@@ -95,3 +95,21 @@ def test_fit_needs_levels_for_plain_arrays():
     det = DensityDetector(preset="tiny", device="cpu")
     with pytest.raises(ValueError, match="levels is required"):
         det.fit(np.zeros((4, 1, 4, 4), dtype=np.uint8))
+
+
+def test_as_tensor_keeps_the_pixel_contract():
+    """Images enter the detector through pixels.check_images / check_range."""
+    import numpy as np
+    import torch
+
+    from pixeldefend.detector import as_tensor
+    from pixeldefend.errors import DataError
+
+    x = as_tensor(np.arange(64, dtype=np.int64).reshape(1, 8, 8))
+    assert x.dtype == torch.uint8 and x.shape == (1, 1, 8, 8)
+    with pytest.raises(DataError, match="not floats"):
+        as_tensor(np.zeros((1, 1, 8, 8), dtype=np.float32))
+    with pytest.raises(DataError, match=r"lie in \[0, 255\]"):
+        as_tensor(np.full((1, 1, 8, 8), 300))
+    with pytest.raises(DataError, match="must be \\(N, C, H, W\\)"):
+        as_tensor(np.zeros((1, 1, 1, 8, 8), dtype=np.uint8))

@@ -22,9 +22,9 @@ from typer.testing import CliRunner
 from pixeldefend.atomic import atomic_dir, atomic_path, write_json, write_text
 from pixeldefend.bundle import read_calibration, read_config, read_weights, save_bundle
 from pixeldefend.cli import app
-from pixeldefend.cli.density_cmds import default_out
 from pixeldefend.data import load_images, save_image
 from pixeldefend.outputs import MARKER, OutputError, check_file, prepare_dir
+from pixeldefend.training_pipeline import default_out
 
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -11,7 +11,7 @@ from rich.table import Table
 from ..defaults import CASE_NAMES, DEFAULT_MODEL
 from ..errors import UsageError
 from .app import app
-from .common import OVERWRITE, OutputFormat, emit, err_console, handle_errors
+from .common import Format, OutputFormat, Overwrite, emit, err_console, flag, handle_errors
 
 BENCH_COLUMNS = ["case", "shape", "levels", "batch", "eps_defend", "score_images_per_s",
                  "fast_images_per_s", "reference_images_per_s", "reference_extrapolated",
@@ -74,13 +74,13 @@ def _bench_table(doc: dict[str, Any]) -> Table:
 @app.command("bench")
 @handle_errors
 def bench_cmd(
-    model: Path = typer.Option(DEFAULT_MODEL, "--model", "-m",
-                               help="Digits model bundle for the first case (a small random "
-                                    "model stands in if it is missing)."),
+    model: Annotated[Path, typer.Option(
+        "--model", "-m", help="Digits model bundle for the first case (a small random "
+        "model stands in if it is missing).")] = DEFAULT_MODEL,
     batch_size: int = typer.Option(64, min=1, help="Images per batch in every case."),
-    quick: bool = typer.Option(False, "--quick", help="One timing per figure and a 4 s "
-                               "reference budget per case (unless --reference-budget is "
-                               "given): about a minute in all."),
+    quick: Annotated[bool, flag("--quick", help="One timing per figure and a 4 s "
+                                "reference budget per case (unless --reference-budget is "
+                                "given): about a minute in all.")] = False,
     cases: str = typer.Option(",".join(CASE_NAMES), help="Comma-separated cases to run."),
     reference_budget: float | None = typer.Option(
         None, min=0.0, help="Seconds of reference purification per case before "
@@ -88,14 +88,13 @@ def bench_cmd(
         "(figures then never depend on machine load)."),
     threads: int | None = typer.Option(None, min=1, help="Intra-op threads (default: "
                                        "torch's). On a busy machine 1 is often fastest."),
-    train_step: bool = typer.Option(True, "--train-step/--no-train-step",
-                                    help="Also time one training step."),
-    profile: bool = typer.Option(False, "--profile", help="Also profile fast purification "
-                                 "per torch operator (one extra run per case)."),
-    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f",
-                                     help="table or json."),
+    train_step: Annotated[bool, typer.Option("--train-step/--no-train-step", metavar="",
+                                             help="Also time one training step.")] = True,
+    profile: Annotated[bool, flag("--profile", help="Also profile fast purification per "
+                                  "torch operator (one extra run per case).")] = False,
+    fmt: Format = OutputFormat.table,
     output: Path | None = typer.Option(None, "--output", "-o", help="Write results here."),
-    overwrite: bool = OVERWRITE,
+    overwrite: Overwrite = False,
 ) -> None:
     """Measure purification throughput (fast and reference), scoring and training speed.
 
@@ -116,8 +115,6 @@ def bench_cmd(
     from ..bench import BenchSettings, run_bench
     from ..outputs import check_files, input_paths
 
-    if fmt not in (OutputFormat.table, OutputFormat.json):
-        raise UsageError("bench prints --format table or json")
     chosen = tuple(c.strip() for c in cases.split(",") if c.strip())
     unknown = [c for c in chosen if c not in CASE_NAMES]
     if unknown or not chosen:
@@ -127,4 +124,9 @@ def bench_cmd(
                              reference_budget=reference_budget, train_step=train_step,
                              cases=chosen, model=model, profile=profile)
     doc = run_bench(settings, log=lambda msg: err_console.print(f"[dim]{msg}[/]"))
-    emit(fmt, doc, doc["results"], BENCH_COLUMNS, lambda: _bench_table(doc), output)
+    emit(fmt, doc, bench_rows(doc), BENCH_COLUMNS, lambda: _bench_table(doc), output)
+
+
+def bench_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The result rows with the shape as CxHxW (one CSV cell)."""
+    return [{**r, "shape": "x".join(str(d) for d in r["shape"])} for r in doc["results"]]

@@ -32,7 +32,9 @@ from rich.progress import (
 from rich.table import Table
 
 from ..atomic import write_text
+from ..defaults import GATE_CHOICES, SCORE_HELP, SCORE_KINDS
 from ..errors import PixelDefendError, UsageError
+from ..threads import apply_threads
 
 err_console = Console(stderr=True, soft_wrap=True)
 # results on a pipe or file are not squeezed into 80 columns
@@ -88,9 +90,49 @@ Overwrite = Annotated[bool, flag("--overwrite", help=OVERWRITE_HELP)]
 TrustCode = Annotated[bool, flag("--trust-code", help=TRUST_CODE_HELP)]
 
 
+# choices Typer lists in --help and checks: --score, --fail-on
+ScoreChoice = Enum("ScoreChoice", {k: k for k in SCORE_KINDS}, type=str)  # type: ignore[misc]
+GateChoice = Enum("GateChoice", {c: c for c in GATE_CHOICES}, type=str)  # type: ignore[misc]
+SCORE_OPTION_HELP = "Score kind: " + "; ".join(f"{k} = {v}" for k, v in SCORE_HELP.items()) + "."
+
+
+def _command_threads(value: int | None) -> int | None:
+    if value:
+        apply_threads(value)
+    return value
+
+
+# a command's own --threads: the same as the global `pixeldefend --threads N <command>`
+Threads = Annotated[int | None, typer.Option(
+    "--threads", min=1, callback=_command_threads,
+    help="CPU threads for PyTorch; the same as the global `pixeldefend --threads N` "
+         "\\[default: the global setting].")]
+
+
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False)
     return typer.Exit(code)
+
+
+# library parameters whose flag is not `--` plus the dashed name
+FLAG_OF_PARAM = {"kind": "--score", "score_kind": "--score", "l2": "--l2",
+                 "factory_weights": "--classifier-weights"}
+
+
+def option_flag(param: str) -> str:
+    """The flag that sets the library parameter `param` (`fpr` -> `--fpr`)."""
+    return FLAG_OF_PARAM.get(param, "--" + param.replace("_", "-"))
+
+
+def cli_message(exc: PixelDefendError) -> str:
+    """A library error's message, with the Python parameter it names (`param`) shown as
+    the command's flag."""
+    message, params = str(exc), getattr(exc, "param", None) or ()
+    for param in (params,) if isinstance(params, str) else params:
+        flag_text = option_flag(param)
+        message = re.sub(rf"(?<![\w-]){re.escape(param)}(?![\w-])", lambda _, f=flag_text: f,
+                         message)
+    return message
 
 
 def handle_errors(func: F) -> F:
@@ -101,7 +143,7 @@ def handle_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except PixelDefendError as exc:
-            raise fail(str(exc)) from None
+            raise fail(cli_message(exc)) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(EXIT_INTERRUPT) from None
@@ -153,6 +195,24 @@ def rows_to_csv(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
     return buf.getvalue()
+
+
+def field_rows(doc: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:
+    """A nested document as `field,value` rows for CSV (`calibration.bpd.threshold`);
+    lists of plain values become one space-separated value."""
+    rows: list[dict[str, Any]] = []
+    for key, value in doc.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows.extend(field_rows(value, name + "."))
+        elif isinstance(value, list | tuple) and not any(isinstance(v, dict | list)
+                                                          for v in value):
+            rows.append({"field": name, "value": " ".join(str(v) for v in value)})
+        elif isinstance(value, list | tuple):
+            rows.extend(field_rows({str(i): v for i, v in enumerate(value)}, name + "."))
+        else:
+            rows.append({"field": name, "value": json_safe(value)})
+    return rows
 
 
 def emit(fmt: OutputFormat, doc: dict[str, Any], rows: list[dict[str, Any]], columns: list[str],

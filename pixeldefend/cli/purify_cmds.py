@@ -6,7 +6,6 @@ manifest; `defend` scores, purifies and classifies, printing one row per image.
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -14,7 +13,7 @@ import typer
 from rich.table import Table
 
 from ..atomic import write_json
-from ..defaults import DEFAULT_BATCH, DEFAULT_MODEL, GATE_CHOICES
+from ..defaults import DEFAULT_BATCH, DEFAULT_MODEL
 from ..errors import UsageError
 from .app import app
 from .common import (
@@ -24,6 +23,7 @@ from .common import (
     DataRoot,
     Device,
     Format,
+    GateChoice,
     Grayscale,
     ImagePaths,
     ModelBundle,
@@ -45,9 +45,6 @@ from .common import (
 if TYPE_CHECKING:
     from ..detector import DensityDetector
 
-
-# --fail-on's choices, listed by --help and checked by Typer
-GateChoice = Enum("GateChoice", {c: c for c in GATE_CHOICES}, type=str)  # type: ignore[misc]
 
 EPS_HELP = ("Purification radius in pixel levels (default: 16/255 of the level range, as "
             "in the paper: 16 for 8-bit images, 1 for 17-level digits).")

@@ -149,7 +149,8 @@ def sample(model: PixelCNN, n: int, generator: torch.Generator | None = None,
     if n < 0:
         raise UsageError("the number of samples must be non-negative")
     if temperature <= 0:
-        raise UsageError(f"--temperature must be positive, got {temperature}")
+        raise UsageError(f"temperature must be positive, got {temperature}",
+                         param="temperature")
     cfg = model.config
     decoder = CachedDecoder(model, dtype)
 

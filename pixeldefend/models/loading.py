@@ -59,17 +59,18 @@ class Normalize(nn.Module):
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         if len(mean) != len(std):
-            raise UsageError(f"--mean has {len(mean)} values but --std has {len(std)}")
+            raise UsageError(f"mean has {len(mean)} values but std has {len(std)}",
+                             param=("mean", "std"))
         if any(s <= 0 for s in std):
-            raise UsageError("--std values must be positive")
+            raise UsageError("std values must be positive", param="std")
         as_4d = lambda v: torch.tensor(list(v), dtype=torch.float32).view(1, -1, 1, 1)  # noqa: E731
         self.register_buffer("mean", as_4d(mean))
         self.register_buffer("std", as_4d(std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mean.shape[1] not in (1, x.shape[1]):
-            raise DataError(f"--mean/--std give {self.mean.shape[1]} channel(s), images have "
-                            f"{x.shape[1]}")
+            raise DataError(f"mean/std give {self.mean.shape[1]} channel(s), images have "
+                            f"{x.shape[1]}", param=("mean", "std"))
         return (x - self.mean) / self.std
 
 
@@ -116,7 +117,7 @@ _FACTORY = re.compile(r"^(?P<module>[A-Za-z_][\w.]*):(?P<attr>[A-Za-z_][\w.]*)"
 def _finish(net: nn.Module, device: torch.device, mean: Sequence[float] | None,
             std: Sequence[float] | None) -> nn.Module:
     if (mean is None) != (std is None):
-        raise UsageError("--mean and --std go together: give both or neither")
+        raise UsageError("mean and std go together: give both or neither", param=("mean", "std"))
     normalize = Normalize(mean, std) if mean is not None and std is not None else None
     model = WrappedClassifier(net, normalize) if normalize is not None else net
     model = model.to(device).eval()
@@ -154,8 +155,9 @@ def _load_torchscript(path: Path) -> nn.Module:
     except (RuntimeError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BundleError(
-            f"{path}: not a TorchScript file ({first}); for a plain state dict pass "
-            "--classifier package.module:factory with --classifier-weights FILE") from exc
+            f"{path}: not a TorchScript file ({first}); for a plain state dict give a "
+            "package.module:factory classifier with factory_weights FILE",
+            param="factory_weights") from exc
 
 
 def _import_factory(module_name: str, attr: str) -> Any:
@@ -252,8 +254,9 @@ def probe_classifier(model: nn.Module, input_shape: Sequence[int],
 
 def _require_trust(trust_code: bool, what: str) -> None:
     if not trust_code:
-        raise UsageError(f"{what}: loading it runs code from it; pass --trust-code if you "
-                         "trust it (pixeldefend classifier bundles need no flag)")
+        raise UsageError(f"{what}: loading it runs code from it; set trust_code if you "
+                         "trust it (pixeldefend classifier bundles need no flag)",
+                         param="trust_code")
 
 
 def load_classifier(
@@ -285,7 +288,8 @@ def load_classifier(
     match = _FACTORY.match(text)
     if path.is_dir():
         if factory_weights is not None:
-            raise UsageError("--classifier-weights is only for module:factory classifiers")
+            raise UsageError("factory_weights is only for module:factory classifiers",
+                             param="factory_weights")
         net, config = _load_bundle(path)
         cfg = ClassifierConfig.from_dict(config["architecture"])
         if shape is not None and shape != cfg.input_shape:
@@ -295,7 +299,8 @@ def load_classifier(
                                 "bundle", config.get("classes"), config)
     if path.is_file():
         if factory_weights is not None:
-            raise UsageError("--classifier-weights is only for module:factory classifiers")
+            raise UsageError("factory_weights is only for module:factory classifiers",
+                             param="factory_weights")
         if path.suffix.lower() not in TORCHSCRIPT_SUFFIXES:
             raise BundleError(f"{path}: not a classifier: expected a bundle directory, a "
                               f"TorchScript file ({', '.join(sorted(TORCHSCRIPT_SUFFIXES))}) "
@@ -307,8 +312,8 @@ def load_classifier(
         _require_trust(trust_code, f"{text} is a package.module:factory classifier")
         weights = factory_weights if factory_weights is not None else match["weights"]
         if factory_weights is not None and match["weights"]:
-            raise UsageError("give the weights either after '@' or with --classifier-weights, "
-                             "not both")
+            raise UsageError("give the weights either after '@' or with factory_weights, "
+                             "not both", param="factory_weights")
         net = _load_factory(match["module"], match["attr"],
                             None if weights is None else str(weights))
         model = _finish(net, dev, mean, std)
