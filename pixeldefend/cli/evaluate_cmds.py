@@ -32,7 +32,7 @@ from .common import (
 from .common import out_console as console
 
 if TYPE_CHECKING:
-    from ..evaluate import Stage
+    from ..evaluation.plan import Stage
 
 DEFAULT_MODEL = Path("models/digits")
 DEFAULT_CLASSIFIER = Path("models/digits-classifier")
@@ -148,7 +148,7 @@ def _default_out(data: str) -> Path:
 
 
 def _ints(text: str | None, option: str) -> tuple[int, ...] | None:
-    from ..evaluate import parse_list
+    from ..evaluation.plan import parse_list
 
     items = parse_list(text)
     if items is None:
@@ -282,7 +282,7 @@ def evaluate(
     from ..attacks import parse_eps
     from ..data import ImageSpec, load_images
     from ..detector import DensityDetector
-    from ..evaluate import EvaluateSettings, parse_list, run_evaluation
+    from ..evaluation import EvaluateSettings, parse_list, run_evaluation
     from ..models.classifier import load_classifier
     from ..outputs import clear_dir, input_paths, prepare_dir
     from ..report import accuracy_table, detection_table, headline, results_json, write_report
