@@ -410,7 +410,7 @@ def attack_column(name: str, model: nn.Module, classifier: nn.Module, defence: s
 
 def _cached(cache: Any, name: str, key: dict[str, Any], work: Callable[[], AttackRun]
             ) -> AttackRun:
-    """Load an AttackRun from a `evaluate.StageCache`, or run and store it."""
+    """Load an AttackRun from a `evaluation.run.StageCache`, or run and store it."""
     if cache is not None:
         hit = cache.load(name, key)
         if hit is not None:
