@@ -439,6 +439,83 @@ def _rate(correct: np.ndarray) -> dict[str, Any]:
             "ci95": [lo, hi], "ci_method": "Wilson score"}
 
 
+def _run_on_column(name: str, defence: str, e: int | None, correct: np.ndarray,
+                   defended_clean: np.ndarray, exact: Callable[[torch.Tensor], torch.Tensor],
+                   model: nn.Module, classifier: nn.Module, images: torch.Tensor,
+                   labels: torch.Tensor, levels: int, ball: int, threshold: float | None,
+                   settings: SuiteSettings, cache: Any, key: dict[str, Any],
+                   log: Callable[[str], None]) -> tuple[AttackRun, dict[str, Any]]:
+    """One attack (not cw-bs) against one column, on the survivors (`correct`) when
+    --on-survivors asks for it; returns its run over every image and its table entry."""
+    y = labels.numpy()
+    ck = "none" if defence == "none" else f"{defence}@{e}"
+    entry: dict[str, Any] = {}
+    on_survivors = name in settings.on_survivors and not (
+        name == "square" and settings.square_all)
+    index = np.flatnonzero(correct) if on_survivors else np.arange(len(y))
+    if on_survivors:
+        entry["run_on"] = "survivors of every earlier attack"
+        entry["survivors"] = int(len(index))
+        if name == "square" and settings.square_n is not None \
+                and len(index) > settings.square_n:
+            index = index[:settings.square_n]
+            entry["run_on"] += f", the first {settings.square_n} of them"
+        entry["n_attacked"] = int(len(index))
+    log(f"{name} on {len(index)} images vs {ck}")
+    sub = torch.from_numpy(index)
+    stage = {"stage": f"adaptive-{name}", **key, "ball": ball, "column": ck,
+             "settings": ({"queries": settings.queries, "seed": settings.seed}
+                          if name == "square" else settings.pgd_key()),
+             "images": index.tolist() if on_survivors else "all",
+             **({"random_start": False} if name == "detector" else {})}
+    if len(sub) == 0:
+        part = AttackRun(name, images[:0].clone(), np.zeros(0, dtype=np.int64),
+                         np.zeros(0, dtype=bool), summary={"skipped": True})
+    elif name == "square":
+        part = _cached(cache, f"adaptive-square-eps{ball}-{ck.replace('@', '-e')}",
+                       stage, lambda sub=sub, exact=exact: run_square(
+                           exact, images[sub], labels[sub], levels, ball,
+                           settings.queries, settings.seed))
+    else:
+        part = _cached(cache, f"adaptive-{name}-eps{ball}-{ck.replace('@', '-e')}",
+                       stage, lambda name=name, defence=defence, e=e, sub=sub:
+                       attack_column(name, model, classifier, defence, e,
+                                     threshold, images[sub], labels[sub], levels,
+                                     ball, settings))
+    if on_survivors:
+        fooled = np.zeros(len(y), dtype=bool)
+        fooled[index] = part.fooled
+        pred = defended_clean.copy()
+        pred[index] = part.pred
+        adv = images.clone()
+        adv[sub] = part.adversarial
+        run = AttackRun(name, adv, pred, fooled, part.loss_curve,
+                        part.accuracy_curve, None,
+                        {**part.summary, "attacked": index.tolist()})
+        entry["fooled_of_attacked"] = int(part.fooled.sum())
+        entry.update(_rate(~part.fooled))  # accuracy on the images it attacked
+    else:
+        run = part
+        entry.update(_rate(~run.fooled))
+    return run, entry
+
+
+def _describe_run(run: AttackRun, entry: dict[str, Any], clean_pred: np.ndarray,
+                  y: np.ndarray) -> None:
+    """Add the run's summary, curves, cost and gate figures to its table entry."""
+    entry["summary"] = run.summary
+    if run.loss_curve:
+        entry["loss_curve"] = run.loss_curve
+        entry["accuracy_curve"] = run.accuracy_curve
+        per_step = run.summary.get("seconds", 0) / max(1, run.summary.get(
+            "forward_passes", 0))
+        entry["seconds_per_image_step"] = round(per_step, 5)
+    if run.passes_gate is not None:
+        entry["passes_gate"] = float(run.passes_gate.mean())
+        entry["fooled_and_passes_gate"] = float((run.fooled & run.passes_gate).mean())
+        entry["undefended_fooled"] = float((clean_pred != y).mean())
+
+
 def run_suite(model: nn.Module, classifier: nn.Module, images: torch.Tensor,
               labels: torch.Tensor, levels: int, ball: int,
               columns: list[tuple[str, int | None]], threshold: float | None,
@@ -506,68 +583,13 @@ def run_suite(model: nn.Module, classifier: nn.Module, images: torch.Tensor,
                                 summary=cw_adv.summary)
                 entry.update(_rate(~run.fooled))
             else:
-                on_survivors = name in settings.on_survivors and not (
-                    name == "square" and settings.square_all)
-                index = np.flatnonzero(correct) if on_survivors else np.arange(len(y))
-                if on_survivors:
-                    entry["run_on"] = "survivors of every earlier attack"
-                    entry["survivors"] = int(len(index))
-                    if name == "square" and settings.square_n is not None \
-                            and len(index) > settings.square_n:
-                        index = index[:settings.square_n]
-                        entry["run_on"] += f", the first {settings.square_n} of them"
-                    entry["n_attacked"] = int(len(index))
-                log(f"{name} on {len(index)} images vs {ck}")
-                sub = torch.from_numpy(index)
-                stage = {"stage": f"adaptive-{name}", **key, "ball": ball, "column": ck,
-                         "settings": ({"queries": settings.queries, "seed": settings.seed}
-                                      if name == "square" else settings.pgd_key()),
-                         "images": index.tolist() if on_survivors else "all",
-                         **({"random_start": False} if name == "detector" else {})}
-                if len(sub) == 0:
-                    part = AttackRun(name, images[:0].clone(), np.zeros(0, dtype=np.int64),
-                                     np.zeros(0, dtype=bool), summary={"skipped": True})
-                elif name == "square":
-                    part = _cached(cache, f"adaptive-square-eps{ball}-{ck.replace('@', '-e')}",
-                                   stage, lambda sub=sub, exact=exact: run_square(
-                                       exact, images[sub], labels[sub], levels, ball,
-                                       settings.queries, settings.seed))
-                else:
-                    part = _cached(cache, f"adaptive-{name}-eps{ball}-{ck.replace('@', '-e')}",
-                                   stage, lambda name=name, defence=defence, e=e, sub=sub:
-                                   attack_column(name, model, classifier, defence, e,
-                                                 threshold, images[sub], labels[sub], levels,
-                                                 ball, settings))
-                if on_survivors:
-                    fooled = np.zeros(len(y), dtype=bool)
-                    fooled[index] = part.fooled
-                    pred = defended_clean.copy()
-                    pred[index] = part.pred
-                    adv = images.clone()
-                    adv[sub] = part.adversarial
-                    run = AttackRun(name, adv, pred, fooled, part.loss_curve,
-                                    part.accuracy_curve, None,
-                                    {**part.summary, "attacked": index.tolist()})
-                    entry["fooled_of_attacked"] = int(part.fooled.sum())
-                    entry.update(_rate(~part.fooled))  # accuracy on the images it attacked
-                else:
-                    run = part
-                    entry.update(_rate(~run.fooled))
+                run, entry = _run_on_column(name, defence, e, correct, defended_clean, exact,
+                                            model, classifier, images, labels, levels, ball,
+                                            threshold, settings, cache, key, log)
             runs[f"{name}|{ck}"] = run
-            ok = ~run.fooled
-            entry["summary"] = run.summary
-            if run.loss_curve:
-                entry["loss_curve"] = run.loss_curve
-                entry["accuracy_curve"] = run.accuracy_curve
-                per_step = run.summary.get("seconds", 0) / max(1, run.summary.get(
-                    "forward_passes", 0))
-                entry["seconds_per_image_step"] = round(per_step, 5)
-            if run.passes_gate is not None:
-                entry["passes_gate"] = float(run.passes_gate.mean())
-                entry["fooled_and_passes_gate"] = float((run.fooled & run.passes_gate).mean())
-                entry["undefended_fooled"] = float((clean_pred != y).mean())
+            _describe_run(run, entry, clean_pred, y)
             col["attacks"][name] = entry
-            correct &= ok
+            correct &= ~run.fooled
         col["worst_case"] = _rate(correct)
         col["worst_case"]["attacks"] = list(col["attacks"]) + (
             ["earlier attacks"] if prior_correct is not None and ck in prior_correct else [])
