@@ -625,6 +625,67 @@ def measure_agreement(model: nn.Module, classifier: nn.Module, images: torch.Ten
     return out
 
 
+def _square_check(model: nn.Module, classifier: nn.Module, images: torch.Tensor,
+                  labels: torch.Tensor, levels: int, ball: int, column: tuple[str, int | None],
+                  threshold: float | None, settings: SuiteSettings,
+                  runs: dict[str, AttackRun], cache: Any, key: dict[str, Any],
+                  log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Square with a quarter of the queries, on the images it attacked, fools no more."""
+    defence, e = column
+    ck = "none" if defence == "none" else f"{defence}@{e}"
+    all_images, all_labels = images, labels
+    checks: list[dict[str, Any]] = []
+    square = runs.get(f"square|{ck}")
+    attacked = (square.summary.get("attacked") or []) if square is not None else []
+    if attacked and settings.queries >= 4:
+        fewer = settings.queries // 4
+        log(f"sanity: square vs {ck} with {fewer} queries on the same {len(attacked)} images")
+        idx = torch.tensor(attacked)
+        exact = exact_pipeline(model, classifier, defence, e, threshold, settings.batch_size)
+        run = _cached(cache, f"adaptive-sanity-square-q{fewer}-{ck.replace('@', '-e')}",
+                      {"stage": "adaptive-sanity-square", **key, "ball": ball,
+                       "queries": fewer, "images": attacked, "column": ck,
+                       "seed": settings.seed},
+                      lambda: run_square(exact, all_images[idx], all_labels[idx], levels,
+                                         ball, fewer, settings.seed))
+        k_few, k_full = int(run.fooled.sum()), int(square.fooled[idx.numpy()].sum())
+        checks.append({"name": "more queries never help the defence",
+                       "passed": bool(k_full >= k_few - max(1, len(attacked) // 20)),
+                       "detail": f"Square fooled {k_few} of {len(attacked)} with {fewer} "
+                                 f"queries, {k_full} with {settings.queries} (raw, "
+                                 "separate runs)"})
+    return checks
+
+
+def _curve_checks(runs: dict[str, AttackRun], base_run: AttackRun | None,
+                  steps: int) -> list[dict[str, Any]]:
+    """Gradient steps fool images beyond the start, and every loss rises."""
+    checks: list[dict[str, Any]] = []
+    if base_run is not None and base_run.accuracy_curve:
+        start, end = base_run.accuracy_curve[0], base_run.accuracy_curve[-1]
+        checks.append({"name": "gradient steps fool images beyond the random start",
+                       "passed": bool(end < start),
+                       "detail": f"{100 * start:.1f}% after the random start, "
+                                 f"{100 * end:.1f}% after {steps} steps"})
+    for name, run in runs.items():
+        if name.startswith("detector|") and run.accuracy_curve:
+            # a constrained attack from the clean image: its penalised loss may well start
+            # at its maximum; what must happen is that it fools images beyond the start
+            start, end = run.accuracy_curve[0], run.accuracy_curve[-1]
+            checks.append({"name": f"steps fool images beyond the start: {name}",
+                           "passed": bool(end < start),
+                           "detail": f"{100 * start:.1f}% at the start, {100 * end:.1f}% "
+                                     "at the end (fooled and under the gate)"})
+            continue
+        if not run.loss_curve:
+            continue
+        first, best = run.loss_curve[0], max(run.loss_curve)
+        checks.append({"name": f"loss rises: {name}", "passed": bool(best > first + 1e-4),
+                       "detail": f"start {first:.4g}, max {best:.4g}, "
+                                 f"end {run.loss_curve[-1]:.4g}"})
+    return checks
+
+
 def sanity_checks(model: nn.Module, classifier: nn.Module, images: torch.Tensor,
                   labels: torch.Tensor, levels: int, ball: int, column: tuple[str, int | None],
                   threshold: float | None, settings: SuiteSettings,
@@ -696,46 +757,8 @@ def sanity_checks(model: nn.Module, classifier: nn.Module, images: torch.Tensor,
                        "detail": f"{quarter.steps} steps: {100 * a_q:.0f}%, "
                                  f"{settings.steps} steps: {100 * a_f:.0f}% (raw, separate "
                                  f"runs, first {m} images)"})
-    square = runs.get(f"square|{ck}")
-    attacked = (square.summary.get("attacked") or []) if square is not None else []
-    if attacked and settings.queries >= 4:
-        fewer = settings.queries // 4
-        log(f"sanity: square vs {ck} with {fewer} queries on the same {len(attacked)} images")
-        idx = torch.tensor(attacked)
-        exact = exact_pipeline(model, classifier, defence, e, threshold, settings.batch_size)
-        run = _cached(cache, f"adaptive-sanity-square-q{fewer}-{ck.replace('@', '-e')}",
-                      {"stage": "adaptive-sanity-square", **key, "ball": ball,
-                       "queries": fewer, "images": attacked, "column": ck,
-                       "seed": settings.seed},
-                      lambda: run_square(exact, all_images[idx], all_labels[idx], levels,
-                                         ball, fewer, settings.seed))
-        k_few, k_full = int(run.fooled.sum()), int(square.fooled[idx.numpy()].sum())
-        checks.append({"name": "more queries never help the defence",
-                       "passed": bool(k_full >= k_few - max(1, len(attacked) // 20)),
-                       "detail": f"Square fooled {k_few} of {len(attacked)} with {fewer} "
-                                 f"queries, {k_full} with {settings.queries} (raw, "
-                                 "separate runs)"})
-    if base_run is not None and base_run.accuracy_curve:
-        start, end = base_run.accuracy_curve[0], base_run.accuracy_curve[-1]
-        checks.append({"name": "gradient steps fool images beyond the random start",
-                       "passed": bool(end < start),
-                       "detail": f"{100 * start:.1f}% after the random start, "
-                                 f"{100 * end:.1f}% after {settings.steps} steps"})
-    for name, run in runs.items():
-        if name.startswith("detector|") and run.accuracy_curve:
-            # a constrained attack from the clean image: its penalised loss may well start
-            # at its maximum; what must happen is that it fools images beyond the start
-            start, end = run.accuracy_curve[0], run.accuracy_curve[-1]
-            checks.append({"name": f"steps fool images beyond the start: {name}",
-                           "passed": bool(end < start),
-                           "detail": f"{100 * start:.1f}% at the start, {100 * end:.1f}% "
-                                     "at the end (fooled and under the gate)"})
-            continue
-        if not run.loss_curve:
-            continue
-        first, best = run.loss_curve[0], max(run.loss_curve)
-        checks.append({"name": f"loss rises: {name}", "passed": bool(best > first + 1e-4),
-                       "detail": f"start {first:.4g}, max {best:.4g}, "
-                                 f"end {run.loss_curve[-1]:.4g}"})
+    checks += _square_check(model, classifier, all_images, all_labels, levels, ball, column,
+                            threshold, settings, runs, cache, key, log)
+    checks += _curve_checks(runs, base_run, settings.steps)
     return {"column": ck, "attack": attack, "n": m, "eps_sweep": sweep, "checks": checks,
             "passed": all(c["passed"] for c in checks)}
