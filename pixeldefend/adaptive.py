@@ -108,6 +108,22 @@ Objective = Callable[[torch.Tensor, torch.Tensor, int],
                      tuple[torch.Tensor, torch.Tensor | None]]
 
 
+def _record(idx: torch.Tensor, success: torch.Tensor, last: bool, q: torch.Tensor,
+            pred: torch.Tensor, ok: torch.Tensor | None, done: np.ndarray,
+            adv: torch.Tensor, pred_out: torch.Tensor, gate_ok: np.ndarray) -> None:
+    """Keep the iterates that succeed (at the last step every one, unless an earlier
+    restart already succeeded on that image) and mark the successes done."""
+    keep = torch.ones_like(success) if last else success
+    sel = idx[keep]
+    new = ~torch.from_numpy(done[sel.numpy()]) | success[keep]
+    sel, qk, pk = sel[new], q[keep][new], pred[keep][new]
+    adv[sel] = qk
+    pred_out[sel] = pk
+    if ok is not None:
+        gate_ok[sel.numpy()] = ok[keep][new].numpy()
+    done[idx[success].numpy()] = True
+
+
 def run_pgd(name: str, objective: Objective,
             exact_logits: Callable[[torch.Tensor], torch.Tensor],
             images: torch.Tensor, labels: torch.Tensor, levels: int, ball: int, *,
@@ -160,19 +176,11 @@ def run_pgd(name: str, objective: Objective,
             pred = logits.detach().argmax(1).cpu()
             idx = active[live]
             success = pred != labels[idx]
-            if gate is not None:
-                ok = gate(q).cpu()
+            ok = gate(q).cpu() if gate is not None else None
+            if ok is not None:
                 success = success & ok
             last_loss[idx] = loss.detach().float().cpu()
-            keep = success if t < steps else torch.ones_like(success)
-            sel = idx[keep]
-            new = ~torch.from_numpy(done[sel.numpy()]) | success[keep]
-            sel, qk, pk = sel[new], q[keep][new], pred[keep][new]
-            adv[sel] = qk
-            pred_out[sel] = pk
-            if gate is not None:
-                gate_ok[sel.numpy()] = ok[keep][new].numpy()
-            done[idx[success].numpy()] = True
+            _record(idx, success, t == steps, q, pred, ok, done, adv, pred_out, gate_ok)
             if r == 0:
                 loss_curve.append(float(last_loss.mean()))
             acc_curve.append(float(1 - done.mean()))
