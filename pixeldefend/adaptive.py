@@ -108,6 +108,22 @@ Objective = Callable[[torch.Tensor, torch.Tensor, int],
                      tuple[torch.Tensor, torch.Tensor | None]]
 
 
+def _record(idx: torch.Tensor, success: torch.Tensor, last: bool, q: torch.Tensor,
+            pred: torch.Tensor, ok: torch.Tensor | None, done: np.ndarray,
+            adv: torch.Tensor, pred_out: torch.Tensor, gate_ok: np.ndarray) -> None:
+    """Keep the iterates that succeed (at the last step every one, unless an earlier
+    restart already succeeded on that image) and mark the successes done."""
+    keep = torch.ones_like(success) if last else success
+    sel = idx[keep]
+    new = ~torch.from_numpy(done[sel.numpy()]) | success[keep]
+    sel, qk, pk = sel[new], q[keep][new], pred[keep][new]
+    adv[sel] = qk
+    pred_out[sel] = pk
+    if ok is not None:
+        gate_ok[sel.numpy()] = ok[keep][new].numpy()
+    done[idx[success].numpy()] = True
+
+
 def run_pgd(name: str, objective: Objective,
             exact_logits: Callable[[torch.Tensor], torch.Tensor],
             images: torch.Tensor, labels: torch.Tensor, levels: int, ball: int, *,
@@ -160,19 +176,11 @@ def run_pgd(name: str, objective: Objective,
             pred = logits.detach().argmax(1).cpu()
             idx = active[live]
             success = pred != labels[idx]
-            if gate is not None:
-                ok = gate(q).cpu()
+            ok = gate(q).cpu() if gate is not None else None
+            if ok is not None:
                 success = success & ok
             last_loss[idx] = loss.detach().float().cpu()
-            keep = success if t < steps else torch.ones_like(success)
-            sel = idx[keep]
-            new = ~torch.from_numpy(done[sel.numpy()]) | success[keep]
-            sel, qk, pk = sel[new], q[keep][new], pred[keep][new]
-            adv[sel] = qk
-            pred_out[sel] = pk
-            if gate is not None:
-                gate_ok[sel.numpy()] = ok[keep][new].numpy()
-            done[idx[success].numpy()] = True
+            _record(idx, success, t == steps, q, pred, ok, done, adv, pred_out, gate_ok)
             if r == 0:
                 loss_curve.append(float(last_loss.mean()))
             acc_curve.append(float(1 - done.mean()))
@@ -410,7 +418,7 @@ def attack_column(name: str, model: nn.Module, classifier: nn.Module, defence: s
 
 def _cached(cache: Any, name: str, key: dict[str, Any], work: Callable[[], AttackRun]
             ) -> AttackRun:
-    """Load an AttackRun from a `evaluate.StageCache`, or run and store it."""
+    """Load an AttackRun from a `evaluation.run.StageCache`, or run and store it."""
     if cache is not None:
         hit = cache.load(name, key)
         if hit is not None:
@@ -437,6 +445,83 @@ def _rate(correct: np.ndarray) -> dict[str, Any]:
     lo, hi = wilson(k, n)
     return {"n": n, "correct": k, "accuracy": k / n if n else math.nan,
             "ci95": [lo, hi], "ci_method": "Wilson score"}
+
+
+def _run_on_column(name: str, defence: str, e: int | None, correct: np.ndarray,
+                   defended_clean: np.ndarray, exact: Callable[[torch.Tensor], torch.Tensor],
+                   model: nn.Module, classifier: nn.Module, images: torch.Tensor,
+                   labels: torch.Tensor, levels: int, ball: int, threshold: float | None,
+                   settings: SuiteSettings, cache: Any, key: dict[str, Any],
+                   log: Callable[[str], None]) -> tuple[AttackRun, dict[str, Any]]:
+    """One attack (not cw-bs) against one column, on the survivors (`correct`) when
+    --on-survivors asks for it; returns its run over every image and its table entry."""
+    y = labels.numpy()
+    ck = "none" if defence == "none" else f"{defence}@{e}"
+    entry: dict[str, Any] = {}
+    on_survivors = name in settings.on_survivors and not (
+        name == "square" and settings.square_all)
+    index = np.flatnonzero(correct) if on_survivors else np.arange(len(y))
+    if on_survivors:
+        entry["run_on"] = "survivors of every earlier attack"
+        entry["survivors"] = int(len(index))
+        if name == "square" and settings.square_n is not None \
+                and len(index) > settings.square_n:
+            index = index[:settings.square_n]
+            entry["run_on"] += f", the first {settings.square_n} of them"
+        entry["n_attacked"] = int(len(index))
+    log(f"{name} on {len(index)} images vs {ck}")
+    sub = torch.from_numpy(index)
+    stage = {"stage": f"adaptive-{name}", **key, "ball": ball, "column": ck,
+             "settings": ({"queries": settings.queries, "seed": settings.seed}
+                          if name == "square" else settings.pgd_key()),
+             "images": index.tolist() if on_survivors else "all",
+             **({"random_start": False} if name == "detector" else {})}
+    if len(sub) == 0:
+        part = AttackRun(name, images[:0].clone(), np.zeros(0, dtype=np.int64),
+                         np.zeros(0, dtype=bool), summary={"skipped": True})
+    elif name == "square":
+        part = _cached(cache, f"adaptive-square-eps{ball}-{ck.replace('@', '-e')}",
+                       stage, lambda sub=sub, exact=exact: run_square(
+                           exact, images[sub], labels[sub], levels, ball,
+                           settings.queries, settings.seed))
+    else:
+        part = _cached(cache, f"adaptive-{name}-eps{ball}-{ck.replace('@', '-e')}",
+                       stage, lambda name=name, defence=defence, e=e, sub=sub:
+                       attack_column(name, model, classifier, defence, e,
+                                     threshold, images[sub], labels[sub], levels,
+                                     ball, settings))
+    if on_survivors:
+        fooled = np.zeros(len(y), dtype=bool)
+        fooled[index] = part.fooled
+        pred = defended_clean.copy()
+        pred[index] = part.pred
+        adv = images.clone()
+        adv[sub] = part.adversarial
+        run = AttackRun(name, adv, pred, fooled, part.loss_curve,
+                        part.accuracy_curve, None,
+                        {**part.summary, "attacked": index.tolist()})
+        entry["fooled_of_attacked"] = int(part.fooled.sum())
+        entry.update(_rate(~part.fooled))  # accuracy on the images it attacked
+    else:
+        run = part
+        entry.update(_rate(~run.fooled))
+    return run, entry
+
+
+def _describe_run(run: AttackRun, entry: dict[str, Any], clean_pred: np.ndarray,
+                  y: np.ndarray) -> None:
+    """Add the run's summary, curves, cost and gate figures to its table entry."""
+    entry["summary"] = run.summary
+    if run.loss_curve:
+        entry["loss_curve"] = run.loss_curve
+        entry["accuracy_curve"] = run.accuracy_curve
+        per_step = run.summary.get("seconds", 0) / max(1, run.summary.get(
+            "forward_passes", 0))
+        entry["seconds_per_image_step"] = round(per_step, 5)
+    if run.passes_gate is not None:
+        entry["passes_gate"] = float(run.passes_gate.mean())
+        entry["fooled_and_passes_gate"] = float((run.fooled & run.passes_gate).mean())
+        entry["undefended_fooled"] = float((clean_pred != y).mean())
 
 
 def run_suite(model: nn.Module, classifier: nn.Module, images: torch.Tensor,
@@ -506,68 +591,13 @@ def run_suite(model: nn.Module, classifier: nn.Module, images: torch.Tensor,
                                 summary=cw_adv.summary)
                 entry.update(_rate(~run.fooled))
             else:
-                on_survivors = name in settings.on_survivors and not (
-                    name == "square" and settings.square_all)
-                index = np.flatnonzero(correct) if on_survivors else np.arange(len(y))
-                if on_survivors:
-                    entry["run_on"] = "survivors of every earlier attack"
-                    entry["survivors"] = int(len(index))
-                    if name == "square" and settings.square_n is not None \
-                            and len(index) > settings.square_n:
-                        index = index[:settings.square_n]
-                        entry["run_on"] += f", the first {settings.square_n} of them"
-                    entry["n_attacked"] = int(len(index))
-                log(f"{name} on {len(index)} images vs {ck}")
-                sub = torch.from_numpy(index)
-                stage = {"stage": f"adaptive-{name}", **key, "ball": ball, "column": ck,
-                         "settings": ({"queries": settings.queries, "seed": settings.seed}
-                                      if name == "square" else settings.pgd_key()),
-                         "images": index.tolist() if on_survivors else "all",
-                         **({"random_start": False} if name == "detector" else {})}
-                if len(sub) == 0:
-                    part = AttackRun(name, images[:0].clone(), np.zeros(0, dtype=np.int64),
-                                     np.zeros(0, dtype=bool), summary={"skipped": True})
-                elif name == "square":
-                    part = _cached(cache, f"adaptive-square-eps{ball}-{ck.replace('@', '-e')}",
-                                   stage, lambda sub=sub, exact=exact: run_square(
-                                       exact, images[sub], labels[sub], levels, ball,
-                                       settings.queries, settings.seed))
-                else:
-                    part = _cached(cache, f"adaptive-{name}-eps{ball}-{ck.replace('@', '-e')}",
-                                   stage, lambda name=name, defence=defence, e=e, sub=sub:
-                                   attack_column(name, model, classifier, defence, e,
-                                                 threshold, images[sub], labels[sub], levels,
-                                                 ball, settings))
-                if on_survivors:
-                    fooled = np.zeros(len(y), dtype=bool)
-                    fooled[index] = part.fooled
-                    pred = defended_clean.copy()
-                    pred[index] = part.pred
-                    adv = images.clone()
-                    adv[sub] = part.adversarial
-                    run = AttackRun(name, adv, pred, fooled, part.loss_curve,
-                                    part.accuracy_curve, None,
-                                    {**part.summary, "attacked": index.tolist()})
-                    entry["fooled_of_attacked"] = int(part.fooled.sum())
-                    entry.update(_rate(~part.fooled))  # accuracy on the images it attacked
-                else:
-                    run = part
-                    entry.update(_rate(~run.fooled))
+                run, entry = _run_on_column(name, defence, e, correct, defended_clean, exact,
+                                            model, classifier, images, labels, levels, ball,
+                                            threshold, settings, cache, key, log)
             runs[f"{name}|{ck}"] = run
-            ok = ~run.fooled
-            entry["summary"] = run.summary
-            if run.loss_curve:
-                entry["loss_curve"] = run.loss_curve
-                entry["accuracy_curve"] = run.accuracy_curve
-                per_step = run.summary.get("seconds", 0) / max(1, run.summary.get(
-                    "forward_passes", 0))
-                entry["seconds_per_image_step"] = round(per_step, 5)
-            if run.passes_gate is not None:
-                entry["passes_gate"] = float(run.passes_gate.mean())
-                entry["fooled_and_passes_gate"] = float((run.fooled & run.passes_gate).mean())
-                entry["undefended_fooled"] = float((clean_pred != y).mean())
+            _describe_run(run, entry, clean_pred, y)
             col["attacks"][name] = entry
-            correct &= ok
+            correct &= ~run.fooled
         col["worst_case"] = _rate(correct)
         col["worst_case"]["attacks"] = list(col["attacks"]) + (
             ["earlier attacks"] if prior_correct is not None and ck in prior_correct else [])
@@ -601,6 +631,67 @@ def measure_agreement(model: nn.Module, classifier: nn.Module, images: torch.Ten
             rows.append(a.as_dict())
         out[f"purify@{e}"] = rows
     return out
+
+
+def _square_check(model: nn.Module, classifier: nn.Module, images: torch.Tensor,
+                  labels: torch.Tensor, levels: int, ball: int, column: tuple[str, int | None],
+                  threshold: float | None, settings: SuiteSettings,
+                  runs: dict[str, AttackRun], cache: Any, key: dict[str, Any],
+                  log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Square with a quarter of the queries, on the images it attacked, fools no more."""
+    defence, e = column
+    ck = "none" if defence == "none" else f"{defence}@{e}"
+    all_images, all_labels = images, labels
+    checks: list[dict[str, Any]] = []
+    square = runs.get(f"square|{ck}")
+    attacked = (square.summary.get("attacked") or []) if square is not None else []
+    if attacked and settings.queries >= 4:
+        fewer = settings.queries // 4
+        log(f"sanity: square vs {ck} with {fewer} queries on the same {len(attacked)} images")
+        idx = torch.tensor(attacked)
+        exact = exact_pipeline(model, classifier, defence, e, threshold, settings.batch_size)
+        run = _cached(cache, f"adaptive-sanity-square-q{fewer}-{ck.replace('@', '-e')}",
+                      {"stage": "adaptive-sanity-square", **key, "ball": ball,
+                       "queries": fewer, "images": attacked, "column": ck,
+                       "seed": settings.seed},
+                      lambda: run_square(exact, all_images[idx], all_labels[idx], levels,
+                                         ball, fewer, settings.seed))
+        k_few, k_full = int(run.fooled.sum()), int(square.fooled[idx.numpy()].sum())
+        checks.append({"name": "more queries never help the defence",
+                       "passed": bool(k_full >= k_few - max(1, len(attacked) // 20)),
+                       "detail": f"Square fooled {k_few} of {len(attacked)} with {fewer} "
+                                 f"queries, {k_full} with {settings.queries} (raw, "
+                                 "separate runs)"})
+    return checks
+
+
+def _curve_checks(runs: dict[str, AttackRun], base_run: AttackRun | None,
+                  steps: int) -> list[dict[str, Any]]:
+    """Gradient steps fool images beyond the start, and every loss rises."""
+    checks: list[dict[str, Any]] = []
+    if base_run is not None and base_run.accuracy_curve:
+        start, end = base_run.accuracy_curve[0], base_run.accuracy_curve[-1]
+        checks.append({"name": "gradient steps fool images beyond the random start",
+                       "passed": bool(end < start),
+                       "detail": f"{100 * start:.1f}% after the random start, "
+                                 f"{100 * end:.1f}% after {steps} steps"})
+    for name, run in runs.items():
+        if name.startswith("detector|") and run.accuracy_curve:
+            # a constrained attack from the clean image: its penalised loss may well start
+            # at its maximum; what must happen is that it fools images beyond the start
+            start, end = run.accuracy_curve[0], run.accuracy_curve[-1]
+            checks.append({"name": f"steps fool images beyond the start: {name}",
+                           "passed": bool(end < start),
+                           "detail": f"{100 * start:.1f}% at the start, {100 * end:.1f}% "
+                                     "at the end (fooled and under the gate)"})
+            continue
+        if not run.loss_curve:
+            continue
+        first, best = run.loss_curve[0], max(run.loss_curve)
+        checks.append({"name": f"loss rises: {name}", "passed": bool(best > first + 1e-4),
+                       "detail": f"start {first:.4g}, max {best:.4g}, "
+                                 f"end {run.loss_curve[-1]:.4g}"})
+    return checks
 
 
 def sanity_checks(model: nn.Module, classifier: nn.Module, images: torch.Tensor,
@@ -674,46 +765,8 @@ def sanity_checks(model: nn.Module, classifier: nn.Module, images: torch.Tensor,
                        "detail": f"{quarter.steps} steps: {100 * a_q:.0f}%, "
                                  f"{settings.steps} steps: {100 * a_f:.0f}% (raw, separate "
                                  f"runs, first {m} images)"})
-    square = runs.get(f"square|{ck}")
-    attacked = (square.summary.get("attacked") or []) if square is not None else []
-    if attacked and settings.queries >= 4:
-        fewer = settings.queries // 4
-        log(f"sanity: square vs {ck} with {fewer} queries on the same {len(attacked)} images")
-        idx = torch.tensor(attacked)
-        exact = exact_pipeline(model, classifier, defence, e, threshold, settings.batch_size)
-        run = _cached(cache, f"adaptive-sanity-square-q{fewer}-{ck.replace('@', '-e')}",
-                      {"stage": "adaptive-sanity-square", **key, "ball": ball,
-                       "queries": fewer, "images": attacked, "column": ck,
-                       "seed": settings.seed},
-                      lambda: run_square(exact, all_images[idx], all_labels[idx], levels,
-                                         ball, fewer, settings.seed))
-        k_few, k_full = int(run.fooled.sum()), int(square.fooled[idx.numpy()].sum())
-        checks.append({"name": "more queries never help the defence",
-                       "passed": bool(k_full >= k_few - max(1, len(attacked) // 20)),
-                       "detail": f"Square fooled {k_few} of {len(attacked)} with {fewer} "
-                                 f"queries, {k_full} with {settings.queries} (raw, "
-                                 "separate runs)"})
-    if base_run is not None and base_run.accuracy_curve:
-        start, end = base_run.accuracy_curve[0], base_run.accuracy_curve[-1]
-        checks.append({"name": "gradient steps fool images beyond the random start",
-                       "passed": bool(end < start),
-                       "detail": f"{100 * start:.1f}% after the random start, "
-                                 f"{100 * end:.1f}% after {settings.steps} steps"})
-    for name, run in runs.items():
-        if name.startswith("detector|") and run.accuracy_curve:
-            # a constrained attack from the clean image: its penalised loss may well start
-            # at its maximum; what must happen is that it fools images beyond the start
-            start, end = run.accuracy_curve[0], run.accuracy_curve[-1]
-            checks.append({"name": f"steps fool images beyond the start: {name}",
-                           "passed": bool(end < start),
-                           "detail": f"{100 * start:.1f}% at the start, {100 * end:.1f}% "
-                                     "at the end (fooled and under the gate)"})
-            continue
-        if not run.loss_curve:
-            continue
-        first, best = run.loss_curve[0], max(run.loss_curve)
-        checks.append({"name": f"loss rises: {name}", "passed": bool(best > first + 1e-4),
-                       "detail": f"start {first:.4g}, max {best:.4g}, "
-                                 f"end {run.loss_curve[-1]:.4g}"})
+    checks += _square_check(model, classifier, all_images, all_labels, levels, ball, column,
+                            threshold, settings, runs, cache, key, log)
+    checks += _curve_checks(runs, base_run, settings.steps)
     return {"column": ck, "attack": attack, "n": m, "eps_sweep": sweep, "checks": checks,
             "passed": all(c["passed"] for c in checks)}

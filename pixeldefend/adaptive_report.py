@@ -36,6 +36,90 @@ def sanity_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _eps_table(sr: dict[str, Any], labels: dict[str, str]) -> list[str]:
+    """The heading and accuracy table of one eps."""
+    cols = list(sr["columns"])
+    out = [f"### eps {sr['eps_text']} ({sr['ball']} levels), {sr['n']} images", ""]
+    out.append("| attack | " + " | ".join(labels.get(k, k) for k in cols) + " |")
+    out.append("|---|" + "---:|" * len(cols))
+    names: list[str] = []
+    for c in sr["columns"].values():
+        names += [a for a in c["attacks"] if a not in names]
+    out.append("| clean | " + " | ".join(_ci(sr["columns"][k]["clean"]) for k in cols)
+               + " |")
+    if any("prior" in sr["columns"][k] for k in cols):
+        out.append("| earlier attacks, per image | " + " | ".join(
+            _ci(sr["columns"][k]["prior"]) if "prior" in sr["columns"][k] else "–"
+            for k in cols) + " |")
+    for a in names:
+        cells = []
+        for k in cols:
+            e = sr["columns"][k]["attacks"].get(a)
+            if e is None:
+                cells.append("–")
+            elif "n_attacked" in e:
+                cells.append(f"{e.get('fooled_of_attacked', 0)} of "
+                             f"{e.get('n_attacked', 0)} attacked fooled "
+                             f"({e.get('survivors', '?')} survivors)")
+            else:
+                cells.append(_ci(e))
+        out.append(f"| {a} | " + " | ".join(cells) + " |")
+    out.append("| **worst case per image, every attack** | " + " | ".join(
+        f"**{_ci(sr['columns'][k]['worst_case'])}**" for k in cols) + " |")
+    out.append("")
+    return out
+
+
+def _eps_notes(sr: dict[str, Any], labels: dict[str, str]) -> list[str]:
+    """Detector-aware results, cost, surrogate agreement and sanity checks of one eps."""
+    cols = list(sr["columns"])
+    out: list[str] = []
+    for k in cols:
+        for dname in ("detector", "detector-random"):
+            det = sr["columns"][k]["attacks"].get(dname)
+            if det is None:
+                continue
+            out.append(
+                f"- {dname} (detector-aware) vs {labels.get(k, k)}: accuracy "
+                f"{_pct(det['accuracy'])}% (fools the classifier through the defence: "
+                f"{_pct(1 - det['accuracy'])}%); adversarial images under the bits/dim "
+                f"threshold (pass the gate): {_pct(det['passes_gate'])}%; fool the "
+                f"classifier *and* pass the gate: {_pct(det['fooled_and_passes_gate'])}%.")
+    cost = []
+    for k in cols:
+        for a, e in sr["columns"][k]["attacks"].items():
+            if "seconds_per_image_step" in e:
+                cost.append(f"{a} vs {labels.get(k, k)} "
+                            f"{1000 * e['seconds_per_image_step']:.1f} ms")
+            elif a == "square" and e.get("n_attacked"):  # no steps: whole run
+                secs = e["summary"].get("seconds", 0)
+                cost.append(f"square vs {labels.get(k, k)} {secs:.0f} s for "
+                            f"{e['n_attacked']} images × ≤ {e['summary'].get('queries')} "
+                            "queries")
+    if cost:
+        out += ["", "Cost per attack step per image (wall clock, one thread, including "
+                    "the exact purification of every iterate): " + "; ".join(cost) + "."]
+    agree = sr.get("agreement") or {}
+    if agree:
+        out += ["", "Surrogate vs exact purifier (round(surrogate) == exact):", "",
+                "| column | forward | temperature | passes | sub-pixels | sub-pixels the "
+                "purifier changed | classifier |", "|---|---|---:|---:|---:|---:|---:|"]
+        for k, rows in agree.items():
+            for r in rows:
+                out.append(f"| {labels.get(k, k)} | "
+                           f"{'anchored at exact (bpda-surrogate)' if r['anchored'] else 'from input (surrogate-pgd)'} | "  # noqa: E501
+                           f"{r['temperature']:g} | {r['passes']} | {_pct(r['subpixels'])} | "
+                           f"{_pct(r['changed_subpixels'])} | {_pct(r['classifier'])} |")
+    san = sr.get("sanity")
+    if san:
+        out += ["", f"Sanity checks ({san['attack']} vs {labels.get(san['column'])}, "
+                    f"first {san['n']} images):", ""]
+        for c in san["checks"]:
+            mark = "passed" if c["passed"] else "**FAILED**"
+            out.append(f"- {mark}: {c['name']}: {c['detail']}")
+    return out
+
+
 def adaptive_markdown(results: dict[str, Any]) -> list[str]:
     """Markdown lines of the adaptive section (empty when the suite did not run)."""
     suite = results.get("adaptive") or []
@@ -51,78 +135,7 @@ def adaptive_markdown(results: dict[str, Any]) -> list[str]:
            "cw-bs is oblivious (it attacks the bare classifier) with a binary search over c.",
            ""]
     for sr in suite:
-        cols = list(sr["columns"])
-        out += [f"### eps {sr['eps_text']} ({sr['ball']} levels), {sr['n']} images", ""]
-        out.append("| attack | " + " | ".join(labels.get(k, k) for k in cols) + " |")
-        out.append("|---|" + "---:|" * len(cols))
-        names: list[str] = []
-        for c in sr["columns"].values():
-            names += [a for a in c["attacks"] if a not in names]
-        out.append("| clean | " + " | ".join(_ci(sr["columns"][k]["clean"]) for k in cols)
-                   + " |")
-        if any("prior" in sr["columns"][k] for k in cols):
-            out.append("| earlier attacks, per image | " + " | ".join(
-                _ci(sr["columns"][k]["prior"]) if "prior" in sr["columns"][k] else "–"
-                for k in cols) + " |")
-        for a in names:
-            cells = []
-            for k in cols:
-                e = sr["columns"][k]["attacks"].get(a)
-                if e is None:
-                    cells.append("–")
-                elif "n_attacked" in e:
-                    cells.append(f"{e.get('fooled_of_attacked', 0)} of "
-                                 f"{e.get('n_attacked', 0)} attacked fooled "
-                                 f"({e.get('survivors', '?')} survivors)")
-                else:
-                    cells.append(_ci(e))
-            out.append(f"| {a} | " + " | ".join(cells) + " |")
-        out.append("| **worst case per image, every attack** | " + " | ".join(
-            f"**{_ci(sr['columns'][k]['worst_case'])}**" for k in cols) + " |")
-        out.append("")
-        for k in cols:
-            for dname in ("detector", "detector-random"):
-                det = sr["columns"][k]["attacks"].get(dname)
-                if det is None:
-                    continue
-                out.append(
-                    f"- {dname} (detector-aware) vs {labels.get(k, k)}: accuracy "
-                    f"{_pct(det['accuracy'])}% (fools the classifier through the defence: "
-                    f"{_pct(1 - det['accuracy'])}%); adversarial images under the bits/dim "
-                    f"threshold (pass the gate): {_pct(det['passes_gate'])}%; fool the "
-                    f"classifier *and* pass the gate: {_pct(det['fooled_and_passes_gate'])}%.")
-        cost = []
-        for k in cols:
-            for a, e in sr["columns"][k]["attacks"].items():
-                if "seconds_per_image_step" in e:
-                    cost.append(f"{a} vs {labels.get(k, k)} "
-                                f"{1000 * e['seconds_per_image_step']:.1f} ms")
-                elif a == "square" and e.get("n_attacked"):  # no steps: whole run
-                    secs = e["summary"].get("seconds", 0)
-                    cost.append(f"square vs {labels.get(k, k)} {secs:.0f} s for "
-                                f"{e['n_attacked']} images × ≤ {e['summary'].get('queries')} "
-                                "queries")
-        if cost:
-            out += ["", "Cost per attack step per image (wall clock, one thread, including "
-                        "the exact purification of every iterate): " + "; ".join(cost) + "."]
-        agree = sr.get("agreement") or {}
-        if agree:
-            out += ["", "Surrogate vs exact purifier (round(surrogate) == exact):", "",
-                    "| column | forward | temperature | passes | sub-pixels | sub-pixels the "
-                    "purifier changed | classifier |", "|---|---|---:|---:|---:|---:|---:|"]
-            for k, rows in agree.items():
-                for r in rows:
-                    out.append(f"| {labels.get(k, k)} | "
-                               f"{'anchored at exact (bpda-surrogate)' if r['anchored'] else 'from input (surrogate-pgd)'} | "  # noqa: E501
-                               f"{r['temperature']:g} | {r['passes']} | {_pct(r['subpixels'])} | "
-                               f"{_pct(r['changed_subpixels'])} | {_pct(r['classifier'])} |")
-        san = sr.get("sanity")
-        if san:
-            out += ["", f"Sanity checks ({san['attack']} vs {labels.get(san['column'])}, "
-                        f"first {san['n']} images):", ""]
-            for c in san["checks"]:
-                mark = "passed" if c["passed"] else "**FAILED**"
-                out.append(f"- {mark}: {c['name']}: {c['detail']}")
+        out += _eps_table(sr, labels) + _eps_notes(sr, labels)
         out.append("")
     for line in sanity_lines(results):
         if line.startswith("SANITY"):

@@ -40,6 +40,7 @@ from .errors import DataError, UsageError
 from .pixels import (
     check_images,
     clip_to_ball,
+    level_fraction,
     quantise,
     straight_through_round,
     to_float,
@@ -83,6 +84,55 @@ def _check_inputs(images: torch.Tensor, labels: Any, levels: int, steps: int,
     return labels
 
 
+def _pgd_batch(defended: nn.Module | Callable[[torch.Tensor], torch.Tensor],
+               clean_u8: torch.Tensor, y: torch.Tensor, levels: int, ball: int, step: float,
+               steps: int, eot: int, random_start: bool, generator: torch.Generator,
+               dev: torch.device, progress: Callable[[int, int], None] | None
+               ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, int]:
+    """BPDA on one batch: (adversarial uint8, predictions, first fooling step or -1,
+    forward passes). Images leave the loop as soon as they are fooled."""
+    eps_used = level_fraction(ball, levels)
+    adv_out = clean_u8.clone()
+    pred_out = torch.empty(clean_u8.shape[0], dtype=torch.long)
+    first = np.full(clean_u8.shape[0], -1, dtype=np.int64)
+    forwards = 0
+    x0 = to_float(clean_u8, levels)
+    if random_start and ball > 0:
+        noise = torch.randint(-ball, ball + 1, x0.shape, generator=generator)
+        x = (x0 + to_float(noise, levels)).clamp(0.0, 1.0)
+    else:
+        x = x0.clone()
+    active = torch.arange(x0.shape[0])  # images not fooled yet
+    for t in range(steps + 1):
+        last = t == steps
+        xa = x[active].to(dev).requires_grad_(not last)
+        grad = torch.zeros_like(xa)
+        with torch.set_grad_enabled(not last):
+            for k in range(1 if last else eot):
+                logits = defended(straight_through_round(xa, levels))
+                forwards += 1
+                if k == 0:
+                    pred = logits.detach().argmax(1).cpu()
+                if not last:
+                    loss = F.cross_entropy(logits, y[active].to(dev), reduction="sum")
+                    grad += torch.autograd.grad(loss, xa)[0]
+        fooled = pred != y[active]
+        # keep the fooled iterates (and, at the end, the last one of the rest)
+        keep = slice(None) if last else fooled
+        idx = active[keep]
+        adv_out[idx] = quantise(x[idx], clean_u8[idx], levels, ball)
+        pred_out[idx] = pred[keep]
+        first[active[fooled].numpy()] = t
+        if progress is not None:
+            progress(len(active), int((~fooled).sum()))
+        active, grad = active[~fooled], grad[~fooled]
+        if last or len(active) == 0:
+            break
+        moved = x[active] + step * grad.sign().cpu()
+        x[active] = clip_to_ball(moved, x0[active], eps_used)
+    return adv_out, pred_out, first, forwards
+
+
 def bpda_attack(
     defended: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
@@ -111,8 +161,8 @@ def bpda_attack(
     labels = _check_inputs(images, labels, levels, steps, eot)
     budget = resolve_eps(eps, levels, eps_levels)
     ball = budget.ball
-    eps_used = ball / (levels - 1)
-    step = float(alpha) if alpha is not None else default_alpha(eps_used, steps)
+    step = float(alpha) if alpha is not None else \
+        default_alpha(level_fraction(ball, levels), steps)
     if not 0 < step <= 1:
         raise UsageError(f"BPDA step size must be in (0, 1], got {step}")
     dev = torch.device(device)
@@ -126,42 +176,11 @@ def bpda_attack(
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     for lo in range(0, n, batch_size):
-        clean_u8 = images[lo:lo + batch_size]
-        y = labels[lo:lo + batch_size]
-        x0 = to_float(clean_u8, levels)
-        if random_start and ball > 0:
-            noise = torch.randint(-ball, ball + 1, x0.shape, generator=generator)
-            x = (x0 + to_float(noise, levels)).clamp(0.0, 1.0)
-        else:
-            x = x0.clone()
-        active = torch.arange(x0.shape[0])  # images not fooled yet
-        for t in range(steps + 1):
-            last = t == steps
-            xa = x[active].to(dev).requires_grad_(not last)
-            grad = torch.zeros_like(xa)
-            with torch.set_grad_enabled(not last):
-                for k in range(1 if last else eot):
-                    logits = defended(straight_through_round(xa, levels))
-                    forwards += 1
-                    if k == 0:
-                        pred = logits.detach().argmax(1).cpu()
-                    if not last:
-                        loss = F.cross_entropy(logits, y[active].to(dev), reduction="sum")
-                        grad += torch.autograd.grad(loss, xa)[0]
-            fooled = pred != y[active]
-            # keep the fooled iterates (and, at the end, the last one of the rest)
-            keep = slice(None) if last else fooled
-            idx = active[keep]
-            adv_out[lo + idx] = quantise(x[idx], clean_u8[idx], levels, ball)
-            pred_out[lo + idx] = pred[keep]
-            first[(lo + active[fooled]).numpy()] = t
-            if progress is not None:
-                progress(len(active), int((~fooled).sum()))
-            active, grad = active[~fooled], grad[~fooled]
-            if last or len(active) == 0:
-                break
-            moved = x[active] + step * grad.sign().cpu()
-            x[active] = clip_to_ball(moved, x0[active], eps_used)
+        hi = min(n, lo + batch_size)
+        adv_out[lo:hi], pred_out[lo:hi], first[lo:hi], used = _pgd_batch(
+            defended, images[lo:hi], labels[lo:hi], levels, ball, step, steps, eot,
+            random_start, generator, dev, progress)
+        forwards += used
     seconds = time.perf_counter() - start
     success = first >= 0
     summary: dict[str, Any] = {

@@ -66,6 +66,11 @@ def ball_levels(eps: float, levels: int) -> int:
     return int(math.floor(eps * (levels - 1) + 1e-6))
 
 
+def level_fraction(k: float, levels: int) -> float:
+    """`k` pixel levels as a fraction of [0, 1]: k / (levels - 1) (a ball, a step size)."""
+    return k / (levels - 1)
+
+
 def clip_to_ball(x: torch.Tensor, centre: torch.Tensor, eps: float) -> torch.Tensor:
     """Float images clipped to the L-inf ball of radius eps around `centre`, and to [0, 1]."""
     return torch.minimum(torch.maximum(x, centre - eps), centre + eps).clamp(0.0, 1.0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .evaluate import Stage
+    from .evaluation.plan import Stage
 
 
 class EvalProgress:

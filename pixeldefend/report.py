@@ -16,7 +16,7 @@ import torch
 
 from .adaptive_report import adaptive_markdown, loss_curve_figure
 from .atomic import write_bytes, write_text
-from .evaluate import Evaluation
+from .evaluation.results import Evaluation
 
 Table = tuple[list[str], list[list[str]], list[str]]  # header, rows, row kinds
 

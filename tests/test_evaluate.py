@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from pixeldefend import evaluate as evaluate_mod
-from pixeldefend.attacks import parse_eps, run_attack
+from pixeldefend.attacks import ATTACK_COST, parse_eps, run_attack
 from pixeldefend.bpda import (
     StraightThroughPurifier,
     bpda_attack,
@@ -25,15 +24,21 @@ from pixeldefend.bpda import (
 )
 from pixeldefend.cli import app
 from pixeldefend.data import load_images
+from pixeldefend.defaults import DEFENCES as DEFAULT_DEFENCES
 from pixeldefend.detector import DensityDetector
 from pixeldefend.errors import UsageError
 from pixeldefend.evaluate import (
+    COST,
     SCHEMA,
     EvaluateSettings,
     default_eps_defend_list,
     default_eps_list,
+    make_plan,
     run_evaluation,
 )
+from pixeldefend.evaluation import run as run_mod
+from pixeldefend.evaluation.defences import DEFENCES as DEFENCE_REGISTRY
+from pixeldefend.evaluation.defences import DefenceSpec
 from pixeldefend.models.classifier import (
     ClassifierConfig,
     ResNetClassifier,
@@ -182,8 +187,8 @@ def test_resume_skips_finished_stages(cli_run, tiny_bundle, classifier_bundle, m
 
     out, doc = cli_run
     calls = {"attack": 0, "bpda": 0, "purify": 0}
-    real = {"attack": evaluate_mod.run_attack, "bpda": evaluate_mod.bpda_attack,
-            "purify": evaluate_mod.purify}
+    real = {"attack": run_mod.run_attack, "bpda": run_mod.bpda_attack,
+            "purify": run_mod.purify}
 
     def counting(name):
         def wrapper(*args, **kwargs):
@@ -191,9 +196,9 @@ def test_resume_skips_finished_stages(cli_run, tiny_bundle, classifier_bundle, m
             return real[name](*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(evaluate_mod, "run_attack", counting("attack"))
-    monkeypatch.setattr(evaluate_mod, "bpda_attack", counting("bpda"))
-    monkeypatch.setattr(evaluate_mod, "purify", counting("purify"))
+    monkeypatch.setattr(run_mod, "run_attack", counting("attack"))
+    monkeypatch.setattr(run_mod, "bpda_attack", counting("bpda"))
+    monkeypatch.setattr(run_mod, "purify", counting("purify"))
     # an interrupted run: the last PGD stage and everything after it never got written
     (out / "cache" / "attack-pgd-eps4.npz").unlink()
     (out / "cache" / "bpda-eps4-purify-e2.npz").unlink()
@@ -351,3 +356,69 @@ def test_bpda_only_at_the_chosen_eps(detector, classifier, digits_test, tmp_path
         run_evaluation(detector, classifier, digits_test.head(10),
                        EvaluateSettings(attacks=("fgsm",), eps=("1",), eps_levels=True,
                                         bpda_eps=("3",)), tmp_path)
+
+
+# ------------------------------------------------------- plan and defence registry
+
+
+def test_stage_names_are_unique_and_stable():
+    """Stage names are cache file names: --resume needs them the same run after run."""
+    settings = EvaluateSettings(attacks=("fgsm", "pgd"), eps=("0.125", "0.25"),
+                                eps_defend=(2,), bpda_n=12).checked()
+    plan = make_plan(settings, LEVELS, 40, 3.0, {"model": "m"})
+    assert list(plan.stages) == [
+        "clean", "attack-fgsm-eps2", "attack-fgsm-eps4", "attack-pgd-eps2",
+        "attack-pgd-eps4", "purify-clean-e2", "purify-fgsm-eps2-e2", "purify-fgsm-eps4-e2",
+        "purify-pgd-eps2-e2", "purify-pgd-eps4-e2", "bpda-eps2-none",
+        "bpda-eps2-purify-e2", "bpda-eps2-adaptive-e2", "bpda-eps4-none",
+        "bpda-eps4-purify-e2", "bpda-eps4-adaptive-e2"]
+    keys = [json.dumps(s.key, sort_keys=True) for s in plan.stages.values()]
+    assert len(set(keys)) == len(keys)  # no two stages could share a cache entry
+    again = make_plan(settings, LEVELS, 40, 3.0, {"model": "m"})
+    assert [s.key for s in again.stages.values()] == [s.key for s in plan.stages.values()]
+    # a purification names its input by the key of the attack that made it
+    assert plan.stages["purify-pgd-eps4-e2"].key["input"] == \
+        plan.stages["attack-pgd-eps4"].key
+    assert plan.stages["bpda-eps4-purify-e2"].items == 12 * (settings.bpda_steps + 2)
+    assert plan.stages["bpda-eps4-none"].items == 12 * (settings.bpda_steps + 1)
+
+
+def test_cache_files_are_the_planned_stages(cli_run):
+    out, doc = cli_run
+    settings = EvaluateSettings(attacks=("fgsm", "pgd"), eps=("0.125", "0.25"),
+                                eps_defend=(2,), bpda_n=12).checked()
+    plan = make_plan(settings, LEVELS, 40, 3.0, {})
+    assert {p.stem for p in (out / "cache").glob("*.npz")} == set(plan.stages)
+
+
+def test_defence_registry_is_the_one_place():
+    assert tuple(DEFENCE_REGISTRY) == DEFAULT_DEFENCES
+    assert COST["bpda-purify"] == DEFENCE_REGISTRY["purify"].bpda_cost
+    assert COST["pgd"] == ATTACK_COST["pgd"]
+
+
+def test_a_registered_defence_appears_in_the_table(detector, classifier, digits_test,
+                                                   tmp_path, monkeypatch):
+    """One registry entry is a whole new column: accuracy, BPDA, worst case, labels."""
+    reject = DefenceSpec("reject", "refuse images above the threshold (counted wrong)",
+                         "reject flagged",
+                         lambda undefended, purified, flagged: np.where(flagged, -1, undefended),
+                         purifies=False, gated=True, bpda_cost=0.01)
+    monkeypatch.setitem(DEFENCE_REGISTRY, "reject", reject)
+    settings = EvaluateSettings(attacks=("fgsm",), eps=("2",), eps_levels=True,
+                                eps_defend=(1,), defences=("reject",), bpda_steps=2, bpda_n=6)
+    ev = run_evaluation(detector, classifier, digits_test.head(10), settings, tmp_path)
+    res = ev.results
+    assert [(c["key"], c["label"]) for c in res["columns"]] == [
+        ("none", "no defence"), ("reject", "reject flagged")]
+    flagged = ev.clean_bpd > res["threshold"]["calibrated"]
+    y = ev.labels.numpy()
+    expected = float(np.mean(np.where(flagged, -1, ev.clean_pred) == y))
+    assert res["clean"]["accuracy"]["reject"] == pytest.approx(expected)
+    bpda = [r for r in res["rows"] if r["attack"] == "bpda"]
+    assert len(bpda) == 1 and set(bpda[0]["accuracy"]) == {"none", "reject"}
+    assert set(res["worst_case"][0]["accuracy"]) == {"none", "reject"}
+    assert (tmp_path / "cache" / "bpda-eps2-reject.npz").exists()
+    from pixeldefend.report import accuracy_table, markdown_table
+
+    assert "reject flagged" in markdown_table(accuracy_table(res))

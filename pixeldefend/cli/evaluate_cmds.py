@@ -1,7 +1,7 @@
 """`pixeldefend evaluate`: attacks x defences table, detection figures, BPDA, report.
 
-Thin: the work is in `pixeldefend.evaluate` (stages, cache, numbers), `pixeldefend.bpda`
-(the adaptive attack) and `pixeldefend.report` (tables, figures, files).
+Thin: the work is in `pixeldefend.evaluation` (plan, stages, cache, numbers),
+`pixeldefend.bpda` (the adaptive attack) and `pixeldefend.report` (tables, figures, files).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import typer
 from rich.progress import TaskID
 from rich.table import Table
 
-from ..defaults import DEFAULT_ATTACKS, DEFENCES
+from ..defaults import DEFAULT_ATTACKS, DEFAULT_CLASSIFIER, DEFAULT_MODEL, DEFENCES
 from ..errors import UsageError
 from ..progress import EvalProgress
 from .app import app
@@ -32,10 +32,9 @@ from .common import (
 from .common import out_console as console
 
 if TYPE_CHECKING:
-    from ..evaluate import Stage
+    from ..adaptive import SuiteSettings
+    from ..evaluation.plan import Stage
 
-DEFAULT_MODEL = Path("models/digits")
-DEFAULT_CLASSIFIER = Path("models/digits-classifier")
 DEFAULT_BPDA_N = 100
 
 
@@ -148,7 +147,7 @@ def _default_out(data: str) -> Path:
 
 
 def _ints(text: str | None, option: str) -> tuple[int, ...] | None:
-    from ..evaluate import parse_list
+    from ..evaluation.plan import parse_list
 
     items = parse_list(text)
     if items is None:
@@ -161,6 +160,51 @@ def _ints(text: str | None, option: str) -> tuple[int, ...] | None:
     if not values:
         raise UsageError(f"{option} needs at least one value")
     return values
+
+
+def _command_line() -> str | None:
+    """The command as typed (without --resume: same results either way), for the report."""
+    if not Path(sys.argv[0]).name.startswith("pixeldefend"):
+        return None
+    return "pixeldefend " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--resume")
+
+
+def _suite_settings(temperature: str, adaptive_alpha: str | None, levels: int,
+                    on_survivors: str | None, **options: Any) -> SuiteSettings:
+    """The adaptive suite's settings from the command line's text options."""
+    from ..adaptive import SuiteSettings
+    from ..attacks import parse_eps
+    from ..evaluation.plan import parse_list
+
+    try:
+        t_start, t_end = (float(v) for v in (parse_list(temperature) or []))
+    except ValueError as exc:
+        raise UsageError("--temperature takes START,END, e.g. 1,0.01") from exc
+    if not (t_start > 0 and t_end > 0):
+        raise UsageError("--temperature values must be positive")
+    alpha = None
+    if adaptive_alpha is not None:
+        alpha = 0.0 if adaptive_alpha.strip() in ("0", "0.0") else \
+            parse_eps(adaptive_alpha, levels).fraction
+    return SuiteSettings(alpha=alpha, t_start=t_start, t_end=t_end,
+                         on_survivors=tuple(a.lower() for a in parse_list(on_survivors) or []),
+                         **options)
+
+
+def _print_tables(results: dict[str, Any]) -> None:
+    """The table format: the first caveat, accuracy, headline, detection, sanity lines."""
+    from ..adaptive_report import sanity_lines
+    from ..report import accuracy_table, detection_table, headline
+
+    console.print(f"[bold]{results['notes'][0]}[/]", highlight=False)
+    console.print(_rich_table(accuracy_table(results),
+                              f"accuracy (%) on {results['config']['n']} images"))
+    for line in headline(results):
+        console.print(f"• {line}", highlight=False)
+    console.print(_rich_table(detection_table(results), "detection by bits/dim"))
+    for line in sanity_lines(results):
+        if not line.startswith("SANITY"):
+            console.print(line, highlight=False)
 
 
 @app.command("evaluate")
@@ -277,15 +321,14 @@ def evaluate(
 
       pixeldefend evaluate ... --format json | jq '.strongest'
     """
-    from ..adaptive import SuiteSettings
     from ..adaptive_report import sanity_lines
     from ..attacks import parse_eps
     from ..data import ImageSpec, load_images
     from ..detector import DensityDetector
-    from ..evaluate import EvaluateSettings, parse_list, run_evaluation
+    from ..evaluation import EvaluateSettings, parse_list, run_evaluation
     from ..models.classifier import load_classifier
     from ..outputs import clear_dir, input_paths, prepare_dir
-    from ..report import accuracy_table, detection_table, headline, results_json, write_report
+    from ..report import results_json, write_report
 
     if fmt not in (OutputFormat.table, OutputFormat.json):
         raise UsageError("--format must be table or json")
@@ -307,22 +350,10 @@ def evaluate(
     if bpda_alpha is not None:
         alpha = parse_eps(bpda_alpha, spec.levels).fraction
     adaptive = adaptive_attack.strip().lower()
-    try:
-        t_start, t_end = (float(v) for v in (parse_list(temperature) or []))
-    except ValueError as exc:
-        raise UsageError("--temperature takes START,END, e.g. 1,0.01") from exc
-    if not (t_start > 0 and t_end > 0):
-        raise UsageError("--temperature values must be positive")
-    suite_alpha = None
-    if adaptive_alpha is not None:
-        suite_alpha = 0.0 if adaptive_alpha.strip() in ("0", "0.0") else \
-            parse_eps(adaptive_alpha, spec.levels).fraction
-    suite = SuiteSettings(steps=adaptive_steps, restarts=restarts, queries=queries,
-                          alpha=suite_alpha, t_start=t_start, t_end=t_end,
-                          passes=surrogate_passes, cw_steps=cw_steps, seed=seed,
-                          square_n=square_n,
-                          on_survivors=tuple(a.lower() for a in parse_list(on_survivors) or []),
-                          batch_size=purify_batch)
+    suite = _suite_settings(temperature, adaptive_alpha, spec.levels, steps=adaptive_steps,
+                            restarts=restarts, queries=queries, passes=surrogate_passes,
+                            cw_steps=cw_steps, seed=seed, square_n=square_n,
+                            on_survivors=on_survivors, batch_size=purify_batch)
     settings = EvaluateSettings(
         attacks=tuple(a.lower() for a in parse_list(attacks) or []),
         eps=tuple(parse_list(eps)) if eps is not None else None,
@@ -343,12 +374,8 @@ def evaluate(
     if not resume:
         clear_dir(out_dir)  # --overwrite: a fresh run, no stale cache or figures
     out_dir.mark()
-    command = None
-    if Path(sys.argv[0]).name.startswith("pixeldefend"):
-        command = "pixeldefend " + " ".join(shlex.quote(a) for a in sys.argv[1:]
-                                            if a != "--resume")  # same results either way
     sources: dict[str, Any] = {"model": str(model_path), "classifier": loaded.source,
-                               "data": images.source, "command": command}
+                               "data": images.source, "command": _command_line()}
     err_console.print(
         f"evaluate {len(images)} images of {images.source} ({spec.describe()}) with "
         f"{model_path} and {loaded.source} on {detector.device}; report in {out}",
@@ -367,13 +394,5 @@ def evaluate(
         sys.stdout.write(results_json(results))
         sys.stdout.flush()
         return
-    console.print(f"[bold]{results['notes'][0]}[/]", highlight=False)
-    console.print(_rich_table(accuracy_table(results),
-                              f"accuracy (%) on {results['config']['n']} images"))
-    for line in headline(results):
-        console.print(f"• {line}", highlight=False)
-    console.print(_rich_table(detection_table(results), "detection by bits/dim"))
-    for line in sanity_lines(results):
-        if not line.startswith("SANITY"):
-            console.print(line, highlight=False)
+    _print_tables(results)
     console.print(f"report: {out / 'report.html'}", highlight=False)
