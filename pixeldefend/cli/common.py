@@ -291,17 +291,22 @@ class RowStream:
             err_console.print(f"wrote {self.output}", highlight=False)
 
 
-def parse_floats(text: str | None, option: str) -> list[float] | None:
+def parse_numbers(text: str | None, option: str, convert: Callable[[str], Any] = float,
+                  example: str = "0.485,0.456,0.406", what: str = "numbers") -> list | None:
+    """A comma- or space-separated list of numbers for `option` (None when not given)."""
     if text is None:
         return None
     try:
-        values = [float(v) for v in re.split(r"[,\s]+", text.strip()) if v]
+        values = [convert(v) for v in re.split(r"[,\s]+", text.strip()) if v]
     except ValueError as exc:
-        raise UsageError(f"{option} takes comma-separated numbers, e.g. 0.485,0.456,0.406"
-                         ) from exc
+        raise UsageError(f"{option} takes comma-separated {what}, e.g. {example}") from exc
     if not values:
-        raise UsageError(f"{option} needs at least one number")
+        raise UsageError(f"{option} needs at least one value")
     return values
+
+
+def parse_floats(text: str | None, option: str) -> list[float] | None:
+    return parse_numbers(text, option)
 
 
 def fmt_float(value: float | None, digits: int = 3) -> str:

@@ -28,6 +28,7 @@ from .common import (
     err_console,
     handle_errors,
     make_progress,
+    parse_numbers,
 )
 from .common import out_console as console
 
@@ -147,19 +148,8 @@ def _default_out(data: str) -> Path:
 
 
 def _ints(text: str | None, option: str) -> tuple[int, ...] | None:
-    from ..evaluation.plan import parse_list
-
-    items = parse_list(text)
-    if items is None:
-        return None
-    try:
-        values = tuple(int(v) for v in items)
-    except ValueError as exc:
-        raise UsageError(f"{option} takes comma-separated whole pixel levels, e.g. 16,32"
-                         ) from exc
-    if not values:
-        raise UsageError(f"{option} needs at least one value")
-    return values
+    values = parse_numbers(text, option, int, "16,32", "whole pixel levels")
+    return tuple(values) if values is not None else None
 
 
 def _command_line() -> str | None:
