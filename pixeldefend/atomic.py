@@ -17,11 +17,12 @@ import ctypes.util
 import errno
 import json
 import os
+import re
 import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -178,17 +179,34 @@ def exchange(a: Path, b: Path) -> bool:
 
 
 def _leftovers(target: Path) -> list[Path]:
-    """Temporary or moved-aside copies of `target` from earlier (killed) writers."""
-    names = (f".{target.name}.tmp-", f".{target.name}.old-")
+    """Temporary or moved-aside copies of `target` from earlier (killed) writers: exactly
+    the names `atomic_dir` makes (mkdtemp's random suffix, or `old-PID`), nothing else."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp-[A-Za-z0-9_]{{8}}|old-\d+)")
     try:
-        return [p for p in target.parent.iterdir() if p.name.startswith(names)]
+        return [p for p in target.parent.iterdir()
+                if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
     except FileNotFoundError:
         return []
 
 
+def only_entries(names: frozenset[str]) -> Callable[[Path], bool]:
+    """`replaceable` for `atomic_dir`: a folder holding nothing but these names."""
+    return lambda folder: all(p.name in names for p in folder.iterdir())
+
+
+class NotOursError(FileExistsError):
+    """`atomic_dir` was asked to replace a folder its caller does not recognise as its own."""
+
+
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike[str], *,
+               replaceable: Callable[[Path], bool]) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success it replaces `target` as a whole.
+
+    The swap deletes the old folder, so the caller must say what it may replace:
+    `replaceable(target)` is asked, under the lock, whenever `target` is a non-empty
+    folder, and a False refuses (`NotOursError`) before any work, so no user folder is
+    ever swapped away, whichever entry point (CLI or Python) asked.
 
     Why a directory swap, not files replaced one by one (config last) or a symlink to
     versioned directories: a bundle's weights, config and calibration must always belong
@@ -207,6 +225,9 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     target = resolve_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with dir_lock(target):
+        if target.is_dir() and any(target.iterdir()) and not replaceable(target):
+            raise NotOursError(errno.EEXIST, "not a folder pixeldefend may replace (it holds "
+                               "files pixeldefend did not write)", str(target))
         for stale in _leftovers(target):
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

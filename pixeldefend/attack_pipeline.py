@@ -21,7 +21,7 @@ from .data import ImageSet, ImageSpec, load_images, save_image, save_npz
 from .defaults import DEFAULT_CLASSIFIER
 from .errors import UsageError
 from .models.loading import LoadedClassifier, predict_logits
-from .outputs import write_marker
+from .outputs import owner, write_marker
 
 
 def resolve_classifier_path(spec: str | None) -> str:
@@ -123,8 +123,9 @@ def attack_manifest(summary: dict[str, Any], result: AttackResult) -> dict[str, 
 def write_attack_output(out: Path, images: ImageSet, result: AttackResult,
                         manifest: dict[str, Any]) -> None:
     """PNGs, manifest.json and images.npz, all swapped in at once (an earlier run's folder
-    is replaced whole, never mixed with the new one)."""
-    with atomic_dir(out) as tmp:
+    is replaced whole, never mixed with the new one; only a folder an earlier `attack`
+    or another pixeldefend command marked as its output is ever replaced)."""
+    with atomic_dir(out, replaceable=lambda folder: owner(folder) == "marker") as tmp:
         for rec in manifest["images"]:
             save_image(tmp / rec["file"], result.adversarial[rec["index"]], images.levels)
         extra: dict[str, np.ndarray] = {

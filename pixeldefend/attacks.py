@@ -398,6 +398,26 @@ def _records(labels: torch.Tensor, clean_pred: torch.Tensor, adv_pred: torch.Ten
     return records
 
 
+def _attack_batches(attack: Any, images: torch.Tensor, labels: torch.Tensor,
+                    targets: torch.Tensor | None, levels: int, ball: int, seed: int,
+                    batch_size: int, device: torch.device,
+                    progress: Callable[[int], None] | None) -> torch.Tensor:
+    """Run `attack` batch by batch under a forked, seeded RNG; quantise each result to the
+    image levels inside the eps ball."""
+    adv_parts = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for lo in range(0, images.shape[0], batch_size):
+            clean = images[lo : lo + batch_size]
+            x = to_float(clean, levels).to(device)
+            y = labels[lo : lo + batch_size].to(device)
+            t = None if targets is None else targets[lo : lo + batch_size].to(device)
+            adv_parts.append(quantise(attack(x, y, t), clean, levels, ball))
+            if progress is not None:
+                progress(clean.shape[0])
+    return torch.cat(adv_parts)
+
+
 def run_attack(
     classifier: nn.Module | LoadedClassifier,
     images: torch.Tensor,
@@ -440,22 +460,10 @@ def run_attack(
                          kappa=kappa, lr=lr, overshoot=overshoot, targeted=targeted,
                          seed=seed, levels=levels, num_classes=num_classes)
     targets = random_targets(labels, num_classes, seed) if targeted else None
-    device = loaded.device
     start = time.perf_counter()
-    adv_parts = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for lo in range(0, images.shape[0], batch_size):
-            clean = images[lo : lo + batch_size]
-            x = to_float(clean, levels).to(device)
-            y = labels[lo : lo + batch_size].to(device)
-            t = None if targets is None else targets[lo : lo + batch_size].to(device)
-            adv = attack(x, y, t)
-            adv_parts.append(quantise(adv, clean, levels, ball))
-            if progress is not None:
-                progress(clean.shape[0])
+    adversarial = _attack_batches(attack, images, labels, targets, levels, ball, seed,
+                                  batch_size, loaded.device, progress)
     seconds = time.perf_counter() - start
-    adversarial = torch.cat(adv_parts)
     clean_pred = predict_logits(loaded.model, images, levels, batch_size).argmax(1)
     adv_pred = predict_logits(loaded.model, adversarial, levels, batch_size).argmax(1)
     linf, l2 = perturbation_norms(adversarial, images)

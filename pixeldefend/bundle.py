@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .atomic import atomic_dir, dir_lock, write_json
+from .atomic import atomic_dir, dir_lock, only_entries, write_json
 from .errors import BundleError
 
 FORMAT = "pixeldefend-bundle"
@@ -43,10 +43,10 @@ def save_bundle(
         **(meta or {}),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    from .outputs import prepare_dir  # the swap replaces the folder: only ever a bundle
+    from .outputs import BUNDLE_FILES, prepare_dir  # the swap replaces only a bundle
 
     prepare_dir(path, command="save", bundle=True, overwrite=True, option="bundle")
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, replaceable=only_entries(BUNDLE_FILES)) as tmp:
         save_file(tensors, str(tmp / WEIGHTS))
         write_json(tmp / CONFIG, config)
         if calibration is not None:

@@ -159,23 +159,13 @@ def check_pixelcnn_architecture(arch: Any, where: str = "config.json architectur
     """Validate a PixelCNN architecture dict, including its parameter budget, before the
     network is built for real."""
     PIXELCNN_ARCHITECTURE.check(arch, where)
-    import torch
-
     from .models.pixelcnn import PixelCNN, PixelCNNConfig
 
     known = set(PixelCNNConfig.__dataclass_fields__)
     unknown = sorted(set(arch) - known)
     if unknown:
         raise SchemaError(f"{where}: unknown field(s) {', '.join(unknown)}")
-    try:
-        cfg = PixelCNNConfig(**arch)
-        with torch.device("meta"):
-            params = sum(p.numel() for p in PixelCNN(cfg).parameters())
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise SchemaError(f"{where}: {exc}") from exc
-    if params > MAX_MODEL_PARAMETERS:
-        raise SchemaError(f"{where}: describes a network of {params:,} parameters, more than "
-                          f"the limit of {MAX_MODEL_PARAMETERS:,}")
+    _check_parameter_budget(lambda: PixelCNN(PixelCNNConfig(**arch)), where)
     return arch
 
 
@@ -183,21 +173,28 @@ def check_classifier_architecture(arch: Any, where: str = "config.json architect
                                   ) -> dict[str, Any]:
     """Validate a classifier architecture dict and its parameter budget (meta device)."""
     CLASSIFIER_ARCHITECTURE.check(arch, where)
-    import torch
-
     from .models.classifier import ClassifierConfig, ResNetClassifier
 
     known = set(ClassifierConfig.__dataclass_fields__)
+    _check_parameter_budget(
+        lambda: ResNetClassifier(ClassifierConfig(**{k: v for k, v in arch.items()
+                                                     if k in known})), where)
+    return arch
+
+
+def _check_parameter_budget(build: Any, where: str) -> None:
+    """Build the network on torch's meta device (nothing is allocated) and refuse one
+    over MAX_MODEL_PARAMETERS, or one the configuration cannot build."""
+    import torch
+
     try:
-        cfg = ClassifierConfig(**{k: v for k, v in arch.items() if k in known})
         with torch.device("meta"):
-            params = sum(p.numel() for p in ResNetClassifier(cfg).parameters())
+            params = sum(p.numel() for p in build().parameters())
     except (TypeError, ValueError, RuntimeError) as exc:
         raise SchemaError(f"{where}: {exc}") from exc
     if params > MAX_MODEL_PARAMETERS:
         raise SchemaError(f"{where}: describes a network of {params:,} parameters, more than "
                           f"the limit of {MAX_MODEL_PARAMETERS:,}")
-    return arch
 
 
 def check_calibration_entries(doc: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, only_entries
 from .errors import UsageError
 
 
@@ -86,7 +86,7 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {**meta, "optimizer": opt_meta}
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, replaceable=only_entries(CHECKPOINT_FILES)) as tmp:
         save_file(tensors, str(tmp / CKPT_TENSORS))
         (tmp / CKPT_META).write_text(json.dumps(meta, indent=2))
 

@@ -180,8 +180,8 @@ def test_bundle_save_replaces_a_plain_directory_bundle_in_place(tmp_path, model)
 
 def test_stale_temporary_directories_are_removed_on_the_next_save(tmp_path):
     bundle = tmp_path / "b"
-    (tmp_path / ".b.tmp-dead123").mkdir()
-    (tmp_path / ".b.tmp-dead123" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".b.tmp-dead1234").mkdir()
+    (tmp_path / ".b.tmp-dead1234" / "model.safetensors").write_bytes(b"half")
     (tmp_path / ".b.old-99999").mkdir()
     _save_generation(bundle, 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".b.lock", "b"]
@@ -252,9 +252,41 @@ def test_concurrent_saves_all_succeed_and_the_path_never_disappears(tmp_path):
 def test_atomic_dir_refuses_to_replace_a_file(tmp_path):
     target = tmp_path / "file"
     target.write_text("mine")
-    with pytest.raises(NotADirectoryError), atomic_dir(target) as tmp:
+    with pytest.raises(NotADirectoryError), atomic_dir(target, replaceable=lambda _: True) as tmp:
         (tmp / "x").write_text("x")
     assert target.read_text() == "mine"
+
+
+def test_atomic_dir_never_swaps_away_a_folder_its_caller_does_not_own(tmp_path):
+    """The guard sits in the swap itself, so the Python API (write_attack_output,
+    save_bundle, checkpoints) cannot delete a user's folder either."""
+    from pixeldefend.atomic import NotOursError, only_entries
+
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep")
+    lookalike = tmp_path / ".mine.tmp-backup"  # not a name atomic_dir makes: not a leftover
+    lookalike.mkdir()
+    with pytest.raises(NotOursError), atomic_dir(
+            target, replaceable=only_entries(frozenset({"model.safetensors"}))) as tmp:
+        (tmp / "model.safetensors").write_text("x")
+    assert (target / "notes.txt").read_text() == "keep" and lookalike.is_dir()
+    with atomic_dir(target, replaceable=lambda _: True) as tmp:  # the caller's decision
+        (tmp / "model.safetensors").write_text("x")
+    assert sorted(p.name for p in target.iterdir()) == ["model.safetensors"]
+    assert lookalike.is_dir()
+
+
+def test_write_attack_output_refuses_an_unmarked_folder(tmp_path):
+    from pixeldefend.atomic import NotOursError
+    from pixeldefend.attack_pipeline import write_attack_output
+
+    out = tmp_path / "adv"
+    out.mkdir()
+    (out / "photo.png").write_bytes(b"mine")
+    with pytest.raises(NotOursError):
+        write_attack_output(out, None, None, {"images": []})  # type: ignore[arg-type]
+    assert (out / "photo.png").read_bytes() == b"mine"
 
 
 # ----------------------------------------------------------- output planning (library)
