@@ -163,15 +163,13 @@ class DensityDetector:
         dims = x[0].numel()
 
         def loss_fn(m: torch.nn.Module, batch: torch.Tensor, _labels) -> torch.Tensor:
-            return F.cross_entropy(m(batch), batch.long())  # mean nats per sub-pixel
-
-        def evaluate(m: torch.nn.Module) -> float:
-            return float(bits_per_dim(m, val_x, self.batch_size).mean())
+            # mean nats per sub-pixel; the softmax in float32 whatever the precision
+            return F.cross_entropy(m(batch).float(), batch.long())
 
         result: TrainResult = run_training(
-            model, loss_fn, x, None, evaluate, settings, self.device,
+            model, loss_fn, x, None, self._bpd_sum(val_x), settings, self.device,
             checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
-            train_metric=lambda nats: nats / LN2,
+            train_metric=lambda nats: nats / LN2, val_size=len(val_x),
         )
         model.eval()
         self.meta.update({
@@ -222,15 +220,12 @@ class DensityDetector:
         def loss_fn(m: torch.nn.Module, batch: torch.Tensor, _labels) -> torch.Tensor:
             # global RNG: restored by --resume checkpoints, so a resumed run is identical
             noisy = mutate(batch, mutation_rate, levels)
-            return F.cross_entropy(m(noisy), noisy.long())
-
-        def evaluate(m: torch.nn.Module) -> float:
-            return float(bits_per_dim(m, val_x, self.batch_size).mean())
+            return F.cross_entropy(m(noisy).float(), noisy.long())
 
         result = run_training(
-            background, loss_fn, x, None, evaluate, settings, self.device,
+            background, loss_fn, x, None, self._bpd_sum(val_x), settings, self.device,
             checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
-            train_metric=lambda nats: nats / LN2,
+            train_metric=lambda nats: nats / LN2, val_size=len(val_x),
         )
         self.background = background.eval()
         self.background_meta = {
@@ -243,6 +238,16 @@ class DensityDetector:
             },
         }
         return self
+
+    def _bpd_sum(self, val_x: torch.Tensor) -> Callable[[torch.nn.Module, range],
+                                                         tuple[float, int]]:
+        """Validation for the training loop: summed bits/dim of a block of `val_x`."""
+
+        def evaluate(m: torch.nn.Module, block: range) -> tuple[float, int]:
+            bpd = bits_per_dim(m, val_x[block.start : block.stop], self.batch_size)
+            return float(bpd.sum()), len(bpd)
+
+        return evaluate
 
     # ----------------------------------------------------------------------- scoring
 

@@ -21,6 +21,8 @@ from .common import (
     Grayscale,
     OutputFormat,
     Overwrite,
+    Precision,
+    PrecisionChoice,
     RichTrainProgress,
     TrustCode,
     emit,
@@ -50,6 +52,10 @@ class ClassifierProgress(RichTrainProgress):
 
     def epoch_summary(self, train_metric: float, val_metric: float) -> str:
         return f"loss {train_metric:.4f}  val accuracy {1 - val_metric:.4f}"
+
+
+def _ignore(*_args: Any, **_kwargs: Any) -> None:
+    """What torchrun's ranks other than 0 print: nothing (rank 0 speaks for the job)."""
 
 
 def _default_out(data: str) -> Path:
@@ -83,6 +89,7 @@ def classifier_train(
     test: str | None = typer.Option(None, help="Test images \\[default: the data's test split]."),
     seed: int = typer.Option(0, help="Seed for weights, shuffling, augmentation and splits."),
     device: Device = "auto",
+    precision: Precision = PrecisionChoice.fp32,
     resume: Annotated[bool, flag("--resume", help="Continue an interrupted run from its "
                                                   "last checkpoint.")] = False,
     data_root: DataRoot = None,
@@ -109,9 +116,11 @@ def classifier_train(
     """
     from ..data import classifier_splits
     from ..device import resolve_device
+    from ..distributed import is_main_process
     from ..models.classifier import count_parameters, save_classifier
     from ..models.classifier_training import fit_classifier, plan_classifier
     from ..outputs import check_checkpoint_dir, input_paths, prepare_dir
+    from ..precision import check_precision
     from ..train import CHECKPOINT_FILES, remove_checkpoint
 
     if preset not in PRESETS:
@@ -122,11 +131,13 @@ def classifier_train(
     checkpoint = out.with_name(out.name + ".checkpoint")
     check_checkpoint_dir(checkpoint, CHECKPOINT_FILES)
     splits = classifier_splits(data, val, test, seed, data_root, download)
-    plan = plan_classifier(*splits, preset=preset, epochs=epochs, batch_size=batch_size,
-                           lr=lr, shift=shift, seed=seed)
     dev = resolve_device(device)
+    plan = plan_classifier(*splits, preset=preset, epochs=epochs, batch_size=batch_size,
+                           lr=lr, shift=shift, seed=seed,
+                           precision=check_precision(PrecisionChoice(precision).value, dev))
     train_set, val_set, test_set = splits
-    err_console.print(
+    speak = is_main_process()  # under torchrun rank 0 alone prints and writes
+    (err_console.print if speak else _ignore)(
         f"data {data}: {len(train_set)} train, {len(val_set)} validation"
         f"{f', {len(test_set)} test' if test_set is not None else ''} images, "
         f"{train_set.spec.describe()}, {plan.model.config.num_classes} classes; preset "
@@ -140,6 +151,8 @@ def classifier_train(
         err_console.print(f"[yellow]interrupted[/]: continue with the same command plus "
                           f"--resume (checkpoint in {checkpoint})")
         raise
+    if not speak:
+        return
     save_classifier(out, plan.model, meta)
     remove_checkpoint(checkpoint)
     err_console.print(f"wrote bundle {out}", highlight=False)
