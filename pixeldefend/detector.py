@@ -92,6 +92,8 @@ class DensityDetector:
         self.calibrations: dict[str, Calibration] = {}
         self.default_kind = "bpd"
         self.meta: dict[str, Any] = {}
+        # the scoring pass's forward precision (precision.py); calibration is always fp32
+        self.precision = "fp32"
 
     # --------------------------------------------------------------------- properties
 
@@ -254,7 +256,8 @@ class DensityDetector:
     def nll_map(self, images: ImagesLike, progress: Callable[[int], None] | None = None
                 ) -> torch.Tensor:
         """Per-sub-pixel NLL in nats (N, C, H, W): where an image looks wrong."""
-        return nll_map(self._require_model(), self._check(images), self.batch_size, progress)
+        return nll_map(self._require_model(), self._check(images), self.batch_size, progress,
+                       self.precision)
 
     def check_kind(self, kind: str) -> str:
         """`kind` if this detector can compute it, else a UsageError that says why not."""
@@ -296,7 +299,7 @@ class DensityDetector:
                    ) -> ModelPass:
         """Per-pixel NLL, predictive entropy and feature norms from one model pass."""
         return model_pass(self._require_model(), self._check(images), self.batch_size,
-                          progress)
+                          progress, self.precision)
 
     def compute_scores(self, images: ImagesLike, kinds: Sequence[str] | None = None,
                        progress: Callable[[int], None] | None = None,
@@ -393,7 +396,16 @@ class DensityDetector:
                       kinds: Sequence[str] | None = None, data: str = "",
                       conservative: bool = False) -> dict[str, Calibration]:
         """Calibrate several kinds (default: all available) from one pass; keeps the
-        default kind. Typicality is measured from these images' own mean bits/dim."""
+        default kind. Typicality is measured from these images' own mean bits/dim.
+        Always scored in fp32, whatever `self.precision`: thresholds are exact."""
+        scoring_precision, self.precision = self.precision, "fp32"
+        try:
+            return self._calibrate_all(images, fpr, kinds, data, conservative)
+        finally:
+            self.precision = scoring_precision
+
+    def _calibrate_all(self, images: ImagesLike, fpr: float, kinds: Sequence[str] | None,
+                       data: str, conservative: bool) -> dict[str, Calibration]:
         if not 0.0 < fpr < 1.0:
             raise UsageError(f"fpr must be between 0 and 1 (exclusive), got {fpr}",
                              param="fpr")

@@ -371,6 +371,7 @@ def score(
         "its per-pixel NLL heat map into this folder (<input name>.heatmap.png)."),
     batch_size: int = typer.Option(256, min=1),
     device: Device = "auto",
+    precision: Precision = PrecisionChoice.fp32,
     threads: Threads = None,
     resize: Resize = False,
     grayscale: Grayscale = False,
@@ -402,6 +403,7 @@ def score(
     from ..detector import DensityDetector
     from ..gate import GatePolicy
     from ..outputs import check_files, clear_dir, input_paths, prepare_dir
+    from ..precision import check_precision
     from ..scoring import score_inputs
 
     inputs = input_paths(paths, model)
@@ -410,6 +412,7 @@ def score(
         heatmap, command="score --heatmap", inputs=inputs, overwrite=overwrite,
         option="--heatmap")
     detector = DensityDetector.load(model, device=device, batch_size=batch_size)
+    detector.precision = check_precision(PrecisionChoice(precision).value, detector.device)
     policy = GatePolicy(fail_on_anomalous=fail_on == GateChoice.anomalous,
                         max_anomalous_fraction=max_anomalous_fraction, batch_test=batch_test,
                         skip_unreadable=skip_unreadable)
