@@ -215,3 +215,23 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(two_rank_checkpoint):
     assert [h["epoch"] for h in history] == [0, 1]
     for key, value in straight.items():
         assert torch.allclose(resumed[key], value, atol=3e-4), key
+
+
+# ------------------------------------------------------------------------------ bench
+
+
+def test_bench_reports_training_throughput_per_number_of_ranks():
+    from pixeldefend.bench import ScalingSettings, training_scaling
+    from pixeldefend.cli.bench_cmds import parse_ranks, scaling_notes
+
+    doc = training_scaling(ScalingSettings(ranks=(1, 2), batch_size=8, steps=2, warmup=1,
+                                           preset="tiny", shape=(1, 8, 8), levels=17))
+    assert doc["backend"] == "gloo" and [r["ranks"] for r in doc["rows"]] == [1, 2]
+    one, two = doc["rows"]
+    assert one["efficiency"] == 1.0 and one["images_per_s"] > 0
+    # no timing asserts: only that the figures are consistent with each other
+    assert two["efficiency"] == pytest.approx(two["images_per_s"] / (2 * one["images_per_s"]))
+    assert two["images_per_s"] == pytest.approx(2 * 8 / (two["step_s"] * 2))
+    lines = scaling_notes({"training_scaling": doc})
+    assert "2 rank(s):" in lines[-1] and "scaling efficiency" in lines[-1]
+    assert parse_ranks("1,2, 4") == (1, 2, 4) and parse_ranks("") == ()
