@@ -195,7 +195,8 @@ def run_training(
         first_epoch = meta["epoch"] + 1
         history = meta["history"]
         best_val, best_epoch = meta["best_val"], meta["best_epoch"]
-    net = _data_parallel(model, dist)
+    net = _data_parallel(model, dist, lambda: _leaves_parameters_unused(
+        model, loss_fn, images[:1].to(device), None if labels is None else labels[:1].to(device)))
     progress.start(settings.epochs, batches, first_epoch)
     for epoch in range(first_epoch, settings.epochs):
         if settings.patience and best_epoch >= 0 and epoch - best_epoch > settings.patience:
@@ -252,18 +253,35 @@ def run_training(
                        epochs_run=len(history))
 
 
-def _data_parallel(model: nn.Module, dist: Dist) -> nn.Module:
+def _data_parallel(model: nn.Module, dist: Dist, unused: Callable[[], bool]) -> nn.Module:
     """The module the loss runs through: DistributedDataParallel over the group (it
     broadcasts rank 0's weights now and all-reduces the gradients of every backward),
-    or the model itself in one process."""
+    or the model itself in one process. `unused()`: does the loss leave parameters
+    without a gradient? DDP must then look for them every step (their gradients stay
+    None, as in one process)."""
     if not dist.active:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [dist.device.index] if dist.device.type == "cuda" else None
-    # find_unused_parameters: a one-channel PixelCNN never uses its heads' inputs from
-    # earlier channels; their gradients stay None, as in one process
-    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused())
+
+
+def _leaves_parameters_unused(model: nn.Module, loss_fn: Callable[..., torch.Tensor],
+                              x: torch.Tensor, y: torch.Tensor | None) -> bool:
+    """True if the loss of one image reaches not every parameter (the last layer's stack
+    outputs of a PixelCNN feed nothing). The random state and the buffers (BatchNorm's
+    running statistics) are put back afterwards, so the probe does not change the run."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    buffers = [b.detach().clone() for b in model.buffers()]
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        loss = loss_fn(model, x, y)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    with torch.no_grad():
+        for buffer, saved in zip(model.buffers(), buffers, strict=True):
+            buffer.copy_(saved)
+    return any(g is None for g in grads)
 
 
 def _my_share(index: torch.Tensor, dist: Dist) -> tuple[torch.Tensor, float]:
