@@ -54,10 +54,6 @@ class ClassifierProgress(RichTrainProgress):
         return f"loss {train_metric:.4f}  val accuracy {1 - val_metric:.4f}"
 
 
-def _ignore(*_args: Any, **_kwargs: Any) -> None:
-    """What torchrun's ranks other than 0 print: nothing (rank 0 speaks for the job)."""
-
-
 def _default_out(data: str) -> Path:
     from ..data import parse_builtin
 
@@ -137,12 +133,13 @@ def classifier_train(
                            precision=check_precision(PrecisionChoice(precision).value, dev))
     train_set, val_set, test_set = splits
     speak = is_main_process()  # under torchrun rank 0 alone prints and writes
-    (err_console.print if speak else _ignore)(
-        f"data {data}: {len(train_set)} train, {len(val_set)} validation"
-        f"{f', {len(test_set)} test' if test_set is not None else ''} images, "
-        f"{train_set.spec.describe()}, {plan.model.config.num_classes} classes; preset "
-        f"{preset} ({count_parameters(plan.model):,} parameters), {plan.settings.epochs} "
-        f"epochs, shifts of up to {plan.shift} px, on {dev}", highlight=False)
+    if speak:
+        err_console.print(
+            f"data {data}: {len(train_set)} train, {len(val_set)} validation"
+            f"{f', {len(test_set)} test' if test_set is not None else ''} images, "
+            f"{train_set.spec.describe()}, {plan.model.config.num_classes} classes; preset "
+            f"{preset} ({count_parameters(plan.model):,} parameters), {plan.settings.epochs} "
+            f"epochs, shifts of up to {plan.shift} px, on {dev}", highlight=False)
     try:
         with ClassifierProgress() as progress:
             meta = fit_classifier(plan, data, dev, checkpoint_dir=checkpoint, resume=resume,
