@@ -235,3 +235,13 @@ def test_bench_reports_training_throughput_per_number_of_ranks():
     lines = scaling_notes({"training_scaling": doc})
     assert "2 rank(s):" in lines[-1] and "scaling efficiency" in lines[-1]
     assert parse_ranks("1,2, 4") == (1, 2, 4) and parse_ranks("") == ()
+
+
+def test_ranks_on_one_machine_share_its_cores(monkeypatch):
+    from pixeldefend.threads import default_threads
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # an idle machine
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    alone = default_threads().threads
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_threads().threads == max(1, alone // 2)
