@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .defaults import DEFAULT_BACKGROUND_L2, DEFAULT_MUTATION_RATE, DEFAULT_SCORE, SCORE_KINDS
+from .defaults import DEFAULT_BACKGROUND_L2, DEFAULT_MUTATION_RATE, DEFAULT_SCORE
 from .defaults import PIXELCNN_PRESETS as PRESETS
 from .errors import TooFewCalibrationImages, UsageError
+from .scores import SCORES
 
 if TYPE_CHECKING:
     from .data import ImageSet
@@ -141,8 +142,8 @@ def check_job(job: TrainJob) -> None:
     """Usage errors before anything is read or written."""
     check_preset(job.preset)
     check_fpr(job.fpr)
-    if job.score_kind not in SCORE_KINDS:
-        raise UsageError(f"score_kind must be one of {', '.join(SCORE_KINDS)}, not "
+    if job.score_kind not in SCORES:
+        raise UsageError(f"score_kind must be one of {', '.join(SCORES)}, not "
                          f"{job.score_kind!r}", param="score_kind")
     if job.score_kind == "llr" and not job.background:
         raise UsageError("score_kind llr needs a background model: set background",

@@ -331,11 +331,12 @@ def test_attack_pipeline_from_python(tmp_path):
 
 
 def test_attack_registry_is_the_one_place():
-    """The CLI's torch-free choice list is the registry's keys, and every derived table
-    comes from the registry's entries."""
-    from pixeldefend import attacks, defaults
+    """The CLI's choice list is the registry's keys (read without PyTorch: the registry
+    module imports none), and every derived table comes from the registry's entries."""
+    from pixeldefend import attack_registry, attacks, defaults
 
-    assert defaults.METHODS == tuple(attacks.ATTACKS) == attacks.METHODS
+    assert tuple(attacks.ATTACKS) == attacks.METHODS == attack_registry.METHODS
+    assert attacks.ATTACKS is attack_registry.ATTACKS and not hasattr(defaults, "METHODS")
     assert attacks.TARGETED_METHODS == ("fgsm", "bim", "pgd", "cw")
     assert attacks.L2_METHODS == ("cw", "deepfool")
     assert attacks.DEFAULT_STEPS == {"bim": 10, "pgd": 10, "cw": 50, "deepfool": 50}

@@ -11,7 +11,8 @@ import typer
 from rich.table import Table
 
 from ..defaults import CLASSIFIER_PRESETS as PRESETS
-from ..defaults import DEFAULT_CLASSIFIER, METHODS
+from ..attack_registry import METHODS
+from ..defaults import DEFAULT_CLASSIFIER
 from ..errors import UsageError
 from .app import app
 from .common import (

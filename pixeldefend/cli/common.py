@@ -32,8 +32,9 @@ from rich.progress import (
 from rich.table import Table
 
 from ..atomic import write_text
-from ..defaults import GATE_CHOICES, SCORE_HELP, SCORE_KINDS
+from ..defaults import GATE_CHOICES
 from ..errors import PixelDefendError, UsageError
+from ..scores import SCORES
 from ..threads import apply_threads
 
 err_console = Console(stderr=True, soft_wrap=True)
@@ -91,9 +92,9 @@ TrustCode = Annotated[bool, flag("--trust-code", help=TRUST_CODE_HELP)]
 
 
 # choices Typer lists in --help and checks: --score, --fail-on
-ScoreChoice = Enum("ScoreChoice", {k: k for k in SCORE_KINDS}, type=str)  # type: ignore[misc]
+ScoreChoice = Enum("ScoreChoice", {k: k for k in SCORES}, type=str)  # type: ignore[misc]
 GateChoice = Enum("GateChoice", {c: c for c in GATE_CHOICES}, type=str)  # type: ignore[misc]
-SCORE_OPTION_HELP = "Score kind: " + "; ".join(f"{k} = {v}" for k, v in SCORE_HELP.items()) + "."
+SCORE_OPTION_HELP = "Score kind: " + "; ".join(f"{k} = {v.help}" for k, v in SCORES.items()) + "."
 
 
 def _command_threads(value: int | None) -> int | None:

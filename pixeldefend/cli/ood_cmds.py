@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.table import Table
 
-from ..defaults import BUILTIN_OOD, DEFAULT_MODEL, SCORE_KINDS
+from ..defaults import BUILTIN_OOD, DEFAULT_MODEL
 from ..errors import UsageError
+from ..scores import SCORES
 from .app import app
 from .common import (
     DataRoot,
@@ -72,7 +73,7 @@ def evaluate_ood_cmd(
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f",
                                      help="table, json, jsonl or csv (one row per set x kind)."),
     score: str | None = typer.Option(
-        None, "--score", help=f"Comma-separated score kinds ({', '.join(SCORE_KINDS)}) "
+        None, "--score", help=f"Comma-separated score kinds ({', '.join(SCORES)}) "
                               "\\[default: every kind the bundle supports]."),
     seed: int = typer.Option(0, help="Seed for subsets and the random OOD sets."),
     batch_size: int = typer.Option(256, min=1),
