@@ -12,7 +12,7 @@ output is clipped to the eps ball, and the summary says so (`clipped_to_eps_ball
 
 Eps and levels: eps is a fraction of the [0, 1] range; the usable ball is
 floor(eps * (levels - 1)) whole levels. With 17-level digits, eps = 8/255 is half a
-level and the quantised attack cannot change a single pixel: use `--eps 2 --eps-levels`
+level and the quantised attack cannot change a single pixel: use `eps=2, eps_levels=True`
 (= 0.125) or larger there.
 """
 
@@ -327,7 +327,7 @@ def run_attack(
     if ball == 0:
         warnings.append(
             f"eps = {budget.levels:.3g} levels is less than one level of {levels}-level "
-            "images: the quantised images cannot change (use a larger --eps or --eps-levels)")
+            "images: the quantised images cannot change (use a larger eps, or eps_levels=True)")
     attack = make_attack(method, loaded, eps=eps_used, alpha=alpha, steps=steps, c=c,
                          kappa=kappa, lr=lr, overshoot=overshoot, targeted=targeted,
                          seed=seed, levels=levels, num_classes=num_classes)

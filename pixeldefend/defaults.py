@@ -53,6 +53,7 @@ DEFAULT_BACKGROUND_L2 = 1e-4
 # ------------------------------------------------------------------------- evaluate
 DEFENCES = ("none", "purify", "adaptive")
 DEFAULT_ATTACKS = ("rand", "fgsm", "bim", "pgd", "cw", "deepfool")
+DEFAULT_BPDA_N = 100  # images BPDA attacks unless told (each step purifies all of them)
 
 # ------------------------------------------------------------------------------ ood
 BUILTIN_OOD = ("characters", "rendered-digits", "strokes", "shapes", "blobs", "photos",

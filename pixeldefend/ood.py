@@ -257,6 +257,26 @@ def flagged_fractions(detector: DensityDetector, scores: dict[str, np.ndarray],
             for k in kinds if k in detector.calibrations and len(scores[k])}
 
 
+def benchmark_sets(detector: DensityDetector, in_spec: str | None, out_sets: str, n: int,
+                   seed: int = 0, data_root: str | None = None, download: bool = False,
+                   model: object = "the bundle") -> tuple[ImageSet, dict[str, ImageSet]]:
+    """The in-distribution set (default: the bundle's test split, else its calibration
+    split) and each comma-separated OOD set, `n` images each (seeded subsets)."""
+    names = [v.strip() for v in out_sets.split(",") if v.strip()]
+    if not names:
+        raise UsageError("out_sets names no set", param="out_sets")
+    if in_spec is None:
+        recorded = detector.meta.get("data") or {}
+        in_spec = recorded.get("test") or recorded.get("calib")
+        if not in_spec:
+            raise UsageError(f"{model} does not record its test data: pass in_spec",
+                             param="in_spec")
+    in_set = subsample(load_images(in_spec, detector.spec, data_root=data_root,
+                                   download=download), n, seed)
+    return in_set, {name: make_ood_set(name, detector.spec, in_set, n, seed, data_root,
+                                       download) for name in names}
+
+
 def usable_kinds(detector: DensityDetector, kinds: Sequence[str] | None
                  ) -> tuple[list[str], list[str]]:
     """The kinds asked for (default: all available) whose calibration references are in

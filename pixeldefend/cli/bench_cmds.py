@@ -3,72 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from ..defaults import CASE_NAMES, DEFAULT_MODEL
 from ..errors import UsageError
 from .app import app
-from .common import Format, OutputFormat, Overwrite, emit, err_console, flag, handle_errors
-
-BENCH_COLUMNS = ["case", "shape", "levels", "batch", "eps_defend", "score_images_per_s",
-                 "fast_images_per_s", "reference_images_per_s", "reference_extrapolated",
-                 "speedup_fast_vs_reference", "fast_over_score", "train_step_s", "identical",
-                 "peak_memory_mb"]
-
-
-def _rate(value: float) -> str:
-    return f"{value:,.3g}" if value < 100 else f"{value:,.0f}"
-
-
-def _bench_table(doc: dict[str, Any]) -> Table:
-    sysinfo = doc["system"]
-    table = Table(title=f"pixeldefend bench: torch {sysinfo['torch']}, {sysinfo['threads']} "
-                        f"thread(s), {sysinfo['cpu_count']} CPU(s), batch "
-                        f"{doc['settings']['batch_size']}")
-    for col in ("case", "score img/s", "dose img/s", "fast img/s", "reference img/s",
-                "speed-up vs ref",
-                "fast ÷ score time", "train step s", "fast time split", "identical",
-                "peak MB"):
-        table.add_column(col, justify="left" if col in ("case", "fast time split") else "right",
-                         overflow="fold")
-    for r in doc["results"]:
-        c, h, w = r["shape"]
-        ref = _rate(r["reference_images_per_s"]) + ("*" if r["reference_extrapolated"] else "")
-        split = " ".join(f"{k} {v:.0%}" for k, v in r["fast_split"].items())
-        table.add_row(
-            f"{r['case']} {c}x{h}x{w}, {r['levels']} lv, eps {r['eps_defend']}",
-            _rate(r["score_images_per_s"]),
-            f"{_rate(r['dose_images_per_s'])} ({1 / r['dose_over_score']:.2f}x)",
-            _rate(r["fast_images_per_s"]), ref,
-            f"{r['speedup_fast_vs_reference']:,.0f}x",
-            f"{r['fast_over_score']:.2f}x",
-            "-" if r["train_step_s"] is None else f"{r['train_step_s']:.2f}",
-            split,
-            "-" if r["identical"] is None else ("yes" if r["identical"] else "NO"),
-            "-" if r.get("peak_memory_mb") is None else f"{r['peak_memory_mb']:,.0f}",
-        )
-    notes = []
-    if any(r["reference_extrapolated"] for r in doc["results"]):
-        notes.append("* extrapolated: " + ", ".join(
-            f"{r['case']} from {r['reference_steps_timed']} of {r['reference_steps_total']} "
-            "sub-pixels" for r in doc["results"] if r["reference_extrapolated"]))
-    notes += [f"{r['case']}: {r['note']}" for r in doc["results"] if r["note"]]
-    notes.append(f"{sysinfo['threads']} thread(s) used; the default here would be "
-                 f"{sysinfo.get('threads_default')}")
-    load = sysinfo.get("load_average_1m")
-    if load is not None:
-        notes.append(f"load average {load:.1f} before, "
-                     f"{sysinfo.get('load_average_1m_after') or 0:.1f} after "
-                     "(other work on the machine slows every figure)")
-    for r in doc["results"]:
-        if r.get("fast_top_ops"):
-            notes.append(f"{r['case']} fast, top ops: " + ", ".join(
-                f"{o['op'].removeprefix('aten::')} {o['share']:.0%}" for o in r["fast_top_ops"]))
-    table.caption = "\n".join(notes)
-    return table
+from .common import Format, Output, OutputFormat, Overwrite, emit, err_console, flag, handle_errors
 
 
 @app.command("bench")
@@ -93,7 +35,7 @@ def bench_cmd(
     profile: Annotated[bool, flag("--profile", help="Also profile fast purification per "
                                   "torch operator (one extra run per case).")] = False,
     fmt: Format = OutputFormat.table,
-    output: Path | None = typer.Option(None, "--output", "-o", help="Write results here."),
+    output: Output = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Measure purification throughput (fast and reference), scoring and training speed.
@@ -114,6 +56,7 @@ def bench_cmd(
     """
     from ..bench import BenchSettings, run_bench
     from ..outputs import check_files, input_paths
+    from ..rendering import BENCH_COLUMNS, bench_rows, bench_table
 
     chosen = tuple(c.strip() for c in cases.split(",") if c.strip())
     unknown = [c for c in chosen if c not in CASE_NAMES]
@@ -124,9 +67,4 @@ def bench_cmd(
                              reference_budget=reference_budget, train_step=train_step,
                              cases=chosen, model=model, profile=profile)
     doc = run_bench(settings, log=lambda msg: err_console.print(f"[dim]{msg}[/]"))
-    emit(fmt, doc, bench_rows(doc), BENCH_COLUMNS, lambda: _bench_table(doc), output)
-
-
-def bench_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """The result rows with the shape as CxHxW (one CSV cell)."""
-    return [{**r, "shape": "x".join(str(d) for d in r["shape"])} for r in doc["results"]]
+    emit(fmt, doc, bench_rows(doc), BENCH_COLUMNS, bench_table, output)

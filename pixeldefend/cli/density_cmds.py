@@ -23,22 +23,27 @@ from .common import (
     Grayscale,
     ImagePaths,
     ModelBundle,
+    Output,
     OutputFormat,
     Overwrite,
     Resize,
+    Resume,
     RichTrainProgress,
     RowStream,
     ScoreChoice,
     StdoutFormat,
     Threads,
+    cli_text,
     emit,
     err_console,
-    field_rows,
     flag,
-    fmt_float,
     handle_errors,
+    interrupted,
+    log,
     make_progress,
     out_console,
+    report_skipped,
+    warn,
 )
 
 if TYPE_CHECKING:
@@ -57,23 +62,6 @@ CONSERVATIVE_HELP = (
 BACKGROUND_PRESET_HELP = (
     "Background model size \\[default: same as the main model]. It only has to learn local "
     "statistics, so 'tiny' is a fair CPU saving on small images.")
-
-
-def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning[/]: {message}", highlight=False)
-
-
-def log(message: str) -> None:
-    err_console.print(message, highlight=False)
-
-
-def report_skipped(errors: list[tuple[str, str]]) -> None:
-    """List the files --skip-unreadable left out (the library refuses them otherwise)."""
-    for name, error in errors:
-        err_console.print(f"[yellow]skipped[/] {name}: {error}", highlight=False)
-    if errors:
-        err_console.print(f"[yellow]skipped {len(errors)} unreadable file(s)[/] "
-                          "(--skip-unreadable)", highlight=False)
 
 
 def print_calibrations(detector: DensityDetector, kinds: list[str], n: int, source: str) -> None:
@@ -97,20 +85,6 @@ def calibrated_kinds(detector: DensityDetector) -> list[str]:
     return [k for k in detector.available_kinds if k in detector.calibrations]
 
 
-def interrupted(checkpoint: Path) -> None:
-    err_console.print(f"[yellow]interrupted[/]: continue with the same command plus "
-                      f"--resume (checkpoint in {checkpoint})")
-
-
-def default_out(data: str) -> Path:
-    """runs/<data name> (see `training_pipeline.default_out`)."""
-    from ..training_pipeline import default_out as library_default_out
-
-    return library_default_out(data)
-
-
-Resume = Annotated[bool, flag("--resume",
-                              help="Continue an interrupted run from its last checkpoint.")]
 Conservative = Annotated[bool, flag("--conservative-threshold", help=CONSERVATIVE_HELP)]
 
 
@@ -178,6 +152,7 @@ def train(
 
       pixeldefend train --background --score llr         [dim]# + background model[/]
     """
+    from ..rendering import fmt_float
     from ..training_pipeline import TrainJob, prepare_job, train_bundle
 
     job = TrainJob(
@@ -322,7 +297,7 @@ def score(
     paths: ImagePaths,
     model: ModelBundle = DEFAULT_MODEL,
     fmt: Format = OutputFormat.table,
-    output: Path | None = typer.Option(None, "--output", "-o", help="Write results here."),
+    output: Output = None,
     fail_on: GateChoice = typer.Option(
         GateChoice.none, help="Gate: 'anomalous' exits 1 if any image is flagged."),
     max_anomalous_fraction: float | None = typer.Option(
@@ -407,10 +382,9 @@ def score(
             on_total=lambda n: progress.update(task, total=n))
         doc = run.document(model)
         if run.batch_line and (fmt != OutputFormat.table or output is not None):
-            err_console.print(run.batch_line, highlight=False)  # else in the caption
+            log(run.batch_line)  # else in the caption
         if not streaming:
-            emit(fmt, doc, run.rows, reporting.SCORE_COLUMNS,
-                 lambda: reporting.score_table(doc), output)
+            emit(fmt, doc, run.rows, reporting.SCORE_COLUMNS, reporting.score_table, output)
     if junit is not None:
         err_console.print(f"wrote {junit}", highlight=False)
     print_score_summary(run, skip_unreadable)
@@ -431,7 +405,7 @@ def print_score_summary(run: ScoreRun, skip_unreadable: bool) -> None:
         f"{summary['n']} input(s): {summary['clean']} clean, {summary['anomalous']} "
         f"anomalous, {summary['errors']} error(s)"
         + (f" ({'; '.join(extra)})" if extra else "")
-        + (f"; gate failed: {'; '.join(result.reasons)}" if result.failed else
+        + (f"; gate failed: {cli_text('; '.join(result.reasons))}" if result.failed else
            ("; gate passed" if run.policy.active else "")), highlight=False)
     if result.exit_code == EXIT_USAGE:
         err_console.print("some inputs could not be scored (see the error rows); pass "
@@ -452,11 +426,12 @@ def info(
     """
     from .. import reporting
     from ..detector import DensityDetector
+    from ..rendering import field_rows
 
     detector = DensityDetector.load(model, device="cpu")
     doc = reporting.info_document(detector, model)
     rows = field_rows(doc) if fmt == OutputFormat.csv else [doc]
-    emit(fmt, doc, rows, ["field", "value"], lambda: reporting.info_table(doc))
+    emit(fmt, doc, rows, ["field", "value"], reporting.info_table)
 
 
 @app.command()
@@ -478,31 +453,23 @@ def sample(
 
       pixeldefend sample --model models/digits -n 16 --out grid.png
     """
-    import numpy as np
     import torch
 
-    from ..data import image_grid, save_npz
+    from ..data import save_grid, save_npz
     from ..detector import DensityDetector
+    from ..models.decoder import sample as fast_sample
     from ..outputs import check_files, input_paths
-    from ..purify import sample as fast_sample
 
     check_files((out, "--out"), (npz, "--npz"), inputs=input_paths(model),
                 overwrite=overwrite)
     detector = DensityDetector.load(model, device=device)
-    generator = torch.Generator().manual_seed(seed)
-    with make_progress() as progress:  # the cached decoder reports once per image row
-        task = progress.add_task("sample", total=detector.spec.height, status="")
-        images = fast_sample(detector.model, n, generator=generator, temperature=temperature,
-                             batch_size=n, progress=lambda: progress.update(task, advance=1))
     spec = detector.spec
-    zoom = scale or max(1, 256 // (int(np.ceil(np.sqrt(n))) * (spec.width + 1)))
-    grid = image_grid(images, spec.levels, scale=zoom)
-    from PIL import Image
-
-    from ..atomic import atomic_path
-
-    with atomic_path(out, suffix=".png") as tmp:
-        Image.fromarray(grid).save(tmp, format="PNG")
+    with make_progress() as progress:  # the cached decoder reports once per image row
+        task = progress.add_task("sample", total=spec.height, status="")
+        images = fast_sample(detector.model, n, torch.Generator().manual_seed(seed),
+                             temperature=temperature, batch_size=n,
+                             progress=lambda: progress.update(task, advance=1))
+    save_grid(out, images, spec.levels, scale)
     if npz is not None:
         save_npz(npz, images, spec.levels)
     bpd = detector.anomaly_score(images, "bpd")
