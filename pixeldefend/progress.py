@@ -67,6 +67,31 @@ def _force_progress() -> bool:
     return os.environ.get("PIXELDEFEND_PROGRESS") == "1"
 
 
+class ProgressBar:
+    """One Rich bar on stderr; `advance` is the `progress(k)` callback the library's
+    pipelines take, `set_total` their `on_total(n)`."""
+
+    def __init__(self, label: str, total: float | None = None) -> None:
+        self.progress, self.label, self.total = make_progress(), label, total
+        self.task: TaskID | None = None
+
+    def __enter__(self) -> ProgressBar:
+        self.progress.__enter__()
+        self.task = self.progress.add_task(self.label, total=self.total, status="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def advance(self, k: float = 1, status: str = "") -> None:
+        assert self.task is not None
+        self.progress.update(self.task, advance=k, status=status)
+
+    def set_total(self, n: float) -> None:
+        assert self.task is not None
+        self.progress.update(self.task, total=n)
+
+
 class RichTrainProgress:
     """Renders the training loop's reports (`train.TrainProgress`): a Rich bar on stderr
     plus one line per epoch. Subclasses change only how the metrics are worded."""

@@ -134,6 +134,37 @@ def fmt_float(value: float | None, digits: int = 3) -> str:
 # ------------------------------------------------------------------ command tables
 
 
+def calibration_lines(detector: Any, kinds: list[str] | None, n: int, source: str
+                      ) -> tuple[list[str], list[str], str]:
+    """A line per calibrated kind (default: every available calibrated one), a warning per
+    conservative threshold, and what was calibrated on."""
+    from .calibration import min_calibration_images
+
+    if kinds is None:
+        kinds = [k for k in detector.available_kinds if k in detector.calibrations]
+    lines, warnings = [], []
+    for kind in kinds:
+        cal = detector.calibrations[kind]
+        default = " (default)" if kind == detector.default_kind else ""
+        lines.append(f"  {kind:<10} threshold {cal.threshold:.4f} {cal.unit} at FPR "
+                     f"{cal.fpr:g}{default}")
+        if cal.conservative:
+            warnings.append(
+                f"{kind}: only {cal.n} calibration images for FPR {cal.fpr:g} (needs "
+                f"{min_calibration_images(cal.fpr)}): the threshold is the largest clean "
+                f"score, {cal.threshold:.4f}; its false-positive rate is not guaranteed "
+                "(conservative_threshold=True)")
+    return lines, warnings, f"calibrated {', '.join(kinds)} on {n} clean images of {source}"
+
+
+def train_line(result: Any) -> str:
+    """`train`'s result line: test bits/dim and the bits/dim threshold."""
+    metrics, cal = result.metrics, result.detector.calibrations["bpd"]
+    return (f"test bits/dim {fmt_float(metrics.get('test_bits_per_dim'), 4)}  (validation "
+            f"{metrics['val_bits_per_dim']:.4f}); threshold {cal.threshold:.4f} bits/dim at "
+            f"FPR {cal.fpr:g} from {cal.n} calibration images; {result.seconds:.0f} s")
+
+
 def attack_table(summary: dict[str, Any]) -> Table:
     """`attack`: the summary as metric / value rows."""
     s = summary

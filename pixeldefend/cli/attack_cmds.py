@@ -22,6 +22,7 @@ from .common import (
     Mean,
     OutputFormat,
     Overwrite,
+    ProgressBar,
     Resume,
     Std,
     TrustCode,
@@ -31,7 +32,6 @@ from .common import (
     flag,
     handle_errors,
     interrupted,
-    make_progress,
     parse_numbers,
     report_skipped,
     warn,
@@ -200,13 +200,11 @@ def attack(
     if images.labels is None:
         err_console.print("[yellow]note[/]: the images have no labels; attacking the "
                           "classifier's clean predictions instead", highlight=False)
-    with make_progress() as progress:
-        task = progress.add_task(f"attack {method.lower()}", total=len(images), status="")
+    with ProgressBar(f"attack {method.lower()}", len(images)) as bar:
         summary, result = attack_dataset(
             loaded, images, method.lower(), eps, eps_levels=eps_levels, alpha=alpha,
             steps=steps, c=c, kappa=kappa, lr=lr, overshoot=overshoot, targeted=targeted,
-            seed=seed, batch_size=batch_size,
-            progress=lambda k: progress.update(task, advance=k))
+            seed=seed, batch_size=batch_size, progress=bar.advance)
     for warning in summary["warnings"]:
         warn(cli_text(warning))
     if out is not None:

@@ -23,9 +23,9 @@ from rich.table import Table
 from ..atomic import write_text
 from ..defaults import DEFAULT_CLASSIFIER, GATE_CHOICES
 from ..errors import PixelDefendError, UsageError
+from ..progress import ProgressBar as ProgressBar
 from ..progress import RichTrainProgress as RichTrainProgress
 from ..progress import err_console
-from ..progress import make_progress as make_progress
 from ..rendering import RowWriter, render_text
 from ..scores import SCORES
 from ..threads import apply_threads

@@ -13,7 +13,6 @@ from ..defaults import DEFAULT_BACKGROUND_L2, DEFAULT_MODEL, DEFAULT_MUTATION_RA
 from ..defaults import PIXELCNN_PRESETS as PRESETS
 from .app import app
 from .common import (
-    EXIT_USAGE,
     SCORE_OPTION_HELP,
     DataRoot,
     Device,
@@ -26,6 +25,7 @@ from .common import (
     Output,
     OutputFormat,
     Overwrite,
+    ProgressBar,
     Resize,
     Resume,
     RichTrainProgress,
@@ -40,7 +40,6 @@ from .common import (
     handle_errors,
     interrupted,
     log,
-    make_progress,
     out_console,
     report_skipped,
     warn,
@@ -48,7 +47,6 @@ from .common import (
 
 if TYPE_CHECKING:
     from ..detector import DensityDetector
-    from ..scoring import ScoreRun
 
 MUTATION_HELP = (
     "Background model (score llr): probability that a sub-pixel of a training image is "
@@ -64,25 +62,16 @@ BACKGROUND_PRESET_HELP = (
     "statistics, so 'tiny' is a fair CPU saving on small images.")
 
 
-def print_calibrations(detector: DensityDetector, kinds: list[str], n: int, source: str) -> None:
-    from ..calibration import min_calibration_images
+def print_calibrations(detector: DensityDetector, kinds: list[str] | None = None,
+                       n: int = 0, source: str = "") -> None:
+    from ..rendering import calibration_lines
 
-    for kind in kinds:
-        cal = detector.calibrations[kind]
-        default = " (default)" if kind == detector.default_kind else ""
-        out_console.print(f"  {kind:<10} threshold {cal.threshold:.4f} {cal.unit} at FPR "
-                          f"{cal.fpr:g}{default}", highlight=False)
-        if cal.conservative:
-            warn(f"{kind}: only {cal.n} calibration images for FPR {cal.fpr:g} (needs "
-                 f"{min_calibration_images(cal.fpr)}): the threshold is the largest clean "
-                 f"score, {cal.threshold:.4f}; its false-positive rate is not guaranteed "
-                 "(--conservative-threshold)")
-    err_console.print(f"calibrated {', '.join(kinds)} on {n} clean images of {source}",
-                      highlight=False)
-
-
-def calibrated_kinds(detector: DensityDetector) -> list[str]:
-    return [k for k in detector.available_kinds if k in detector.calibrations]
+    lines, warnings, summary = calibration_lines(detector, kinds, n, source)
+    for line in lines:
+        out_console.print(line, highlight=False)
+    for warning in warnings:
+        warn(cli_text(warning))
+    log(summary)
 
 
 Conservative = Annotated[bool, flag("--conservative-threshold", help=CONSERVATIVE_HELP)]
@@ -152,7 +141,7 @@ def train(
 
       pixeldefend train --background --score llr         [dim]# + background model[/]
     """
-    from ..rendering import fmt_float
+    from ..rendering import train_line
     from ..training_pipeline import TrainJob, prepare_job, train_bundle
 
     job = TrainJob(
@@ -171,13 +160,8 @@ def train(
         interrupted(job.checkpoint)
         raise
     err_console.print(f"wrote bundle {job.bundle}", highlight=False)
-    detector, metrics, calib = result.detector, result.metrics, training.calib
-    cal = detector.calibrations["bpd"]
-    out_console.print(
-        f"test bits/dim {fmt_float(metrics.get('test_bits_per_dim'), 4)}  (validation "
-        f"{metrics['val_bits_per_dim']:.4f}); threshold {cal.threshold:.4f} bits/dim at FPR "
-        f"{fpr:g} from {cal.n} calibration images; {result.seconds:.0f} s", highlight=False)
-    print_calibrations(detector, calibrated_kinds(detector), len(calib), calib.source)
+    out_console.print(train_line(result), highlight=False)
+    print_calibrations(result.detector, None, len(training.calib), training.calib.source)
 
 
 @app.command("train-background")
@@ -234,9 +218,7 @@ def train_background(
         raise
     err_console.print(f"wrote bundle {model} (background model added, {result.seconds:.0f} s)",
                       highlight=False)
-    calib = result.data.calib
-    print_calibrations(result.detector, calibrated_kinds(result.detector), len(calib),
-                       calib.source)
+    print_calibrations(result.detector, None, len(result.data.calib), result.data.calib.source)
 
 
 @app.command()
@@ -371,15 +353,13 @@ def score(
         clear_dir(heatmap_dir)
         heatmap_dir.mark()
     with RowStream(fmt, reporting.SCORE_COLUMNS, output) if streaming else \
-            contextlib.nullcontext() as rows_out, make_progress() as progress:
-        task = progress.add_task("score", total=None, status="")
+            contextlib.nullcontext() as rows_out, ProgressBar("score") as bar:
         run = score_inputs(
             detector, paths, policy, kind=None if score_kind is None else score_kind.value,
             model=model, batch_size=batch_size, resize=resize, grayscale=grayscale,
             data_root=data_root, heatmaps=heatmap, junit=junit, resamples=resamples, seed=seed,
             keep_rows=not streaming, on_rows=None if rows_out is None else rows_out.write,
-            progress=lambda n: progress.update(task, advance=n),
-            on_total=lambda n: progress.update(task, total=n))
+            progress=bar.advance, on_total=bar.set_total)
         doc = run.document(model)
         if run.batch_line and (fmt != OutputFormat.table or output is not None):
             log(run.batch_line)  # else in the caption
@@ -387,29 +367,9 @@ def score(
             emit(fmt, doc, run.rows, reporting.SCORE_COLUMNS, reporting.score_table, output)
     if junit is not None:
         err_console.print(f"wrote {junit}", highlight=False)
-    print_score_summary(run, skip_unreadable)
+    for line in run.summary_lines():
+        log(cli_text(line))
     raise typer.Exit(run.result.exit_code)
-
-
-def print_score_summary(run: ScoreRun, skip_unreadable: bool) -> None:
-    """One line on stderr: the counts and the gate's verdict."""
-    summary, tally, result = run.summary, run.tally, run.result
-    extra = []
-    if tally.invalid:
-        extra.append(f"{tally.invalid} with a non-finite score")
-    if skip_unreadable and tally.unreadable:
-        extra.append(f"{tally.unreadable} unreadable skipped by --skip-unreadable")
-    if run.hidden:
-        extra.append(f"{run.hidden} hidden file(s)/folder(s) ignored")
-    err_console.print(
-        f"{summary['n']} input(s): {summary['clean']} clean, {summary['anomalous']} "
-        f"anomalous, {summary['errors']} error(s)"
-        + (f" ({'; '.join(extra)})" if extra else "")
-        + (f"; gate failed: {cli_text('; '.join(result.reasons))}" if result.failed else
-           ("; gate passed" if run.policy.active else "")), highlight=False)
-    if result.exit_code == EXIT_USAGE:
-        err_console.print("some inputs could not be scored (see the error rows); pass "
-                          "--skip-unreadable to accept unreadable ones", highlight=False)
 
 
 @app.command()
@@ -464,11 +424,9 @@ def sample(
                 overwrite=overwrite)
     detector = DensityDetector.load(model, device=device)
     spec = detector.spec
-    with make_progress() as progress:  # the cached decoder reports once per image row
-        task = progress.add_task("sample", total=spec.height, status="")
+    with ProgressBar("sample", spec.height) as bar:  # the decoder reports per image row
         images = fast_sample(detector.model, n, torch.Generator().manual_seed(seed),
-                             temperature=temperature, batch_size=n,
-                             progress=lambda: progress.update(task, advance=1))
+                             temperature=temperature, batch_size=n, progress=bar.advance)
     save_grid(out, images, spec.levels, scale)
     if npz is not None:
         save_npz(npz, images, spec.levels)

@@ -16,10 +16,10 @@ from .common import (
     ModelBundle,
     OutputFormat,
     Overwrite,
+    ProgressBar,
     emit,
     handle_errors,
     log,
-    make_progress,
 )
 
 
@@ -81,12 +81,9 @@ def evaluate_ood_cmd(
                                   model)
     log(f"in: {in_set.source} ({len(in_set)} images); out: "
         + ", ".join(f"{k} ({len(v)})" for k, v in sets.items()) + f"; scores: {', '.join(kinds)}")
-    with make_progress() as progress:
-        task = progress.add_task("score", total=len(in_set) + sum(map(len, sets.values())),
-                                 status="")
+    with ProgressBar("score", len(in_set) + sum(map(len, sets.values()))) as bar:
         report = evaluate_ood(detector, in_set, sets, kinds, model=str(model),
-                              progress=lambda name, k: progress.update(task, advance=k,
-                                                                       status=name))
+                              progress=lambda name, k: bar.advance(k, name))
     emit(fmt, report.to_dict(), report.rows(), ["out_set", "kind", *METRICS],
          lambda _: ood_table(report))
     if out_dir is not None:

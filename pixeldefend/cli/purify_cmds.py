@@ -31,6 +31,7 @@ from .common import (
     Output,
     OutputFormat,
     Overwrite,
+    ProgressBar,
     Resize,
     Std,
     StdoutFormat,
@@ -39,7 +40,6 @@ from .common import (
     flag,
     handle_errors,
     log,
-    make_progress,
     parse_numbers,
 )
 
@@ -105,11 +105,9 @@ def purify_cmd(
     plan = PurifyOutputs.plan(paths, out, detector.spec.levels)
     clear_dir(out_dir)  # ours (marker) and --overwrite: no stale copies of an earlier run
     out_dir.mark()
-    with make_progress() as progress:
-        task = progress.add_task("purify", total=len(stream), status="")
+    with ProgressBar("purify", len(stream)) as bar:
         rows = purify_rows(detector, stream.batches(batch_size), eps, adaptive,
-                           fast=not reference, keep=plan.add,
-                           progress=lambda k: progress.update(task, advance=k))
+                           fast=not reference, keep=plan.add, progress=bar.advance)
     plan.flush()
     doc = purify_document(model, detector, eps, adaptive, rows,
                           implementation="reference" if reference else "fast", out=str(out))
@@ -176,11 +174,10 @@ def defend_cmd(
     stream = open_stream(paths, detector, resize=resize, grayscale=grayscale,
                          data_root=data_root)
     classes = loaded.classes or stream.classes
-    with make_progress() as progress:
-        task = progress.add_task("defend", total=len(stream), status="")
+    with ProgressBar("defend", len(stream)) as bar:
         result = defend(detector, loaded, stream.batches(batch_size), eps, adaptive=adaptive,
                         fail_on=fail_on.value, classes=classes, batch_size=batch_size,
-                        progress=lambda k: progress.update(task, advance=k))
+                        progress=bar.advance)
     doc = defend_document(model, classifier, detector, eps, adaptive, classes, result)
     emit(fmt, doc, result.rows, DEFEND_COLUMNS, defend_table, output)
     log(defend_line(result.summary, result.gate_failed))
