@@ -11,31 +11,8 @@ import typer
 
 from ..attack_registry import ATTACKS
 from ..defaults import CLASSIFIER_PRESETS as PRESETS
+from . import common
 from .app import app
-from .common import (
-    Classifier,
-    DataRoot,
-    Device,
-    Download,
-    EpsLevels,
-    Grayscale,
-    Mean,
-    OutputFormat,
-    Overwrite,
-    ProgressBar,
-    Resume,
-    Std,
-    TrustCode,
-    cli_text,
-    emit,
-    err_console,
-    flag,
-    handle_errors,
-    interrupted,
-    parse_numbers,
-    report_skipped,
-    warn,
-)
 
 classifier_app = typer.Typer(
     help="Train the classifiers that `pixeldefend attack` attacks and the purifier protects.",
@@ -46,7 +23,7 @@ app.add_typer(classifier_app, name="classifier")
 
 
 @classifier_app.command("train")
-@handle_errors
+@common.handle_errors
 def classifier_train(
     data: Annotated[str, typer.Option(
         "--data", "-d", help="Labelled training images: digits, fashion-mnist, mnist, cifar10, "
@@ -69,14 +46,14 @@ def classifier_train(
         help="Test images \\[default: the data's test split].")] = None,
     seed: Annotated[int, typer.Option(
         help="Seed for weights, shuffling, augmentation and splits.")] = 0,
-    device: Device = "auto",
-    resume: Resume = False,
-    data_root: DataRoot = None,
-    download: Download = False,
-    fmt: Annotated[OutputFormat, typer.Option(
+    device: common.Device = "auto",
+    resume: common.Resume = False,
+    data_root: common.DataRoot = None,
+    download: common.Download = False,
+    fmt: Annotated[common.OutputFormat, typer.Option(
         "--format", "-f", help="table: one line; json: the metrics; jsonl or csv: them as "
-                               "one row.")] = OutputFormat.table,
-    overwrite: Overwrite = False,
+                               "one row.")] = common.OutputFormat.table,
+    overwrite: common.Overwrite = False,
 ) -> None:
     """Train a small ResNet classifier and write it as a bundle (safetensors + JSON).
 
@@ -108,16 +85,16 @@ def classifier_train(
                 data, out, val=val, test=test, preset=preset, epochs=epochs,
                 batch_size=batch_size, lr=lr, shift=shift, seed=seed, device=device,
                 resume=resume, data_root=data_root, download=download, overwrite=overwrite,
-                log=lambda line: err_console.print(line, highlight=False), progress=progress)
+                log=common.log, progress=progress)
     except KeyboardInterrupt:
-        interrupted(classifier_checkpoint(out))
+        common.interrupted(classifier_checkpoint(out))
         raise
-    err_console.print(f"wrote bundle {out}", highlight=False)
-    emit(fmt, doc, [doc], list(doc), classifier_line)
+    common.log(f"wrote bundle {out}")
+    common.emit(fmt, doc, [doc], list(doc), classifier_line)
 
 
 @app.command("attack")
-@handle_errors
+@common.handle_errors
 def attack(
     paths: Annotated[list[str] | None, typer.Argument(
         help="Images, folders (labels from sub-folder names) or .npz files; instead of "
@@ -128,7 +105,7 @@ def attack(
     eps: Annotated[str | None, typer.Option(
         help="Budget as a fraction of the pixel range: 8/255 or 0.03; with --eps-levels, "
              "whole pixel levels \\[default: 8/255, at least 1 level].")] = None,
-    eps_levels: EpsLevels = False,
+    eps_levels: common.EpsLevels = False,
     steps: Annotated[int | None, typer.Option(
         min=1, help="Iterations (bim, pgd, cw, deepfool).")] = None,
     alpha: Annotated[str | None, typer.Option(
@@ -142,33 +119,33 @@ def attack(
     overshoot: Annotated[float, typer.Option(
         help="DeepFool: overshoot (the clipped, quantised result keeps more of a larger one, "
              "e.g. 1).")] = 0.02,
-    targeted: Annotated[bool, flag("--targeted", help="Aim for a random wrong label "
+    targeted: Annotated[bool, common.flag("--targeted", help="Aim for a random wrong label "
                                    "(seeded); fgsm, bim, pgd, cw.")] = False,
     data: Annotated[str | None, typer.Option(
         "--data", "-d", help="Labelled images: digits:test, fashion-mnist:test, a folder, an "
                              ".npz \\[default: the classifier's test split].")] = None,
-    classifier: Classifier = None,
+    classifier: common.Classifier = None,
     classifier_weights: Annotated[Path | None, typer.Option(
         help="State-dict file for a package.module:factory classifier (loaded with "
              "weights_only=True).")] = None,
-    mean: Mean = None,
-    std: Std = None,
+    mean: common.Mean = None,
+    std: common.Std = None,
     n: Annotated[int | None, typer.Option("-n", "--n", min=1,
                                           help="Attack the first N images.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for random starts, noise and targets.")] = 0,
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Write PNGs, manifest.json and images.npz to this folder.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
-    device: Device = "auto",
-    fmt: Annotated[OutputFormat, typer.Option(
+    device: common.Device = "auto",
+    fmt: Annotated[common.OutputFormat, typer.Option(
         "--format", "-f", help="table or json: the summary; jsonl or csv: one row per "
-                               "image.")] = OutputFormat.table,
-    data_root: DataRoot = None,
-    resize: Annotated[bool, flag("--resize", help="Resize images to the classifier's "
+                               "image.")] = common.OutputFormat.table,
+    data_root: common.DataRoot = None,
+    resize: Annotated[bool, common.flag("--resize", help="Resize images to the classifier's "
                                                   "size.")] = False,
-    grayscale: Grayscale = False,
-    trust_code: TrustCode = False,
-    overwrite: Overwrite = False,
+    grayscale: common.Grayscale = False,
+    trust_code: common.TrustCode = False,
+    overwrite: common.Overwrite = False,
 ) -> None:
     """Attack a classifier; save quantised adversarial images and report its accuracy.
 
@@ -193,22 +170,21 @@ def attack(
 
     loaded, images = load_attack_inputs(
         method, paths, data, classifier, n=n, out=out, overwrite=overwrite, device=device,
-        trust_code=trust_code, mean=parse_numbers(mean, "--mean"),
-        std=parse_numbers(std, "--std"), classifier_weights=classifier_weights,
+        trust_code=trust_code, mean=common.parse_numbers(mean, "--mean"),
+        std=common.parse_numbers(std, "--std"), classifier_weights=classifier_weights,
         data_root=data_root, resize=resize, grayscale=grayscale)
-    report_skipped(images.errors, summary=False)
+    common.report_skipped(images.errors, summary=False)
     if images.labels is None:
-        err_console.print("[yellow]note[/]: the images have no labels; attacking the "
-                          "classifier's clean predictions instead", highlight=False)
-    with ProgressBar(f"attack {method.lower()}", len(images)) as bar:
+        common.log("[yellow]note[/]: the images have no labels; attacking the classifier's "
+                   "clean predictions instead")
+    with common.ProgressBar(f"attack {method.lower()}", len(images)) as bar:
         summary, result = attack_dataset(
             loaded, images, method.lower(), eps, eps_levels=eps_levels, alpha=alpha,
             steps=steps, c=c, kappa=kappa, lr=lr, overshoot=overshoot, targeted=targeted,
             seed=seed, batch_size=batch_size, progress=bar.advance)
     for warning in summary["warnings"]:
-        warn(cli_text(warning))
+        common.warn(common.cli_text(warning))
     if out is not None:
         count = save_attack(out, images, result, summary)
-        err_console.print(f"wrote {count} PNGs, manifest.json and images.npz to {out}",
-                          highlight=False)
-    emit(fmt, summary, result.records, attack_columns(targeted), attack_table)
+        common.log(f"wrote {count} PNGs, manifest.json and images.npz to {out}")
+    common.emit(fmt, summary, result.records, attack_columns(targeted), attack_table)

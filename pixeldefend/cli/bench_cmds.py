@@ -9,18 +9,18 @@ import typer
 
 from ..defaults import CASE_NAMES, DEFAULT_MODEL
 from ..errors import UsageError
+from . import common
 from .app import app
-from .common import Format, Output, OutputFormat, Overwrite, emit, err_console, flag, handle_errors
 
 
 @app.command("bench")
-@handle_errors
+@common.handle_errors
 def bench_cmd(
     model: Annotated[Path, typer.Option(
         "--model", "-m", help="Digits model bundle for the first case (a small random "
         "model stands in if it is missing).")] = DEFAULT_MODEL,
     batch_size: int = typer.Option(64, min=1, help="Images per batch in every case."),
-    quick: Annotated[bool, flag("--quick", help="One timing per figure and a 4 s "
+    quick: Annotated[bool, common.flag("--quick", help="One timing per figure and a 4 s "
                                 "reference budget per case (unless --reference-budget is "
                                 "given): about a minute in all.")] = False,
     cases: str = typer.Option(",".join(CASE_NAMES), help="Comma-separated cases to run."),
@@ -32,11 +32,11 @@ def bench_cmd(
                                        "torch's). On a busy machine 1 is often fastest."),
     train_step: Annotated[bool, typer.Option("--train-step/--no-train-step", metavar="",
                                              help="Also time one training step.")] = True,
-    profile: Annotated[bool, flag("--profile", help="Also profile fast purification per "
+    profile: Annotated[bool, common.flag("--profile", help="Also profile fast purification per "
                                   "torch operator (one extra run per case).")] = False,
-    fmt: Format = OutputFormat.table,
-    output: Output = None,
-    overwrite: Overwrite = False,
+    fmt: common.Format = common.OutputFormat.table,
+    output: common.Output = None,
+    overwrite: common.Overwrite = False,
 ) -> None:
     """Measure purification throughput (fast and reference), scoring and training speed.
 
@@ -66,5 +66,5 @@ def bench_cmd(
     settings = BenchSettings(batch_size=batch_size, quick=quick, threads=threads,
                              reference_budget=reference_budget, train_step=train_step,
                              cases=chosen, model=model, profile=profile)
-    doc = run_bench(settings, log=lambda msg: err_console.print(f"[dim]{msg}[/]"))
-    emit(fmt, doc, bench_rows(doc), BENCH_COLUMNS, bench_table, output)
+    doc = run_bench(settings, log=lambda msg: common.err_console.print(f"[dim]{msg}[/]"))
+    common.emit(fmt, doc, bench_rows(doc), BENCH_COLUMNS, bench_table, output)

@@ -11,39 +11,8 @@ import typer
 
 from ..defaults import DEFAULT_BACKGROUND_L2, DEFAULT_MODEL, DEFAULT_MUTATION_RATE, DEFAULT_SCORE
 from ..defaults import PIXELCNN_PRESETS as PRESETS
+from . import common
 from .app import app
-from .common import (
-    SCORE_OPTION_HELP,
-    DataRoot,
-    Device,
-    Download,
-    Format,
-    GateChoice,
-    Grayscale,
-    ImagePaths,
-    ModelBundle,
-    Output,
-    OutputFormat,
-    Overwrite,
-    ProgressBar,
-    Resize,
-    Resume,
-    RichTrainProgress,
-    RowStream,
-    ScoreChoice,
-    StdoutFormat,
-    Threads,
-    cli_text,
-    emit,
-    err_console,
-    flag,
-    handle_errors,
-    interrupted,
-    log,
-    out_console,
-    report_skipped,
-    warn,
-)
 
 if TYPE_CHECKING:
     from ..detector import DensityDetector
@@ -68,17 +37,17 @@ def print_calibrations(detector: DensityDetector, kinds: list[str] | None = None
 
     lines, warnings, summary = calibration_lines(detector, kinds, n, source)
     for line in lines:
-        out_console.print(line, highlight=False)
+        common.out_console.print(line, highlight=False)
     for warning in warnings:
-        warn(cli_text(warning))
-    log(summary)
+        common.warn(common.cli_text(warning))
+    common.log(summary)
 
 
-Conservative = Annotated[bool, flag("--conservative-threshold", help=CONSERVATIVE_HELP)]
+Conservative = Annotated[bool, common.flag("--conservative-threshold", help=CONSERVATIVE_HELP)]
 
 
 @app.command()
-@handle_errors
+@common.handle_errors
 def train(
     data: str = typer.Option("digits", "--data", "-d",
                              help="Training images: digits, fashion-mnist, mnist, cifar10, a "
@@ -99,16 +68,17 @@ def train(
     max_images: int | None = typer.Option(None, min=1, help="Train on at most this many "
                                                            "images (a quicker CPU run)."),
     seed: int = typer.Option(0, help="Seed for weights, shuffling and splits."),
-    skip_unreadable: Annotated[bool, flag(
+    skip_unreadable: Annotated[bool, common.flag(
         "--skip-unreadable", help="Train on the readable files of a folder even if "
         "some cannot be used (corrupt, or a different size than the first image); they are "
         "listed. Without it such files are an error.")] = False,
     conservative_threshold: Conservative = False,
-    score_kind: ScoreChoice = typer.Option(
-        DEFAULT_SCORE, "--score", help=SCORE_OPTION_HELP + " Every available kind is "
+    score_kind: common.ScoreChoice = typer.Option(
+        DEFAULT_SCORE, "--score", help=common.SCORE_OPTION_HELP + " Every available kind is "
         "calibrated; this one is the default."),
-    background: Annotated[bool, flag("--background", help="Also train the background model of the "
-                            "llr score and store it in the bundle.")] = False,
+    background: Annotated[bool, common.flag(
+        "--background", help="Also train the background model of the llr score and store it "
+        "in the bundle.")] = False,
     mutation_rate: float = typer.Option(DEFAULT_MUTATION_RATE, help=MUTATION_HELP),
     background_preset: str | None = typer.Option(None, help=BACKGROUND_PRESET_HELP),
     background_epochs: int | None = typer.Option(
@@ -116,11 +86,11 @@ def train(
     background_l2: float = typer.Option(DEFAULT_BACKGROUND_L2, min=0.0,
                                         help="L2 penalty (Adam weight decay) on the "
                                              "background model, as in Ren et al."),
-    device: Device = "auto",
-    resume: Resume = False,
-    data_root: DataRoot = None,
-    download: Download = False,
-    overwrite: Overwrite = False,
+    device: common.Device = "auto",
+    resume: common.Resume = False,
+    data_root: common.DataRoot = None,
+    download: common.Download = False,
+    overwrite: common.Overwrite = False,
 ) -> None:
     """Train a PixelCNN on clean images, calibrate its thresholds and write a bundle.
 
@@ -148,24 +118,25 @@ def train(
         data=data, out=out, preset=preset, dropout=dropout, epochs=epochs, patience=patience,
         batch_size=batch_size, lr=lr, fpr=fpr, max_images=max_images, seed=seed,
         skip_unreadable=skip_unreadable, conservative_threshold=conservative_threshold,
-        score_kind=ScoreChoice(score_kind).value, background=background,
+        score_kind=common.ScoreChoice(score_kind).value, background=background,
         mutation_rate=mutation_rate, background_preset=background_preset,
         background_epochs=background_epochs, background_l2=background_l2, device=device,
         resume=resume, data_root=data_root, download=download, overwrite=overwrite)
-    training = prepare_job(job, log)
-    report_skipped(training.skipped)
+    training = prepare_job(job, common.log)
+    common.report_skipped(training.skipped)
     try:
-        result = train_bundle(job, training, log=log, warn=warn, progress=RichTrainProgress)
+        result = train_bundle(job, training, log=common.log, warn=common.warn,
+                              progress=common.RichTrainProgress)
     except KeyboardInterrupt:
-        interrupted(job.checkpoint)
+        common.interrupted(job.checkpoint)
         raise
-    err_console.print(f"wrote bundle {job.bundle}", highlight=False)
-    out_console.print(train_line(result), highlight=False)
+    common.log(f"wrote bundle {job.bundle}")
+    common.out_console.print(train_line(result), highlight=False)
     print_calibrations(result.detector, None, len(training.calib), training.calib.source)
 
 
 @app.command("train-background")
-@handle_errors
+@common.handle_errors
 def train_background(
     model: Path = typer.Option(DEFAULT_MODEL, "--model", "-m",
                                help="Existing bundle to add a background model to."),
@@ -186,10 +157,10 @@ def train_background(
                                                 "thresholds \\[default: the bundle's]."),
     seed: int | None = typer.Option(None, help="Seed for weights, mutations and splits "
                                                "\\[default: the main model's]."),
-    device: Device = "auto",
-    resume: Resume = False,
-    data_root: DataRoot = None,
-    download: Download = False,
+    device: common.Device = "auto",
+    resume: common.Resume = False,
+    data_root: common.DataRoot = None,
+    download: common.Download = False,
 ) -> None:
     """Add the likelihood-ratio background model to an existing bundle (score llr).
 
@@ -212,35 +183,34 @@ def train_background(
             model, data=data, mutation_rate=mutation_rate, preset=preset, epochs=epochs,
             patience=patience, batch_size=batch_size, lr=lr, l2=l2, max_images=max_images,
             fpr=fpr, seed=seed, device=device, resume=resume, data_root=data_root,
-            download=download, log=log, progress=RichTrainProgress)
+            download=download, log=common.log, progress=common.RichTrainProgress)
     except KeyboardInterrupt:
-        interrupted(model.with_name(model.name + ".background.checkpoint"))
+        common.interrupted(model.with_name(model.name + ".background.checkpoint"))
         raise
-    err_console.print(f"wrote bundle {model} (background model added, {result.seconds:.0f} s)",
-                      highlight=False)
+    common.log(f"wrote bundle {model} (background model added, {result.seconds:.0f} s)")
     print_calibrations(result.detector, None, len(result.data.calib), result.data.calib.source)
 
 
 @app.command()
-@handle_errors
+@common.handle_errors
 def calibrate(
-    model: ModelBundle = DEFAULT_MODEL,
+    model: common.ModelBundle = DEFAULT_MODEL,
     data: str | None = typer.Option(
         None, "--data", "-d",
         help="Clean held-out images \\[default: the bundle's own calibration split]."),
     fpr: float = typer.Option(0.05, help="Target false-positive rate on clean images."),
-    score: ScoreChoice | None = typer.Option(
-        None, "--score", help=SCORE_OPTION_HELP + " Calibrates this kind and makes it the "
+    score: common.ScoreChoice | None = typer.Option(
+        None, "--score", help=common.SCORE_OPTION_HELP + " Calibrates this kind and makes it the "
         "bundle's default \\[default: recalibrate every available kind, keep the default]."),
     conservative_threshold: Conservative = False,
-    skip_unreadable: Annotated[bool, flag(
+    skip_unreadable: Annotated[bool, common.flag(
         "--skip-unreadable", help="Calibrate on the readable files even if some "
         "cannot be used (they are listed); without it they are an error.")] = False,
     batch_size: int = typer.Option(256, min=1),
-    device: Device = "auto",
-    resize: Resize = False,
-    grayscale: Grayscale = False,
-    data_root: DataRoot = None,
+    device: common.Device = "auto",
+    resize: common.Resize = False,
+    grayscale: common.Grayscale = False,
+    data_root: common.DataRoot = None,
 ) -> None:
     """Recompute thresholds on clean images and store them in the bundle (atomically).
 
@@ -260,42 +230,42 @@ def calibrate(
     from ..training_pipeline import recalibrate_bundle
 
     done = recalibrate_bundle(
-        model, data, fpr=fpr, kind=None if score is None else ScoreChoice(score).value,
+        model, data, fpr=fpr, kind=None if score is None else common.ScoreChoice(score).value,
         conservative=conservative_threshold, skip_unreadable=skip_unreadable,
         batch_size=batch_size, device=device, resize=resize, grayscale=grayscale,
-        data_root=data_root, warn=warn)
+        data_root=data_root, warn=common.warn)
     images = done.images
-    report_skipped(images.errors)
+    common.report_skipped(images.errors)
     cal = done.detector.calibrations[done.headline]
-    out_console.print(
+    common.out_console.print(
         f"threshold {cal.threshold:.4f} {cal.unit} ({cal.kind}) at FPR {fpr:g} from {cal.n} "
         f"images of {images.source}; written to {model}/calibration.json", highlight=False)
     print_calibrations(done.detector, done.kinds, cal.n, images.source)
 
 
 @app.command()
-@handle_errors
+@common.handle_errors
 def score(
-    paths: ImagePaths,
-    model: ModelBundle = DEFAULT_MODEL,
-    fmt: Format = OutputFormat.table,
-    output: Output = None,
-    fail_on: GateChoice = typer.Option(
-        GateChoice.none, help="Gate: 'anomalous' exits 1 if any image is flagged."),
+    paths: common.ImagePaths,
+    model: common.ModelBundle = DEFAULT_MODEL,
+    fmt: common.Format = common.OutputFormat.table,
+    output: common.Output = None,
+    fail_on: common.GateChoice = typer.Option(
+        common.GateChoice.none, help="Gate: 'anomalous' exits 1 if any image is flagged."),
     max_anomalous_fraction: float | None = typer.Option(
         None, min=0.0, max=1.0,
         help="Gate: exit 1 if more than this fraction of images is flagged."),
     junit: Path | None = typer.Option(
         None, help="Write JUnit XML: one test case per input plus a 'gate' case; it has a "
         "failure or error exactly when the exit code is not 0."),
-    skip_unreadable: Annotated[bool, flag(
+    skip_unreadable: Annotated[bool, common.flag(
         "--skip-unreadable", help="Let unreadable inputs (corrupt, wrong size, "
         "unsupported files) pass the gate; they are still listed as error rows and counted "
         "as skipped. Without it any unreadable input fails a gate (exit 1), or exits 2 "
         "when no gate is set.")] = False,
-    score_kind: ScoreChoice | None = typer.Option(
-        None, "--score", help=SCORE_OPTION_HELP + " \\[default: the bundle's]"),
-    batch_test: Annotated[bool, flag(
+    score_kind: common.ScoreChoice | None = typer.Option(
+        None, "--score", help=common.SCORE_OPTION_HELP + " \\[default: the bundle's]"),
+    batch_test: Annotated[bool, common.flag(
         "--batch-test", help="Also test the whole batch for typicality (Nalisnick et "
         "al. 2019): is its mean bits/dim consistent with clean data? Then --fail-on "
         "anomalous gates on the batch verdict instead of single images.")] = False,
@@ -305,12 +275,12 @@ def score(
         None, "--heatmap", help="Write, for each flagged image, a PNG of the image next to "
         "its per-pixel NLL heat map into this folder (<input name>.heatmap.png)."),
     batch_size: int = typer.Option(256, min=1),
-    device: Device = "auto",
-    threads: Threads = None,
-    resize: Resize = False,
-    grayscale: Grayscale = False,
-    data_root: DataRoot = None,
-    overwrite: Overwrite = False,
+    device: common.Device = "auto",
+    threads: common.Threads = None,
+    resize: common.Resize = False,
+    grayscale: common.Grayscale = False,
+    data_root: common.DataRoot = None,
+    overwrite: common.Overwrite = False,
 ) -> None:
     """Score images: bits/dim, log-likelihood, score, conformal p-value and a verdict.
 
@@ -345,15 +315,15 @@ def score(
         heatmap, command="score --heatmap", inputs=inputs, overwrite=overwrite,
         option="--heatmap")
     detector = DensityDetector.load(model, device=device, batch_size=batch_size)
-    policy = GatePolicy(fail_on_anomalous=fail_on == GateChoice.anomalous,
+    policy = GatePolicy(fail_on_anomalous=fail_on == common.GateChoice.anomalous,
                         max_anomalous_fraction=max_anomalous_fraction, batch_test=batch_test,
                         skip_unreadable=skip_unreadable)
-    streaming = fmt in (OutputFormat.jsonl, OutputFormat.csv)
+    streaming = fmt in (common.OutputFormat.jsonl, common.OutputFormat.csv)
     if heatmap_dir is not None:
         clear_dir(heatmap_dir)
         heatmap_dir.mark()
-    with RowStream(fmt, reporting.SCORE_COLUMNS, output) if streaming else \
-            contextlib.nullcontext() as rows_out, ProgressBar("score") as bar:
+    with common.RowStream(fmt, reporting.SCORE_COLUMNS, output) if streaming else \
+            contextlib.nullcontext() as rows_out, common.ProgressBar("score") as bar:
         run = score_inputs(
             detector, paths, policy, kind=None if score_kind is None else score_kind.value,
             model=model, batch_size=batch_size, resize=resize, grayscale=grayscale,
@@ -361,22 +331,22 @@ def score(
             keep_rows=not streaming, on_rows=None if rows_out is None else rows_out.write,
             progress=bar.advance, on_total=bar.set_total)
         doc = run.document(model)
-        if run.batch_line and (fmt != OutputFormat.table or output is not None):
-            log(run.batch_line)  # else in the caption
+        if run.batch_line and (fmt != common.OutputFormat.table or output is not None):
+            common.log(run.batch_line)  # else in the caption
         if not streaming:
-            emit(fmt, doc, run.rows, reporting.SCORE_COLUMNS, reporting.score_table, output)
+            common.emit(fmt, doc, run.rows, reporting.SCORE_COLUMNS, reporting.score_table, output)
     if junit is not None:
-        err_console.print(f"wrote {junit}", highlight=False)
+        common.log(f"wrote {junit}")
     for line in run.summary_lines():
-        log(cli_text(line))
+        common.log(common.cli_text(line))
     raise typer.Exit(run.result.exit_code)
 
 
 @app.command()
-@handle_errors
+@common.handle_errors
 def info(
-    model: ModelBundle = DEFAULT_MODEL,
-    fmt: StdoutFormat = OutputFormat.table,
+    model: common.ModelBundle = DEFAULT_MODEL,
+    fmt: common.StdoutFormat = common.OutputFormat.table,
 ) -> None:
     """Show a bundle: architecture, data, metrics and calibration.
 
@@ -390,22 +360,22 @@ def info(
 
     detector = DensityDetector.load(model, device="cpu")
     doc = reporting.info_document(detector, model)
-    rows = field_rows(doc) if fmt == OutputFormat.csv else [doc]
-    emit(fmt, doc, rows, ["field", "value"], reporting.info_table)
+    rows = field_rows(doc) if fmt == common.OutputFormat.csv else [doc]
+    common.emit(fmt, doc, rows, ["field", "value"], reporting.info_table)
 
 
 @app.command()
-@handle_errors
+@common.handle_errors
 def sample(
-    model: ModelBundle = DEFAULT_MODEL,
+    model: common.ModelBundle = DEFAULT_MODEL,
     n: int = typer.Option(16, "-n", min=1, max=4096, help="Number of images to draw."),
     out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="PNG grid to write."),
     npz: Path | None = typer.Option(None, help="Also write the samples exactly as .npz."),
     temperature: float = typer.Option(1.0, min=0.01, help="Softmax temperature (<1: tamer)."),
     scale: int = typer.Option(0, min=0, help="Pixel zoom of the grid \\[default: fit ~256 px]."),
     seed: int = typer.Option(0, help="Random seed."),
-    device: Device = "auto",
-    overwrite: Overwrite = False,
+    device: common.Device = "auto",
+    overwrite: common.Overwrite = False,
 ) -> None:
     """Draw images from the model and save them as a PNG grid a person can look at.
 
@@ -424,12 +394,12 @@ def sample(
                 overwrite=overwrite)
     detector = DensityDetector.load(model, device=device)
     spec = detector.spec
-    with ProgressBar("sample", spec.height) as bar:  # the decoder reports per image row
+    with common.ProgressBar("sample", spec.height) as bar:  # the decoder reports per image row
         images = fast_sample(detector.model, n, torch.Generator().manual_seed(seed),
                              temperature=temperature, batch_size=n, progress=bar.advance)
     save_grid(out, images, spec.levels, scale)
     if npz is not None:
         save_npz(npz, images, spec.levels)
     bpd = detector.anomaly_score(images, "bpd")
-    out_console.print(f"wrote {out} ({n} samples, mean {bpd.mean():.3f} bits/dim)",
+    common.out_console.print(f"wrote {out} ({n} samples, mean {bpd.mean():.3f} bits/dim)",
                       highlight=False)

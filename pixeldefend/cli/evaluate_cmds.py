@@ -16,22 +16,8 @@ import typer
 
 from ..defaults import DEFAULT_ATTACKS, DEFAULT_BPDA_N, DEFAULT_MODEL, DEFENCES
 from ..errors import UsageError
+from . import common
 from .app import app
-from .common import (
-    Classifier,
-    DataRoot,
-    Device,
-    EpsLevels,
-    OutputFormat,
-    Overwrite,
-    TrustCode,
-    err_console,
-    flag,
-    handle_errors,
-    out_console,
-    parse_numbers,
-    report_skipped,
-)
 
 
 def _command_line() -> str | None:
@@ -42,11 +28,11 @@ def _command_line() -> str | None:
 
 
 @app.command("evaluate")
-@handle_errors
+@common.handle_errors
 def evaluate(
     model: Annotated[Path | None, typer.Option(
         "--model", "-m", help=f"PixelCNN bundle \\[default: {DEFAULT_MODEL}].")] = None,
-    classifier: Classifier = None,
+    classifier: common.Classifier = None,
     data: Annotated[str | None, typer.Option(
         "--data", "-d", help="Labelled images \\[default: the classifier's test split].")] = None,
     n: Annotated[int, typer.Option("--n", "-n", min=1,
@@ -57,7 +43,7 @@ def evaluate(
         help="Attack budgets, comma-separated fractions of the pixel range \\[default: "
              "8/255,25/255; 1,2 levels for images with fewer than 33 levels, e.g. "
              "digits].")] = None,
-    eps_levels: EpsLevels = False,
+    eps_levels: common.EpsLevels = False,
     eps_defend: Annotated[str | None, typer.Option(
         help="Purification radii in pixel levels, comma-separated \\[default: 16,32 of 255, "
              "scaled to the levels].")] = None,
@@ -115,19 +101,19 @@ def evaluate(
     purify_batch: Annotated[int, typer.Option(
         min=1, help="Images purified together (bigger is faster on a CPU, up to "
                     "memory).")] = 256,
-    device: Device = "auto",
+    device: common.Device = "auto",
     seed: Annotated[int, typer.Option(
         help="Seed for every attack's random start and noise.")] = 0,
-    resume: Annotated[bool, flag(
+    resume: Annotated[bool, common.flag(
         "--resume", help="Reuse the finished stages cached in --out/cache.")] = False,
     figures: Annotated[bool, typer.Option(
         "--figures/--no-figures", help="Draw the PNG figures.")] = True,
-    fmt: Annotated[OutputFormat, typer.Option(
+    fmt: Annotated[common.OutputFormat, typer.Option(
         "--format", "-f", help="table (Rich, on stdout) or json (results.json).")
-    ] = OutputFormat.table,
-    data_root: DataRoot = None,
-    trust_code: TrustCode = False,
-    overwrite: Overwrite = False,
+    ] = common.OutputFormat.table,
+    data_root: common.DataRoot = None,
+    trust_code: common.TrustCode = False,
+    overwrite: common.Overwrite = False,
 ) -> None:
     from ..adaptive_report import sanity_lines
     from ..evaluation import run_evaluation
@@ -141,12 +127,12 @@ def evaluate(
     from ..rendering import evaluation_renderables
     from ..report import results_json, write_report
 
-    if fmt not in (OutputFormat.table, OutputFormat.json):
+    if fmt not in (common.OutputFormat.table, common.OutputFormat.json):
         raise UsageError("--format must be table or json")
     inputs = load_inputs(model, classifier, data, n, out=out, device=device,
                          data_root=data_root, trust_code=trust_code, overwrite=overwrite,
                          resume=resume)
-    report_skipped(inputs.skipped, summary=False)
+    common.report_skipped(inputs.skipped, summary=False)
     spec, images = inputs.detector.spec, inputs.images
     suite = suite_settings(temperature, adaptive_alpha, spec.levels, on_survivors,
                            steps=adaptive_steps, restarts=restarts, queries=queries,
@@ -154,31 +140,30 @@ def evaluate(
                            square_n=square_n, batch_size=purify_batch)
     settings = settings_from_text(
         inputs, attacks=attacks, eps=eps, eps_levels=eps_levels,
-        eps_defend=parse_numbers(eps_defend, "--eps-defend", int, "16,32", "whole pixel levels"),
+        eps_defend=common.parse_numbers(eps_defend, "--eps-defend", int, "16,32",
+                                        "whole pixel levels"),
         defences=defences, adaptive_attack=adaptive_attack, bpda_steps=bpda_steps,
         bpda_n=bpda_n, bpda_eps=bpda_eps, bpda_alpha=bpda_alpha, eot=eot, seed=seed,
         batch_size=batch_size, purify_batch=purify_batch, resume=resume, suite=suite,
         sanity_n=sanity_n)
     out = open_report_dir(inputs, out, overwrite=overwrite, resume=resume)
     loaded = inputs.classifier
-    err_console.print(
-        f"evaluate {len(images)} images of {images.source} ({spec.describe()}) with "
-        f"{inputs.model} and {loaded.source} on {inputs.detector.device}; report in {out}",
-        highlight=False)
+    common.log(f"evaluate {len(images)} images of {images.source} ({spec.describe()}) with "
+               f"{inputs.model} and {loaded.source} on {inputs.detector.device}; report in {out}")
     with RichEvalProgress() as progress:
         evaluation = run_evaluation(inputs.detector, loaded, images, settings, out, progress,
                                     inputs.sources(_command_line()))
     written = write_report(evaluation, inputs.detector, out, loaded.classes or images.classes,
                            figures=figures)
-    err_console.print(f"wrote {', '.join(p.name for p in written)} to {out}", highlight=False)
+    common.log(f"wrote {', '.join(p.name for p in written)} to {out}")
     results = evaluation.results
     for line in sanity_lines(results):  # on stderr whatever the format: loud
         if line.startswith("SANITY"):
-            err_console.print(f"[bold red]{line}[/]", highlight=False)
-    if fmt == OutputFormat.json:
+            common.log(f"[bold red]{line}[/]")
+    if fmt == common.OutputFormat.json:
         sys.stdout.write(results_json(results))
         sys.stdout.flush()
         return
     for item in evaluation_renderables(results):
-        out_console.print(item, highlight=False)
-    out_console.print(f"report: {out / 'report.html'}", highlight=False)
+        common.out_console.print(item, highlight=False)
+    common.out_console.print(f"report: {out / 'report.html'}", highlight=False)

@@ -8,25 +8,14 @@ import typer
 
 from ..defaults import BUILTIN_OOD, DEFAULT_MODEL
 from ..scores import SCORES
+from . import common
 from .app import app
-from .common import (
-    DataRoot,
-    Device,
-    Download,
-    ModelBundle,
-    OutputFormat,
-    Overwrite,
-    ProgressBar,
-    emit,
-    handle_errors,
-    log,
-)
 
 
 @app.command("evaluate-ood")
-@handle_errors
+@common.handle_errors
 def evaluate_ood_cmd(
-    model: ModelBundle = DEFAULT_MODEL,
+    model: common.ModelBundle = DEFAULT_MODEL,
     in_spec: str | None = typer.Option(
         None, "--in", help="In-distribution (clean) test images \\[default: the bundle's test "
                            "split, else its calibration split]."),
@@ -37,17 +26,17 @@ def evaluate_ood_cmd(
     n: int = typer.Option(1000, "--n", "-n", min=1, help="Images per set (seeded subset)."),
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Write report.md, results.json and hist_<kind>.png here."),
-    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f",
+    fmt: common.OutputFormat = typer.Option(common.OutputFormat.table, "--format", "-f",
                                      help="table, json, jsonl or csv (one row per set x kind)."),
     score: str | None = typer.Option(
         None, "--score", help=f"Comma-separated score kinds ({', '.join(SCORES)}) "
                               "\\[default: every kind the bundle supports]."),
     seed: int = typer.Option(0, help="Seed for subsets and the random OOD sets."),
     batch_size: int = typer.Option(256, min=1),
-    device: Device = "auto",
-    data_root: DataRoot = None,
-    download: Download = False,
-    overwrite: Overwrite = False,
+    device: common.Device = "auto",
+    data_root: common.DataRoot = None,
+    download: common.Download = False,
+    overwrite: common.Overwrite = False,
 ) -> None:
     """Benchmark every score kind against out-of-distribution sets.
 
@@ -79,15 +68,15 @@ def evaluate_ood_cmd(
         detector.check_kind(kind)
     in_set, sets = benchmark_sets(detector, in_spec, out_sets, n, seed, data_root, download,
                                   model)
-    log(f"in: {in_set.source} ({len(in_set)} images); out: "
+    common.log(f"in: {in_set.source} ({len(in_set)} images); out: "
         + ", ".join(f"{k} ({len(v)})" for k, v in sets.items()) + f"; scores: {', '.join(kinds)}")
-    with ProgressBar("score", len(in_set) + sum(map(len, sets.values()))) as bar:
+    with common.ProgressBar("score", len(in_set) + sum(map(len, sets.values()))) as bar:
         report = evaluate_ood(detector, in_set, sets, kinds, model=str(model),
                               progress=lambda name, k: bar.advance(k, name))
-    emit(fmt, report.to_dict(), report.rows(), ["out_set", "kind", *METRICS],
+    common.emit(fmt, report.to_dict(), report.rows(), ["out_set", "kind", *METRICS],
          lambda _: ood_table(report))
     if out_dir is not None:
         clear_dir(out_dir)
         out_dir.mark()
         files = write_ood_report(report, out)
-        log(f"wrote {', '.join(str(f) for f in files)}")
+        common.log(f"wrote {', '.join(str(f) for f in files)}")

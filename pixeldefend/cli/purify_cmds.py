@@ -14,34 +14,8 @@ import typer
 from ..atomic import write_json
 from ..defaults import DEFAULT_BATCH, DEFAULT_MODEL
 from ..rendering import json_safe
+from . import common
 from .app import app
-from .common import (
-    CLASSIFIER_HELP,
-    EXIT_GATE,
-    EXIT_OK,
-    EXIT_USAGE,
-    DataRoot,
-    Device,
-    Format,
-    GateChoice,
-    Grayscale,
-    ImagePaths,
-    Mean,
-    ModelBundle,
-    Output,
-    OutputFormat,
-    Overwrite,
-    ProgressBar,
-    Resize,
-    Std,
-    StdoutFormat,
-    TrustCode,
-    emit,
-    flag,
-    handle_errors,
-    log,
-    parse_numbers,
-)
 
 if TYPE_CHECKING:
     pass
@@ -53,27 +27,27 @@ ADAPTIVE_HELP = ("Purify only images whose bits/dim exceed the model's calibrate
                  "the rest pass through untouched (adaptive PixelDefend).")
 BatchSize = Annotated[int, typer.Option(min=1, help="Images read per batch.")]
 EpsDefend = Annotated[int | None, typer.Option("--eps-defend", "-e", min=0, help=EPS_HELP)]
-Adaptive = Annotated[bool, flag("--adaptive", help=ADAPTIVE_HELP)]
+Adaptive = Annotated[bool, common.flag("--adaptive", help=ADAPTIVE_HELP)]
 
 
 @app.command("purify")
-@handle_errors
+@common.handle_errors
 def purify_cmd(
-    paths: ImagePaths,
+    paths: common.ImagePaths,
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the purified images and "
                                                       "manifest.json."),
-    model: ModelBundle = DEFAULT_MODEL,
+    model: common.ModelBundle = DEFAULT_MODEL,
     eps_defend: EpsDefend = None,
     adaptive: Adaptive = False,
-    reference: Annotated[bool, flag("--reference", help="Use the slow reference "
+    reference: Annotated[bool, common.flag("--reference", help="Use the slow reference "
                                     "implementation (one forward pass per sub-pixel).")] = False,
-    fmt: StdoutFormat = OutputFormat.table,
+    fmt: common.StdoutFormat = common.OutputFormat.table,
     batch_size: BatchSize = DEFAULT_BATCH,
-    device: Device = "auto",
-    resize: Resize = False,
-    grayscale: Grayscale = False,
-    data_root: DataRoot = None,
-    overwrite: Overwrite = False,
+    device: common.Device = "auto",
+    resize: common.Resize = False,
+    grayscale: common.Grayscale = False,
+    data_root: common.DataRoot = None,
+    overwrite: common.Overwrite = False,
 ) -> None:
     """Purify images (PixelDefend): move each sub-pixel, within +-eps_defend levels of its
     value, to the most likely value given the already purified pixels.
@@ -105,42 +79,42 @@ def purify_cmd(
     plan = PurifyOutputs.plan(paths, out, detector.spec.levels)
     clear_dir(out_dir)  # ours (marker) and --overwrite: no stale copies of an earlier run
     out_dir.mark()
-    with ProgressBar("purify", len(stream)) as bar:
+    with common.ProgressBar("purify", len(stream)) as bar:
         rows = purify_rows(detector, stream.batches(batch_size), eps, adaptive,
                            fast=not reference, keep=plan.add, progress=bar.advance)
     plan.flush()
     doc = purify_document(model, detector, eps, adaptive, rows,
                           implementation="reference" if reference else "fast", out=str(out))
     write_json(out / "manifest.json", json_safe(doc))
-    emit(fmt, doc, rows, PURIFY_COLUMNS, purify_table)
+    common.emit(fmt, doc, rows, PURIFY_COLUMNS, purify_table)
     errors = doc["summary"]["errors"]
-    log(f"wrote {out} ({doc['summary']['purified']} purified, {errors} error(s))")
-    raise typer.Exit(EXIT_USAGE if errors else EXIT_OK)
+    common.log(f"wrote {out} ({doc['summary']['purified']} purified, {errors} error(s))")
+    raise typer.Exit(common.EXIT_USAGE if errors else common.EXIT_OK)
 
 
 @app.command("defend")
-@handle_errors
+@common.handle_errors
 def defend_cmd(
-    paths: ImagePaths,
+    paths: common.ImagePaths,
     classifier: Annotated[str, typer.Option("--classifier", "-c",
-                                            help=CLASSIFIER_HELP + ".")],
-    model: ModelBundle = DEFAULT_MODEL,
+                                            help=common.CLASSIFIER_HELP + ".")],
+    model: common.ModelBundle = DEFAULT_MODEL,
     eps_defend: EpsDefend = None,
     adaptive: Adaptive = False,
-    fmt: Format = OutputFormat.table,
-    output: Output = None,
-    fail_on: Annotated[GateChoice, typer.Option(
+    fmt: common.Format = common.OutputFormat.table,
+    output: common.Output = None,
+    fail_on: Annotated[common.GateChoice, typer.Option(
         "--fail-on", help="Gate: 'anomalous' exits 1 if any input was flagged (bits/dim "
-                          "above the calibrated threshold).")] = GateChoice.none,
-    mean: Mean = None,
-    std: Std = None,
+                          "above the calibrated threshold).")] = common.GateChoice.none,
+    mean: common.Mean = None,
+    std: common.Std = None,
     batch_size: BatchSize = DEFAULT_BATCH,
-    device: Device = "auto",
-    resize: Resize = False,
-    grayscale: Grayscale = False,
-    data_root: DataRoot = None,
-    trust_code: TrustCode = False,
-    overwrite: Overwrite = False,
+    device: common.Device = "auto",
+    resize: common.Resize = False,
+    grayscale: common.Grayscale = False,
+    data_root: common.DataRoot = None,
+    trust_code: common.TrustCode = False,
+    overwrite: common.Overwrite = False,
 ) -> None:
     """Score, purify and classify: the PixelDefend pipeline in front of a classifier.
 
@@ -167,20 +141,21 @@ def defend_cmd(
     check_files((output, "--output"), overwrite=overwrite,
                 inputs=input_paths(paths, model, classifier, data_root))
     detector, eps = load_for_purify(model, device, eps_defend=eps_defend,
-                                    need_threshold=adaptive or fail_on != GateChoice.none)
-    loaded = load_classifier(classifier, device=device, mean=parse_numbers(mean, "--mean"),
-                             std=parse_numbers(std, "--std"), input_shape=detector.spec.shape,
+                                    need_threshold=adaptive or fail_on != common.GateChoice.none)
+    loaded = load_classifier(classifier, device=device, mean=common.parse_numbers(mean, "--mean"),
+                             std=common.parse_numbers(std, "--std"),
+                             input_shape=detector.spec.shape,
                              trust_code=trust_code)
     stream = open_stream(paths, detector, resize=resize, grayscale=grayscale,
                          data_root=data_root)
     classes = loaded.classes or stream.classes
-    with ProgressBar("defend", len(stream)) as bar:
+    with common.ProgressBar("defend", len(stream)) as bar:
         result = defend(detector, loaded, stream.batches(batch_size), eps, adaptive=adaptive,
                         fail_on=fail_on.value, classes=classes, batch_size=batch_size,
                         progress=bar.advance)
     doc = defend_document(model, classifier, detector, eps, adaptive, classes, result)
-    emit(fmt, doc, result.rows, DEFEND_COLUMNS, defend_table, output)
-    log(defend_line(result.summary, result.gate_failed))
+    common.emit(fmt, doc, result.rows, DEFEND_COLUMNS, defend_table, output)
+    common.log(defend_line(result.summary, result.gate_failed))
     if result.summary["errors"]:
-        raise typer.Exit(EXIT_USAGE)
-    raise typer.Exit(EXIT_GATE if result.gate_failed else EXIT_OK)
+        raise typer.Exit(common.EXIT_USAGE)
+    raise typer.Exit(common.EXIT_GATE if result.gate_failed else common.EXIT_OK)
