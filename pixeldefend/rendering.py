@@ -43,15 +43,38 @@ def dumps(doc: Any) -> str:
 
 
 def render_text(fmt: str, doc: dict[str, Any], rows: list[dict[str, Any]],
-                columns: list[str]) -> str:
-    """The json (whole document), jsonl (a line per row) or csv (a line per row) text."""
+                columns: list[str], table: Callable[[dict[str, Any]], Any] | None = None
+                ) -> str:
+    """The json (whole document), jsonl (a line per row), csv (a line per row) or table
+    (`table(doc)` rendered 160 columns wide) text."""
+    if fmt == "table" and table is not None:
+        from rich.console import Console
+
+        buf = io.StringIO()
+        Console(file=buf, width=160, soft_wrap=True).print(table(doc))
+        return buf.getvalue()
     if fmt == "json":
         return dumps(doc)
     if fmt == "jsonl":
         return "".join(json.dumps(json_safe(r)) + "\n" for r in rows)
     if fmt == "csv":
         return rows_to_csv(rows, columns)
-    raise ValueError(f"fmt must be one of {', '.join(FORMATS[1:])}, not {fmt!r}")
+    raise ValueError(f"fmt must be one of {', '.join(FORMATS)}, not {fmt!r}")
+
+
+def write_result(text: str, output: Path | None = None) -> None:
+    """`text` to stdout, or atomically to `output`."""
+    from .atomic import write_text
+    from .outputs import OutputError
+
+    if output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    try:
+        write_text(output, text)
+    except OSError as exc:  # checked up front; this is a disk that filled up since
+        raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
 
 
 class RowWriter:

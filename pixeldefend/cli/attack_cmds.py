@@ -34,7 +34,7 @@ def classifier_train(
     preset: Annotated[str, typer.Option(help=f"Network size: {', '.join(PRESETS)}.")] = "small",
     epochs: Annotated[int | None, typer.Option(
         min=1, help="Training epochs \\[default: 40 for small data sets, 10 for large].")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per optimisation step.")] = 128,
+    batch_size: common.StepBatch = 128,
     lr: Annotated[float, typer.Option(
         min=0.0, help="Adam learning rate (decays to 5% by the last epoch).")] = 3e-3,
     shift: Annotated[int | None, typer.Option(

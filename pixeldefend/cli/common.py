@@ -8,7 +8,6 @@ stderr.
 from __future__ import annotations
 
 import functools
-import io
 import re
 import sys
 from collections.abc import Callable
@@ -20,13 +19,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..atomic import write_text
 from ..defaults import DEFAULT_CLASSIFIER, GATE_CHOICES
 from ..errors import PixelDefendError, UsageError
 from ..progress import ProgressBar as ProgressBar
 from ..progress import RichTrainProgress as RichTrainProgress
 from ..progress import err_console
-from ..rendering import RowWriter, render_text
+from ..rendering import RowWriter, render_text, write_result
 from ..scores import SCORES
 from ..threads import apply_threads
 
@@ -89,6 +87,7 @@ Classifier = Annotated[str | None, typer.Option(
 Mean = Annotated[str | None, typer.Option(
     help="Per-channel mean the classifier expects, e.g. 0.4914,0.4822,0.4465.")]
 Std = Annotated[str | None, typer.Option(help="Per-channel std the classifier expects.")]
+StepBatch = Annotated[int, typer.Option(min=1, help="Images per optimisation step.")]
 EpsLevels = Annotated[bool, flag("--eps-levels", help="Read --eps as whole pixel levels.")]
 
 
@@ -196,26 +195,12 @@ def emit(fmt: OutputFormat, doc: dict[str, Any], rows: list[dict[str, Any]], col
          table: Callable[[dict[str, Any]], Table | str], output: Path | None = None) -> None:
     """Write results in the chosen format to stdout or, atomically, to `output`; library
     text in them (per-file errors, gate reasons) names flags, not parameters."""
-    from ..outputs import OutputError
-
     doc, rows = cli_strings(doc), cli_strings(rows)
     if fmt == OutputFormat.table and output is None:
         out_console.print(table(doc))
         return
-    if fmt == OutputFormat.table:
-        buf = io.StringIO()
-        Console(file=buf, width=160, soft_wrap=True).print(table(doc))
-        text = buf.getvalue()
-    else:
-        text = render_text(fmt.value, doc, rows, columns)
-    if output is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        try:
-            write_text(output, text)
-        except OSError as exc:  # checked up front; this is a disk that filled up since
-            raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
+    write_result(render_text(fmt.value, doc, rows, columns, table), output)
+    if output is not None:
         err_console.print(f"wrote {output}")
 
 

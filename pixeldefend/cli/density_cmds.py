@@ -17,15 +17,17 @@ from .app import app
 if TYPE_CHECKING:
     from ..detector import DensityDetector
 
-MUTATION_HELP = (
+MutationRate = Annotated[float, typer.Option(help=(
     "Background model (score llr): probability that a sub-pixel of a training image is "
     "replaced by a uniformly random level. Ren et al. (2019) found 0.1-0.2 best; 0.2 wipes "
     "out shapes while keeping the local pixel statistics that confound raw likelihood, and "
-    "suits short CPU training.")
-CONSERVATIVE_HELP = (
+    "suits short CPU training."))]
+MaxImages = Annotated[int | None, typer.Option(
+    min=1, help="Train on at most this many images (a quicker CPU run).")]
+Conservative = Annotated[bool, common.flag("--conservative-threshold", help=(
     "When there are fewer clean calibration images than --fpr needs (about 1/fpr), use the "
     "largest calibration score as a finite threshold instead of stopping with an error; its "
-    "false-positive rate is then not guaranteed, and this is printed and recorded.")
+    "false-positive rate is then not guaranteed, and this is printed and recorded."))]
 BACKGROUND_PRESET_HELP = (
     "Background model size \\[default: same as the main model]. It only has to learn local "
     "statistics, so 'tiny' is a fair CPU saving on small images.")
@@ -41,9 +43,6 @@ def print_calibrations(detector: DensityDetector, kinds: list[str] | None = None
     for warning in warnings:
         common.warn(common.cli_text(warning))
     common.log(summary)
-
-
-Conservative = Annotated[bool, common.flag("--conservative-threshold", help=CONSERVATIVE_HELP)]
 
 
 @app.command()
@@ -62,11 +61,10 @@ def train(
     epochs: int = typer.Option(40, min=1, help="Maximum training epochs."),
     patience: int = typer.Option(8, min=0, help="Stop after this many epochs without a better "
                                                 "validation bits/dim (0: never stop early)."),
-    batch_size: int = typer.Option(64, min=1, help="Images per optimisation step."),
+    batch_size: common.StepBatch = 64,
     lr: float = typer.Option(2e-3, min=0.0, help="Adam learning rate (decays 3% per epoch)."),
     fpr: float = typer.Option(0.05, help="Target false-positive rate of the threshold."),
-    max_images: int | None = typer.Option(None, min=1, help="Train on at most this many "
-                                                           "images (a quicker CPU run)."),
+    max_images: MaxImages = None,
     seed: int = typer.Option(0, help="Seed for weights, shuffling and splits."),
     skip_unreadable: Annotated[bool, common.flag(
         "--skip-unreadable", help="Train on the readable files of a folder even if "
@@ -79,7 +77,7 @@ def train(
     background: Annotated[bool, common.flag(
         "--background", help="Also train the background model of the llr score and store it "
         "in the bundle.")] = False,
-    mutation_rate: float = typer.Option(DEFAULT_MUTATION_RATE, help=MUTATION_HELP),
+    mutation_rate: MutationRate = DEFAULT_MUTATION_RATE,
     background_preset: str | None = typer.Option(None, help=BACKGROUND_PRESET_HELP),
     background_epochs: int | None = typer.Option(
         None, min=1, help="Background model epochs \\[default: --epochs]."),
@@ -142,17 +140,16 @@ def train_background(
                                help="Existing bundle to add a background model to."),
     data: str | None = typer.Option(
         None, "--data", "-d", help="Training images \\[default: the bundle's training data]."),
-    mutation_rate: float = typer.Option(DEFAULT_MUTATION_RATE, help=MUTATION_HELP),
+    mutation_rate: MutationRate = DEFAULT_MUTATION_RATE,
     preset: str | None = typer.Option(None, "--preset", "--background-preset",
                                       help=BACKGROUND_PRESET_HELP),
     epochs: int = typer.Option(10, min=1, help="Maximum training epochs."),
     patience: int = typer.Option(4, min=0, help="Early-stopping patience (0: never)."),
-    batch_size: int = typer.Option(64, min=1, help="Images per optimisation step."),
+    batch_size: common.StepBatch = 64,
     lr: float = typer.Option(2e-3, min=0.0, help="Adam learning rate (decays 3% per epoch)."),
     l2: float = typer.Option(DEFAULT_BACKGROUND_L2, "--l2", "--background-l2", min=0.0,
                              help="L2 penalty (Adam weight decay), as in Ren et al."),
-    max_images: int | None = typer.Option(None, min=1, help="Train on at most this many "
-                                                           "images (a quicker CPU run)."),
+    max_images: MaxImages = None,
     fpr: float | None = typer.Option(None, help="Target false-positive rate of the new "
                                                 "thresholds \\[default: the bundle's]."),
     seed: int | None = typer.Option(None, help="Seed for weights, mutations and splits "

@@ -124,7 +124,7 @@ def evaluate(
         suite_settings,
     )
     from ..progress import RichEvalProgress
-    from ..rendering import evaluation_renderables
+    from ..rendering import evaluation_renderables, write_result
     from ..report import results_json, write_report
 
     if fmt not in (common.OutputFormat.table, common.OutputFormat.json):
@@ -161,9 +161,7 @@ def evaluate(
         if line.startswith("SANITY"):
             common.log(f"[bold red]{line}[/]")
     if fmt == common.OutputFormat.json:
-        sys.stdout.write(results_json(results))
-        sys.stdout.flush()
-        return
+        return write_result(results_json(results))
     for item in evaluation_renderables(results):
         common.out_console.print(item, highlight=False)
     common.out_console.print(f"report: {out / 'report.html'}", highlight=False)
