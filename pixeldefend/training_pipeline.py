@@ -275,7 +275,7 @@ def add_background_model(model: Path, *, data: str | None = None,
     from .train import CHECKPOINT_FILES, TrainSettings, remove_checkpoint
 
     prepare_dir(model, command="train-background", bundle=True, overwrite=True,
-                option="--model")  # the bundle is rewritten whole: it may hold nothing else
+                option="model")  # the bundle is rewritten whole: it may hold nothing else
     detector = DensityDetector.load(model, device=device)
     data = data or (detector.meta.get("data") or {}).get("spec")
     if not data:

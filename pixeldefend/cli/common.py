@@ -137,8 +137,12 @@ def cli_text(text: str, params: str | tuple[str, ...] | None = ()) -> str:
 
 
 def cli_message(exc: PixelDefendError) -> str:
-    """A library error's message, with the parameters it names (`param`) as flags."""
-    return cli_text(str(exc), getattr(exc, "param", None))
+    """A library error's message, with the parameters it names (`param`, an output's
+    leading `label`) as flags."""
+    message, label = str(exc), getattr(exc, "label", None)
+    if label and not label.startswith("-") and message.startswith(label + " "):
+        message = option_flag(label) + message[len(label):]
+    return cli_text(message, getattr(exc, "param", None))
 
 
 def cli_strings(value: Any) -> Any:
