@@ -5,8 +5,9 @@
 pixel levels (round, clip to the eps ball in levels, clip to [0, levels-1]) and reports
 accuracy on the quantised images, because that is what a saved PNG holds.
 
-Every attack torchattacks has comes from torchattacks (FGSM, BIM, PGD, CW, DeepFool,
-AutoAttack); only `rand` (uniform integer noise, a baseline) is written here. CW and
+The attacks themselves are the registry in `attack_registry.py` (re-exported here):
+every attack torchattacks has comes from torchattacks (FGSM, BIM, PGD, CW, DeepFool,
+AutoAttack); only `rand` (uniform integer noise, a baseline) is written there. CW and
 DeepFool minimise L2 and are not L-infinity bounded: like the PixelDefend paper, their
 output is clipped to the eps ball, and the summary says so (`clipped_to_eps_ball`).
 

@@ -346,3 +346,29 @@ def test_attack_registry_is_the_one_place():
         assert spec.cost > 0 and set(spec.needs) <= {"eps", "num_classes"}
     with pytest.raises(UsageError, match="choose from"):
         attacks.attack_spec("nope")
+
+
+# The example of CONTRIBUTING.md "A new attack": the whole change is this factory and
+# entry in pixeldefend/attack_registry.py; here they are registered for one test.
+def _build_mifgsm(net, p):
+    import torchattacks
+
+    from pixeldefend.attack_registry import _step_size
+
+    alpha, steps = _step_size(p), p["steps"]
+    return torchattacks.MIFGSM(net, eps=float(p["eps"]), alpha=alpha, steps=steps), \
+        {"alpha": alpha, "steps": steps}
+
+
+def test_a_new_attack_is_one_entry(loaded, batch, monkeypatch):
+    from pixeldefend import attack_registry
+
+    spec = attack_registry.AttackSpec("mifgsm", "momentum iterative FGSM (Dong et al. 2018)",
+                                      _build_mifgsm, default_steps=10, targeted=True)
+    monkeypatch.setitem(attack_registry.ATTACKS, "mifgsm", spec)
+    images, labels = batch
+    result = run_attack(loaded, images[:64], labels[:64], LEVELS, "mifgsm", EPS, seed=0)
+    s = result.summary
+    assert s["method"] == "mifgsm" and s["params"]["steps"] == 10
+    assert s["adversarial_accuracy"] < s["clean_accuracy"] - 0.1, s
+    _check_invariants(result, images[:64], EPS.ball)
