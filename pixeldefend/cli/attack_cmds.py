@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from ..attack_registry import ATTACKS
+from ..attack_registry import ATTACKS, TARGETED_METHODS
 from ..defaults import CLASSIFIER_PRESETS as PRESETS
 from . import common
 from .app import app
@@ -119,8 +119,8 @@ def attack(
     overshoot: Annotated[float, typer.Option(
         help="DeepFool: overshoot (the clipped, quantised result keeps more of a larger one, "
              "e.g. 1).")] = 0.02,
-    targeted: Annotated[bool, common.flag("--targeted", help="Aim for a random wrong label "
-                                   "(seeded); fgsm, bim, pgd, cw.")] = False,
+    targeted: Annotated[bool, common.flag("--targeted", help=(
+        f"Aim for a random wrong label (seeded); {', '.join(TARGETED_METHODS)}."))] = False,
     data: Annotated[str | None, typer.Option(
         "--data", "-d", help="Labelled images: digits:test, fashion-mnist:test, a folder, an "
                              ".npz \\[default: the classifier's test split].")] = None,
@@ -153,8 +153,6 @@ def attack(
     ball (in levels) before they are evaluated or saved; accuracy is measured on them.
     CW and DeepFool (L2 attacks) are clipped to the eps ball. With 17-level digits one
     level is 1/16 of the range, so 8/255 cannot change a pixel: use --eps-levels.
-
-    Methods: rand (random +-eps noise), fgsm, bim, pgd, cw, deepfool, autoattack.
 
     [bold]Examples[/]
 

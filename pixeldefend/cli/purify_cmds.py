@@ -7,7 +7,7 @@ manifest; `defend` scores, purifies and classifies, printing one row per image.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
@@ -16,10 +16,6 @@ from ..defaults import DEFAULT_BATCH, DEFAULT_MODEL
 from ..rendering import json_safe
 from . import common
 from .app import app
-
-if TYPE_CHECKING:
-    pass
-
 
 EPS_HELP = ("Purification radius in pixel levels (default: 16/255 of the level range, as "
             "in the paper: 16 for 8-bit images, 1 for 17-level digits).")
