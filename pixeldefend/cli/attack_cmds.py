@@ -135,7 +135,7 @@ def attack(
     seed: Annotated[int, typer.Option(help="Seed for random starts, noise and targets.")] = 0,
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Write PNGs, manifest.json and images.npz to this folder.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    batch_size: common.BatchSize = 128,
     device: common.Device = "auto",
     fmt: Annotated[common.OutputFormat, typer.Option(
         "--format", "-f", help="table or json: the summary; jsonl or csv: one row per "

@@ -87,6 +87,7 @@ Classifier = Annotated[str | None, typer.Option(
 Mean = Annotated[str | None, typer.Option(
     help="Per-channel mean the classifier expects, e.g. 0.4914,0.4822,0.4465.")]
 Std = Annotated[str | None, typer.Option(help="Per-channel std the classifier expects.")]
+BatchSize = Annotated[int, typer.Option(min=1, help="Images per batch.")]
 StepBatch = Annotated[int, typer.Option(min=1, help="Images per optimisation step.")]
 EpsLevels = Annotated[bool, flag("--eps-levels", help="Read --eps as whole pixel levels.")]
 

@@ -203,7 +203,7 @@ def calibrate(
     skip_unreadable: Annotated[bool, common.flag(
         "--skip-unreadable", help="Calibrate on the readable files even if some "
         "cannot be used (they are listed); without it they are an error.")] = False,
-    batch_size: int = typer.Option(256, min=1),
+    batch_size: common.BatchSize = 256,
     device: common.Device = "auto",
     resize: common.Resize = False,
     grayscale: common.Grayscale = False,
@@ -271,7 +271,7 @@ def score(
     heatmap: Path | None = typer.Option(
         None, "--heatmap", help="Write, for each flagged image, a PNG of the image next to "
         "its per-pixel NLL heat map into this folder (<input name>.heatmap.png)."),
-    batch_size: int = typer.Option(256, min=1),
+    batch_size: common.BatchSize = 256,
     device: common.Device = "auto",
     threads: common.Threads = None,
     resize: common.Resize = False,

@@ -32,7 +32,7 @@ def evaluate_ood_cmd(
         None, "--score", help=f"Comma-separated score kinds ({', '.join(SCORES)}) "
                               "\\[default: every kind the bundle supports]."),
     seed: int = typer.Option(0, help="Seed for subsets and the random OOD sets."),
-    batch_size: int = typer.Option(256, min=1),
+    batch_size: common.BatchSize = 256,
     device: common.Device = "auto",
     data_root: common.DataRoot = None,
     download: common.Download = False,

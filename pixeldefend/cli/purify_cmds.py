@@ -21,7 +21,6 @@ EPS_HELP = ("Purification radius in pixel levels (default: 16/255 of the level r
             "in the paper: 16 for 8-bit images, 1 for 17-level digits).")
 ADAPTIVE_HELP = ("Purify only images whose bits/dim exceed the model's calibrated threshold; "
                  "the rest pass through untouched (adaptive PixelDefend).")
-BatchSize = Annotated[int, typer.Option(min=1, help="Images read per batch.")]
 EpsDefend = Annotated[int | None, typer.Option("--eps-defend", "-e", min=0, help=EPS_HELP)]
 Adaptive = Annotated[bool, common.flag("--adaptive", help=ADAPTIVE_HELP)]
 
@@ -38,7 +37,7 @@ def purify_cmd(
     reference: Annotated[bool, common.flag("--reference", help="Use the slow reference "
                                     "implementation (one forward pass per sub-pixel).")] = False,
     fmt: common.StdoutFormat = common.OutputFormat.table,
-    batch_size: BatchSize = DEFAULT_BATCH,
+    batch_size: common.BatchSize = DEFAULT_BATCH,
     device: common.Device = "auto",
     resize: common.Resize = False,
     grayscale: common.Grayscale = False,
@@ -104,7 +103,7 @@ def defend_cmd(
                           "above the calibrated threshold).")] = common.GateChoice.none,
     mean: common.Mean = None,
     std: common.Std = None,
-    batch_size: BatchSize = DEFAULT_BATCH,
+    batch_size: common.BatchSize = DEFAULT_BATCH,
     device: common.Device = "auto",
     resize: common.Resize = False,
     grayscale: common.Grayscale = False,
