@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .defaults import CASE_NAMES as CASE_NAMES
 from .defaults import DEFAULT_MODEL as DEFAULT_MODEL
 from .density import bits_per_dim
+from .errors import UsageError
 from .models.pixelcnn import PixelCNN, PixelCNNConfig
 from .purify import (
     default_eps_defend,
@@ -400,3 +401,24 @@ def _scaling_worker(rank: int, world: int, tmp: str, settings: ScalingSettings) 
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
+
+
+def parse_ranks(text: str) -> tuple[int, ...]:
+    """'1,2' -> (1, 2); '' or '0' -> () (skip the scaling runs)."""
+    try:
+        ranks = tuple(int(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise UsageError(f"train_ranks takes comma-separated rank counts, e.g. 1,2, not "
+                         f"{text!r}", param="train_ranks") from None
+    if any(r < 0 for r in ranks):
+        raise UsageError("train_ranks: rank counts must be positive", param="train_ranks")
+    return tuple(r for r in ranks if r > 0)
+
+
+def run_training_scaling(ranks: tuple[int, ...], batch_size: int, quick: bool,
+                         threads: int | None,
+                         log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """`training_scaling` with bench's batch and a shorter run under quick."""
+    settings = ScalingSettings(ranks=ranks, batch_size=batch_size, threads=threads or 1,
+                               steps=4 if quick else 8, warmup=1 if quick else 2)
+    return training_scaling(settings, log=log)

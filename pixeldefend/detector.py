@@ -266,7 +266,8 @@ class DensityDetector:
                              param="kind")
         if "background" in SCORES[kind].needs and self.background is None:
             raise UsageError(f"score {kind!r} needs a background model: train one with "
-                             "`pixeldefend train-background --model M` (or train --background)")
+                             "`pixeldefend train-background --model M` (or `pixeldefend "
+                             "train --background`)")
         return kind
 
     def check_ready(self, kind: str) -> str:

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .defaults import DEFAULT_BACKGROUND_L2, DEFAULT_MUTATION_RATE, DEFAULT_SCORE, SCORE_KINDS
+from .defaults import DEFAULT_BACKGROUND_L2, DEFAULT_MUTATION_RATE, DEFAULT_SCORE
 from .defaults import PIXELCNN_PRESETS as PRESETS
 from .errors import TooFewCalibrationImages, UsageError
+from .scores import SCORES
 
 if TYPE_CHECKING:
     from .data import ImageSet
@@ -152,8 +153,8 @@ def check_job(job: TrainJob) -> None:
     check_preset(job.preset)
     check_fpr(job.fpr)
     check_precision(job.precision, resolve_device(job.device))
-    if job.score_kind not in SCORE_KINDS:
-        raise UsageError(f"score_kind must be one of {', '.join(SCORE_KINDS)}, not "
+    if job.score_kind not in SCORES:
+        raise UsageError(f"score_kind must be one of {', '.join(SCORES)}, not "
                          f"{job.score_kind!r}", param="score_kind")
     if job.score_kind == "llr" and not job.background:
         raise UsageError("score_kind llr needs a background model: set background",
@@ -291,7 +292,7 @@ def add_background_model(model: Path, *, data: str | None = None,
     from .train import CHECKPOINT_FILES, TrainSettings, remove_checkpoint
 
     prepare_dir(model, command="train-background", bundle=True, overwrite=True,
-                option="--model")  # the bundle is rewritten whole: it may hold nothing else
+                option="model")  # the bundle is rewritten whole: it may hold nothing else
     detector = DensityDetector.load(model, device=device)
     check_precision(precision, detector.device)
     data = data or (detector.meta.get("data") or {}).get("spec")

@@ -221,8 +221,8 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(two_rank_checkpoint):
 
 
 def test_bench_reports_training_throughput_per_number_of_ranks():
-    from pixeldefend.bench import ScalingSettings, training_scaling
-    from pixeldefend.cli.bench_cmds import parse_ranks, scaling_notes
+    from pixeldefend.bench import ScalingSettings, parse_ranks, training_scaling
+    from pixeldefend.rendering import scaling_notes
 
     doc = training_scaling(ScalingSettings(ranks=(1, 2), batch_size=8, steps=2, warmup=1,
                                            preset="tiny", shape=(1, 8, 8), levels=17))

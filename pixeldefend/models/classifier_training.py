@@ -173,3 +173,69 @@ def fit_classifier(plan: ClassifierPlan, data: str, device: torch.device, *,
                      "shift": plan.shift, "history": result.history,
                      "parameters": count_parameters(model)},
     }
+
+
+def classifier_checkpoint(out: Path) -> Path:
+    """Where training a classifier bundle `out` checkpoints (beside it)."""
+    return out.with_name(out.name + ".checkpoint")
+
+
+def default_classifier_out(data: str) -> Path:
+    """runs/<data name>-classifier (untracked: never the shipped models/)."""
+    from ..data import parse_builtin
+
+    parsed = parse_builtin(data)
+    name = parsed[0] if parsed else Path(data.rstrip("/")).stem or "model"
+    return Path("runs") / f"{name}-classifier"
+
+
+def train_classifier_bundle(data: str = "digits", out: Path | None = None, *,
+                            val: str | None = None, test: str | None = None,
+                            preset: str = "small", epochs: int | None = None,
+                            batch_size: int = 128, lr: float = 3e-3, shift: int | None = None,
+                            seed: int = 0, device: str = "auto", precision: str = "fp32",
+                            resume: bool = False, data_root: str | None = None,
+                            download: bool = False, overwrite: bool = False, log: Any = None,
+                            progress: Any = None) -> dict[str, Any] | None:
+    """The `classifier train` pipeline: check the output, split the data, train with
+    checkpoints, write the bundle; returns the bundle path, metrics and sizes. `log`
+    receives one line describing the run before training starts. Under torchrun every rank
+    trains and rank 0 alone writes; the other ranks return None."""
+    from ..data import classifier_splits
+    from ..defaults import CLASSIFIER_PRESETS
+    from ..device import resolve_device
+    from ..distributed import is_main_process
+    from ..errors import UsageError
+    from ..outputs import check_checkpoint_dir, input_paths, prepare_dir
+    from ..precision import check_precision
+    from ..train import CHECKPOINT_FILES, remove_checkpoint
+    from .classifier import save_classifier
+
+    if preset not in CLASSIFIER_PRESETS:
+        raise UsageError(f"preset must be one of {', '.join(CLASSIFIER_PRESETS)}, not "
+                         f"{preset!r}", param="preset")
+    out = out or default_classifier_out(data)
+    prepare_dir(out, command="classifier train", inputs=input_paths(data, val, test, data_root),
+                overwrite=overwrite, bundle=True)
+    checkpoint = classifier_checkpoint(out)
+    check_checkpoint_dir(checkpoint, CHECKPOINT_FILES)
+    splits = classifier_splits(data, val, test, seed, data_root, download)
+    dev = resolve_device(device)
+    plan = plan_classifier(*splits, preset=preset, epochs=epochs, batch_size=batch_size,
+                           lr=lr, shift=shift, seed=seed,
+                           precision=check_precision(precision, dev))
+    train_set, val_set, test_set = splits
+    if log is not None:
+        log(f"data {data}: {len(train_set)} train, {len(val_set)} validation"
+            f"{f', {len(test_set)} test' if test_set is not None else ''} images, "
+            f"{train_set.spec.describe()}, {plan.model.config.num_classes} classes; preset "
+            f"{preset} ({count_parameters(plan.model):,} parameters), {plan.settings.epochs} "
+            f"epochs, shifts of up to {plan.shift} px, on {dev}")
+    meta = fit_classifier(plan, data, dev, checkpoint_dir=checkpoint, resume=resume,
+                          progress=progress)
+    if not is_main_process():
+        return None
+    save_classifier(out, plan.model, meta)
+    remove_checkpoint(checkpoint)
+    return {"bundle": str(out), **meta["metrics"], "n_test": meta["data"]["n_test"],
+            "parameters": count_parameters(plan.model)}
