@@ -29,7 +29,7 @@ import stat
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -354,6 +354,29 @@ def _array_labels(value: np.ndarray, n: int) -> np.ndarray:
     if value.size and value.min() < 0:
         raise DataError("'labels' must be non-negative")
     return value.astype(np.int64)
+
+
+def array_file_length(path: Path) -> int:
+    """How many images an .npy / .npz declares, read from its header (nothing is loaded);
+    1 for a file that cannot be read that way, which becomes one error row."""
+    try:
+        if path.suffix.lower() == ".npy":
+            with open(path, "rb") as fh:
+                shape = _npy_shape(fh)
+        else:
+            with zipfile.ZipFile(path) as archive, archive.open("images.npy") as fh:
+                shape = _npy_shape(fh)
+    except (OSError, ValueError, KeyError, EOFError, SyntaxError, TypeError,
+            zipfile.BadZipFile, zlib.error):
+        return 1
+    return max(1, int(shape[0])) if len(shape) in (3, 4) else 1
+
+
+def _npy_shape(fh) -> tuple[int, ...]:
+    fmt = np.lib.format
+    version = fmt.read_magic(fh)
+    reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    return tuple(reader(fh, max_header_size=10_000)[0])
 
 
 def load_array_file(path: Path, expect: ImageSpec | None) -> ImageSet:
@@ -776,6 +799,22 @@ class ImageStream:
                 self.labels.append(None)
         for s in self.builtin:
             self.classes = self.classes or s.classes
+        self.window: range | None = None  # the items this process reads (a shard's block)
+        self.counts: list[int] | None = None  # images per entry, once `restrict` counted
+
+    def restrict(self, pick: Callable[[int], range]) -> None:
+        """Read only the items `pick(total)` selects (a shard's contiguous block of every
+        item in order). An array file counts as the images its header declares, so the
+        blocks stay even; files outside the block are never opened or decoded."""
+        self.counts = [1 if not isinstance(e, str) else array_file_length(Path(e))
+                       if Path(e).suffix.lower() in ARRAY_EXTENSIONS else 1
+                       for e in self.entries]
+        self.total = sum(len(s) for s in self.builtin) + sum(self.counts)
+        self.window = pick(self.total)
+
+    def _wanted(self, start: int, count: int = 1) -> bool:
+        window = self.window
+        return window is None or (start < window.stop and start + count > window.start)
 
     @property
     def files(self) -> list[str]:
@@ -786,31 +825,48 @@ class ImageStream:
         return sum(len(s) for s in self.builtin) + len(self.entries)
 
     def items(self) -> Iterator[tuple[str, np.ndarray | None, int | None, str | None]]:
+        """(name, image or None, label, error or None) per item, in input order (within
+        the window, if `restrict` set one)."""
+        start = 0
         for s in self.builtin:
             for i in range(len(s)):
-                label = None if s.labels is None else int(s.labels[i])
-                yield s.names[i], s.images[i].numpy(), label, None
-        for entry, label in zip(self.entries, self.labels, strict=True):
+                if self._wanted(start + i):
+                    label = None if s.labels is None else int(s.labels[i])
+                    yield s.names[i], s.images[i].numpy(), label, None
+            start += len(s)
+        for k, (entry, label) in enumerate(zip(self.entries, self.labels, strict=True)):
+            count = 1 if self.counts is None else self.counts[k]
+            first, start = start, start + count
+            if not self._wanted(first, count):
+                continue
             if not isinstance(entry, str):
                 yield entry[0], None, None, entry[1]
                 continue
             path = Path(entry)
             name = safe_name(entry)
             if path.suffix.lower() in ARRAY_EXTENSIONS:
-                try:
-                    arrays = load_array_file(path, self.expect)
-                except DataError as exc:
-                    yield name, None, None, str(exc).removeprefix(f"{name}: ")
-                    continue
-                for i in range(len(arrays)):
-                    lab = None if arrays.labels is None else int(arrays.labels[i])
-                    yield arrays.names[i], arrays.images[i].numpy(), lab, None
+                yield from self._array_items(path, name, first)
                 continue
             try:
                 yield name, decode_image_file(path, self.expect, self.resize, self.grayscale), \
                     label, None
             except DataError as exc:
                 yield name, None, None, str(exc)
+
+    def _array_items(self, path: Path, name: str, first: int
+                     ) -> Iterator[tuple[str, np.ndarray | None, int | None, str | None]]:
+        """The images of one array file that fall in the window; a file that cannot be
+        read is one error row, owned by the block holding its first item."""
+        try:
+            arrays = load_array_file(path, self.expect)
+        except DataError as exc:
+            if self._wanted(first):
+                yield name, None, None, str(exc).removeprefix(f"{name}: ")
+            return
+        for i in range(len(arrays)):
+            if self._wanted(first + i):
+                lab = None if arrays.labels is None else int(arrays.labels[i])
+                yield arrays.names[i], arrays.images[i].numpy(), lab, None
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         names: list[str] = []

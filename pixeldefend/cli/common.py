@@ -109,7 +109,35 @@ Threads = Annotated[int | None, typer.Option(
          "\\[default: the global setting].")]
 
 
+SHARD_HELP = (
+    "Process only block I of N of the inputs (0-based, contiguous, in input order), e.g. "
+    "0/4 in the first task of a job array; `pixeldefend merge` joins the outputs. Under "
+    "torchrun every rank already takes its block: no --shard needed.")
+Shard = Annotated[str | None, typer.Option("--shard", metavar="I/N", help=SHARD_HELP)]
+
+
+def follower_rank() -> int | None:
+    """The torchrun rank of a process other than rank 0 (None on rank 0 or without
+    torchrun): it computes its share of the inputs but prints and writes nothing."""
+    import os
+
+    rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
+    return int(rank) if rank.isdigit() and rank != "0" else None
+
+
+def _silence_follower() -> None:
+    """Results and progress come from rank 0 alone."""
+    import os
+
+    if follower_rank() is not None:
+        out_console.quiet = err_console.quiet = True
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (for the process)
+
+
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    rank = follower_rank()
+    if rank is not None:  # its console is silent; an error must still be seen
+        sys.stderr.write(f"error (rank {rank}): {message}\n")
     err_console.print(f"[bold red]error:[/] {message}", highlight=False)
     return typer.Exit(code)
 
@@ -140,6 +168,7 @@ def handle_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _silence_follower()
         try:
             return func(*args, **kwargs)
         except PixelDefendError as exc:

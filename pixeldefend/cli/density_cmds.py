@@ -29,6 +29,7 @@ from .common import (
     RichTrainProgress,
     RowStream,
     ScoreChoice,
+    Shard,
     StdoutFormat,
     Threads,
     emit,
@@ -354,6 +355,7 @@ def score(
     grayscale: Grayscale = False,
     data_root: DataRoot = None,
     overwrite: Overwrite = False,
+    shard: Shard = None,
 ) -> None:
     """Score images: bits/dim, log-likelihood, score, conformal p-value and a verdict.
 
@@ -381,21 +383,24 @@ def score(
     from ..gate import GatePolicy
     from ..outputs import check_files, clear_dir, input_paths, prepare_dir
     from ..scoring import score_inputs
+    from ..sharding import join
 
     inputs = input_paths(paths, model)
     check_files((output, "--output"), (junit, "--junit"), inputs=inputs, overwrite=overwrite)
     heatmap_dir = None if heatmap is None else prepare_dir(
         heatmap, command="score --heatmap", inputs=inputs, overwrite=overwrite,
         option="--heatmap")
-    detector = DensityDetector.load(model, device=device, batch_size=batch_size)
+    sharding = join(device, shard)  # torchrun's ranks meet here, after every output check
+    writes = sharding.writes
+    detector = DensityDetector.load(model, device=sharding.device, batch_size=batch_size)
     policy = GatePolicy(fail_on_anomalous=fail_on == GateChoice.anomalous,
                         max_anomalous_fraction=max_anomalous_fraction, batch_test=batch_test,
                         skip_unreadable=skip_unreadable)
     streaming = fmt in (OutputFormat.jsonl, OutputFormat.csv)
-    if heatmap_dir is not None:
+    if heatmap_dir is not None and writes:
         clear_dir(heatmap_dir)
         heatmap_dir.mark()
-    with RowStream(fmt, reporting.SCORE_COLUMNS, output) if streaming else \
+    with RowStream(fmt, reporting.SCORE_COLUMNS, output) if streaming and writes else \
             contextlib.nullcontext() as rows_out, make_progress() as progress:
         task = progress.add_task("score", total=None, status="")
         run = score_inputs(
@@ -404,11 +409,11 @@ def score(
             data_root=data_root, heatmaps=heatmap, junit=junit, resamples=resamples, seed=seed,
             keep_rows=not streaming, on_rows=None if rows_out is None else rows_out.write,
             progress=lambda n: progress.update(task, advance=n),
-            on_total=lambda n: progress.update(task, total=n))
+            on_total=lambda n: progress.update(task, total=n), sharding=sharding)
         doc = run.document(model)
         if run.batch_line and (fmt != OutputFormat.table or output is not None):
             err_console.print(run.batch_line, highlight=False)  # else in the caption
-        if not streaming:
+        if not streaming and writes:
             emit(fmt, doc, run.rows, reporting.SCORE_COLUMNS,
                  lambda: reporting.score_table(doc), output)
     if junit is not None:
