@@ -116,6 +116,19 @@ SHARD_HELP = (
 Shard = Annotated[str | None, typer.Option("--shard", metavar="I/N", help=SHARD_HELP)]
 
 
+# the gate of `score`, given again to `merge` (JSONL / CSV shard outputs do not store it)
+FailOn = Annotated[GateChoice, typer.Option(
+    "--fail-on", help="Gate: 'anomalous' exits 1 if any image is flagged.")]
+MaxAnomalousFraction = Annotated[float | None, typer.Option(
+    "--max-anomalous-fraction", min=0.0, max=1.0,
+    help="Gate: exit 1 if more than this fraction of images is flagged.")]
+SkipUnreadable = Annotated[bool, flag(
+    "--skip-unreadable", help="Let unreadable inputs pass the gate (still listed as error "
+    "rows and counted as skipped).")]
+BatchTest = Annotated[bool, flag(
+    "--batch-test", help="Gate on the whole-set typicality test (needs --model).")]
+
+
 def follower_rank() -> int | None:
     """The torchrun rank of a process other than rank 0 (None on rank 0 or without
     torchrun): it computes its share of the inputs but prints and writes nothing."""

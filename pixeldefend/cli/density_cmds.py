@@ -11,17 +11,21 @@ import typer
 
 from ..defaults import DEFAULT_BACKGROUND_L2, DEFAULT_MODEL, DEFAULT_MUTATION_RATE, DEFAULT_SCORE
 from ..defaults import PIXELCNN_PRESETS as PRESETS
+from ..errors import UsageError
 from .app import app
 from .common import (
     EXIT_USAGE,
     SCORE_OPTION_HELP,
+    BatchTest,
     DataRoot,
     Device,
     Download,
+    FailOn,
     Format,
     GateChoice,
     Grayscale,
     ImagePaths,
+    MaxAnomalousFraction,
     ModelBundle,
     OutputFormat,
     Overwrite,
@@ -30,6 +34,7 @@ from .common import (
     RowStream,
     ScoreChoice,
     Shard,
+    SkipUnreadable,
     StdoutFormat,
     Threads,
     emit,
@@ -420,6 +425,55 @@ def score(
         err_console.print(f"wrote {junit}", highlight=False)
     print_score_summary(run, skip_unreadable)
     raise typer.Exit(run.result.exit_code)
+
+
+@app.command()
+@handle_errors
+def merge(
+    paths: Annotated[list[Path], typer.Argument(help="Shard outputs, in shard order.")],
+    fmt: Annotated[OutputFormat | None, typer.Option(
+        "--format", "-f", help="Output format \\[default: the shards']; table and JSON "
+        "need JSON shards.")] = None,
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write results here."),
+    fail_on: FailOn = GateChoice.none,
+    max_anomalous_fraction: MaxAnomalousFraction = None,
+    skip_unreadable: SkipUnreadable = False,
+    batch_test: BatchTest = False,
+    model: Path | None = typer.Option(None, "--model", "-m",
+                                      help="The bundle, for --batch-test."),
+    resamples: int = typer.Option(1000, min=10, help="Bootstrap resamples of --batch-test."),
+    seed: int = typer.Option(0, help="Seed of the --batch-test bootstrap."),
+    overwrite: Overwrite = False,
+) -> None:
+    """Join `score --shard I/N` outputs (JSON, JSONL or CSV) into the one-process output.
+
+    Rows are concatenated in the order given; the summary and the gate are recomputed over
+    all of them with the gate options given here (the same as score's), and the exit code
+    is the gate's. A JUnit report is not merged.
+
+    [bold]Example[/]
+
+      pixeldefend merge scores-0.jsonl scores-1.jsonl --fail-on anomalous -o scores.jsonl
+    """
+    from .. import reporting
+    from ..gate import GatePolicy
+    from ..merge import merge_score_outputs
+    from ..outputs import check_files, input_paths
+
+    check_files((output, "--output"), inputs=input_paths(*map(str, paths)),
+                overwrite=overwrite)
+    policy = GatePolicy(fail_on_anomalous=fail_on == GateChoice.anomalous,
+                        max_anomalous_fraction=max_anomalous_fraction, batch_test=batch_test,
+                        skip_unreadable=skip_unreadable)
+    merged = merge_score_outputs(paths, policy, model=model, resamples=resamples, seed=seed)
+    fmt = fmt or OutputFormat(merged.fmt)
+    doc = merged.document
+    if doc is None and fmt in (OutputFormat.json, OutputFormat.table):
+        raise UsageError(f"--format {fmt.value} needs shard outputs in JSON")
+    emit(fmt, doc or {}, merged.rows, reporting.SCORE_COLUMNS,
+         lambda: reporting.score_table(doc or {}), output)
+    print_score_summary(merged.run, skip_unreadable)
+    raise typer.Exit(merged.run.result.exit_code)
 
 
 def print_score_summary(run: ScoreRun, skip_unreadable: bool) -> None:
