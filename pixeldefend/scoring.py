@@ -107,8 +107,7 @@ def score_inputs(detector: DensityDetector, inputs: Sequence[str],
     sharding = sharding or Sharding()
     if heatmaps is not None:
         refuse_when_split(sharding, "heatmaps")
-    if sharding.active:
-        stream.restrict(sharding.window)
+    sharding.split(stream)
     if on_total is not None:
         on_total(len(sharding.part_range(stream.total)) if sharding.active else len(stream))
     junit = junit if sharding.writes else None

@@ -21,10 +21,13 @@ import pickle
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from .distributed import Dist, parse_shard, shard_range
 from .errors import PixelDefendError, UsageError
+
+if TYPE_CHECKING:
+    from .data import ImageStream
 
 T = TypeVar("T")
 
@@ -72,6 +75,12 @@ class Sharding:
         outer = self.part_range(n)
         inner = self.dist.shard(len(outer))
         return outer[inner.start:inner.stop]
+
+    def split(self, stream: ImageStream) -> ImageStream:
+        """Narrow an image stream to this process's block (before anything is decoded)."""
+        if self.active:
+            stream.restrict(self.window)
+        return stream
 
     def in_order(self, local: Iterable[T]) -> Iterator[T]:
         """Every rank's items, rank 0's first, then rank 1's, ... (input order), yielded on

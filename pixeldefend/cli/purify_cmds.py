@@ -30,6 +30,7 @@ from .common import (
     OutputFormat,
     Overwrite,
     Resize,
+    Shard,
     StdoutFormat,
     TrustCode,
     emit,
@@ -54,7 +55,7 @@ EpsDefend = Annotated[int | None, typer.Option("--eps-defend", "-e", min=0, help
 Adaptive = Annotated[bool, flag("--adaptive", help=ADAPTIVE_HELP)]
 
 
-def _load(model: Path, device: str, adaptive: bool, eps_defend: int | None,
+def _load(model: Path, device: Any, adaptive: bool, eps_defend: int | None,
           need_calibration: bool = False) -> tuple[DensityDetector, int]:
     from ..defend import eps_for
     from ..detector import DensityDetector
@@ -106,6 +107,7 @@ def purify_cmd(
     grayscale: Grayscale = False,
     data_root: DataRoot = None,
     overwrite: Overwrite = False,
+    shard: Shard = None,
 ) -> None:
     """Purify images (PixelDefend): move each sub-pixel, within +-eps_defend levels of its
     value, to the most likely value given the already purified pixels.
@@ -127,25 +129,31 @@ def purify_cmd(
     from ..data import ImageStream
     from ..defend import PURIFY_COLUMNS, purify_rows, summarise_purify
     from ..outputs import PurifyOutputs, clear_dir, input_paths, prepare_dir
+    from ..sharding import join
 
     out_dir = prepare_dir(out, command="purify", overwrite=overwrite,
                           inputs=input_paths(paths, model, data_root))
-    detector, eps = _load(model, device, adaptive, eps_defend)
+    sharding = join(device, shard)  # torchrun's ranks meet here, after the output checks
+    detector, eps = _load(model, sharding.device, adaptive, eps_defend)
     spec = detector.spec
     stream = ImageStream(paths, spec, resize=resize, grayscale=grayscale, data_root=data_root)
     if len(stream) == 0:
         raise UsageError(f"no images found in {', '.join(paths)}")
+    sharding.split(stream)
     plan = PurifyOutputs.plan(paths, out, spec.levels)
-    clear_dir(out_dir)  # ours (marker) and --overwrite: no stale copies of an earlier run
-    out_dir.mark()
+    if sharding.writes:
+        clear_dir(out_dir)  # ours (marker) and --overwrite: no stale copies of an earlier run
+        out_dir.mark()
     with make_progress() as progress:
         task = progress.add_task("purify", total=len(stream), status="")
         rows = purify_rows(detector, stream.batches(batch_size), eps, adaptive,
-                           fast=not reference, keep=plan.add,
+                           fast=not reference, keep=plan.add, sharding=sharding,
                            progress=lambda k: progress.update(task, advance=k))
-    plan.flush()
     summary = summarise_purify(rows)
-    errors = summary["errors"]
+    errors = sharding.agree(summary["errors"])
+    if not sharding.writes:
+        raise typer.Exit(EXIT_USAGE if errors else EXIT_OK)
+    plan.flush()
     doc = {
         "model": str(model), "eps_defend": eps, "adaptive": adaptive,
         "threshold": detector.bpd_threshold,
@@ -213,6 +221,7 @@ def defend_cmd(
     data_root: DataRoot = None,
     trust_code: TrustCode = False,
     overwrite: Overwrite = False,
+    shard: Shard = None,
 ) -> None:
     """Score, purify and classify: the PixelDefend pipeline in front of a classifier.
 
@@ -235,24 +244,28 @@ def defend_cmd(
     from ..defend import DEFEND_COLUMNS, defend
     from ..models.loading import load_classifier
     from ..outputs import check_files, input_paths
+    from ..sharding import join
 
     check_files((output, "--output"), overwrite=overwrite,
                 inputs=input_paths(paths, model, classifier, data_root))
-    detector, eps = _load(model, device, adaptive, eps_defend,
+    sharding = join(device, shard)  # torchrun's ranks meet here, after the output checks
+    detector, eps = _load(model, sharding.device, adaptive, eps_defend,
                           need_calibration=fail_on != GateChoice.none)
     spec = detector.spec
-    loaded = load_classifier(classifier, device=device, mean=parse_floats(mean, "--mean"),
+    loaded = load_classifier(classifier, device=sharding.device, mean=parse_floats(mean, "--mean"),
                              std=parse_floats(std, "--std"), input_shape=spec.shape,
                              trust_code=trust_code)
     stream = ImageStream(paths, spec, resize=resize, grayscale=grayscale, data_root=data_root)
     if len(stream) == 0:
         raise UsageError(f"no images found in {', '.join(paths)}")
     classes = loaded.classes or stream.classes
+    sharding.split(stream)
     with make_progress() as progress:
         task = progress.add_task("defend", total=len(stream), status="")
         result = defend(detector, loaded, stream.batches(batch_size), eps, adaptive=adaptive,
                         fail_on=fail_on.value, classes=classes, batch_size=batch_size,
-                        progress=lambda k: progress.update(task, advance=k))
+                        progress=lambda k: progress.update(task, advance=k),
+                        sharding=sharding)
     rows, summary, gate_failed = result.rows, result.summary, result.gate_failed
     doc = {
         "model": str(model), "classifier": str(classifier), "eps_defend": eps,
@@ -260,7 +273,8 @@ def defend_cmd(
         "summary": summary, "gate": {"failed": gate_failed, "reasons": result.gate_reasons},
         "images": rows,
     }
-    emit(fmt, doc, rows, DEFEND_COLUMNS, lambda: _defend_table(doc), output)
+    if sharding.writes:
+        emit(fmt, doc, rows, DEFEND_COLUMNS, lambda: _defend_table(doc), output)
     acc = "" if summary["accuracy_before"] is None else \
         f"; accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f}"
     err_console.print(
