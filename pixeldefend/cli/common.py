@@ -147,6 +147,16 @@ def _silence_follower() -> None:
         sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (for the process)
 
 
+def _leave_together(code: int) -> None:
+    """Under torchrun every rank leaves at once with the same code (sharding.py)."""
+    import os
+
+    if "WORLD_SIZE" in os.environ:
+        from ..sharding import leave_together
+
+        leave_together(code)
+
+
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
     rank = follower_rank()
     if rank is not None:  # its console is silent; an error must still be seen
@@ -183,12 +193,17 @@ def handle_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _silence_follower()
         try:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+        except typer.Exit as done:  # the command ran to its end (on every torchrun rank)
+            _leave_together(done.exit_code)
+            raise
         except PixelDefendError as exc:
             raise fail(cli_message(exc)) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(EXIT_INTERRUPT) from None
+        _leave_together(EXIT_OK)
+        return result
 
     return wrapper  # type: ignore[return-value]
 
