@@ -284,6 +284,19 @@ def _normalise_array(images: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(images)
 
 
+def _stack_shape(shape: tuple[int, ...], name: str) -> tuple[int, ...]:
+    """The (N, C, H, W) shape `_normalise_array` makes of an array of `shape`."""
+    if len(shape) == 2:
+        return (1, 1, *shape)
+    if len(shape) == 3:
+        return (shape[0], 1, shape[1], shape[2])
+    if len(shape) == 4:
+        if shape[-1] in (1, 3) and shape[1] not in (1, 3):
+            return (shape[0], shape[3], shape[1], shape[2])
+        return shape
+    raise DataError(f"{name}: array of shape {shape} is not a stack of images")
+
+
 def _check_npy_header(fh, name: str, available: int) -> None:
     """Read an .npy header from `fh` and refuse, before any data is read, arrays that
     declare more than MAX_ARRAY_BYTES, more bytes than the file holds, or objects."""
@@ -305,20 +318,93 @@ def _check_npy_header(fh, name: str, available: int) -> None:
                         f"holds {max(0, available - fh.tell()):,})")
 
 
-def _read_arrays(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of an .npy (under 'images') or .npz file, each checked by its header."""
+@dataclass(frozen=True)
+class ImagesMember:
+    """The `images` array of an .npy / .npz file, read in chunks of whole images from its
+    (checked) header on, so a large file is never held in memory at once."""
+
+    path: Path
+    member: str | None  # the zip member of an .npz; None for an .npy
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+
+    def _open(self):
+        if self.member is None:
+            return open(self.path, "rb")
+        archive = zipfile.ZipFile(self.path)
+        try:
+            return _ClosingMember(archive, archive.open(self.member))
+        except BaseException:
+            archive.close()
+            raise
+
+    def chunks(self, start: int = 0, stop: int | None = None,
+               rows: int = 1024) -> Iterator[np.ndarray]:
+        """Images start..stop-1 (along the first axis), `rows` at a time."""
+        whole = len(self.shape) < 3 or self.fortran_order or 0 in self.shape[1:]
+        with self._open() as fh:
+            if whole:  # one image, or an unusual layout: read it as numpy does
+                array = np.lib.format.read_array(fh, allow_pickle=False)
+                yield array if len(self.shape) < 3 else array[start:stop]
+                return
+            _npy_shape(fh)  # past the header
+            stop = self.shape[0] if stop is None else min(stop, self.shape[0])
+            row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+            _skip(fh, start * row_bytes)
+            for lo in range(start, stop, rows):
+                n = min(rows, stop - lo)
+                data = fh.read(n * row_bytes)
+                if len(data) != n * row_bytes:
+                    raise DataError(f"truncated at image {lo + len(data) // row_bytes}")
+                yield np.frombuffer(data, dtype=self.dtype).reshape(n, *self.shape[1:])
+
+
+class _ClosingMember:
+    """A zip member that closes its archive too."""
+
+    def __init__(self, archive: zipfile.ZipFile, fh) -> None:
+        self.archive, self.fh = archive, fh
+
+    def read(self, n: int = -1) -> bytes:
+        return self.fh.read(n)
+
+    def readinto(self, buffer) -> int:
+        return self.fh.readinto(buffer)
+
+    def __enter__(self) -> _ClosingMember:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.fh.close()
+        self.archive.close()
+
+
+def _skip(fh, nbytes: int) -> None:
+    """Move forward in a file or a (compressed) zip member by reading, 1 MiB at a time."""
+    while nbytes > 0:
+        got = len(fh.read(min(nbytes, 1 << 20)))
+        if got == 0:
+            raise DataError("truncated array data")
+        nbytes -= got
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray | ImagesMember]:
+    """The arrays of an .npy (under 'images') or .npz file, each checked by its header;
+    `images` is left on disk (an `ImagesMember`), `labels` and `levels` are loaded."""
     size = _require_regular_file(path)
     if path.suffix.lower() == ".npy":
         with open(path, "rb") as fh:
             _check_npy_header(fh, path.name, size)
-        return {"images": np.load(path, allow_pickle=False)}
+            fh.seek(0)
+            return {"images": _member(path, None, fh)}
     with zipfile.ZipFile(path) as archive:
         members = [m for m in archive.infolist() if not m.is_dir()]
         total = sum(m.file_size for m in members)
         if total > MAX_ARRAY_BYTES:
             raise DataError(f"holds {total:,} bytes uncompressed, more than the budget of "
                             f"{MAX_ARRAY_BYTES:,}; refused before loading")
-        arrays: dict[str, np.ndarray] = {}
+        arrays: dict[str, np.ndarray | ImagesMember] = {}
         for member in members:
             key = member.filename.removesuffix(".npy")
             if key not in ("images", "labels", "levels"):
@@ -326,11 +412,20 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
             with archive.open(member) as fh:
                 _check_npy_header(fh, f"member {member.filename!r}", member.file_size)
             with archive.open(member) as fh:
-                arrays[key] = np.lib.format.read_array(fh, allow_pickle=False)
+                arrays[key] = _member(path, member.filename, fh) if key == "images" else \
+                    np.lib.format.read_array(fh, allow_pickle=False)
     if "images" not in arrays:
         found = [m.filename for m in members]
         raise DataError(f".npz has no 'images' array (found {found})")
     return arrays
+
+
+def _member(path: Path, member: str | None, fh) -> ImagesMember:
+    fmt = np.lib.format
+    version = fmt.read_magic(fh)
+    reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, fortran_order, dtype = reader(fh, max_header_size=10_000)
+    return ImagesMember(path, member, tuple(shape), dtype, bool(fortran_order))
 
 
 def _array_levels(value: np.ndarray) -> int:
@@ -379,59 +474,102 @@ def _npy_shape(fh) -> tuple[int, ...]:
     return tuple(reader(fh, max_header_size=10_000)[0])
 
 
-def load_array_file(path: Path, expect: ImageSpec | None) -> ImageSet:
-    """Read .npz (keys `images`, optional `labels`, `levels`) or .npy of uint8 images.
+@dataclass
+class ArrayFile:
+    """An array file checked from end to end without holding it: its images are read in
+    chunks (`chunks`), already in the final layout (N, C, H, W) and levels."""
+
+    path: Path
+    images: ImagesMember
+    n: int
+    levels: int
+    labels: np.ndarray | None
+    convert: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def names(self) -> list[str]:
+        base = safe_name(str(self.path))
+        return [f"{base}[{i}]" for i in range(self.n)]
+
+    def chunks(self, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        for raw in self.images.chunks(start, stop):
+            yield self.convert(raw)
+
+
+def open_array_file(path: Path, expect: ImageSpec | None) -> ArrayFile:
+    """Check an .npz (keys `images`, optional `labels`, `levels`) or .npy of uint8 images
+    with one streaming pass (headers against MAX_ARRAY_BYTES first, then every value),
+    so a broken file is refused before any of its images is used.
 
     Arrays without a `levels` entry are taken as 8-bit and mapped to the model's levels.
-    Headers are checked against MAX_ARRAY_BYTES before anything is loaded.
     """
     try:
         arrays = _read_arrays(path)
-        images = arrays["images"]
+        member = arrays["images"]
+        assert isinstance(member, ImagesMember)
         stored_levels = _array_levels(arrays["levels"]) if "levels" in arrays else None
+        low, high = _value_range(member)
     except DataError as exc:
         raise DataError(f"{path}: {exc}") from exc
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError,
             TypeError, MemoryError, NotImplementedError, RuntimeError) as exc:
         raise DataError(f"{path}: cannot read array file: {exc}") from exc
-    if images.size == 0:
-        raise DataError(f"{path}: holds no images (array of shape {images.shape})")
-    if images.dtype != np.uint8:
-        if (np.issubdtype(images.dtype, np.integer) or images.dtype == np.bool_) \
-                and images.min() >= 0 and images.max() <= 255:
-            images = images.astype(np.uint8)
-        else:
-            raise DataError(f"{path}: images must be uint8 integers, found {images.dtype}")
-    images = _normalise_array(images, str(path))
+    shape, dtype = member.shape, member.dtype
+    if int(np.prod(shape)) == 0:
+        raise DataError(f"{path}: holds no images (array of shape {shape})")
+    if dtype != np.uint8 and not ((np.issubdtype(dtype, np.integer) or dtype == np.bool_)
+                                  and low >= 0 and high <= 255):
+        raise DataError(f"{path}: images must be uint8 integers, found {dtype}")
+    layout = _stack_shape(shape, str(path))
+    n = layout[0]
     levels = stored_levels if stored_levels is not None else 256
+    to_levels = None
     if expect is not None:
-        if images.shape[1:] != expect.shape:
-            raise DataError(
-                f"{path}: arrays are {tuple(images.shape[1:])} (C,H,W), model expects "
-                f"{expect.shape}"
-            )
+        if layout[1:] != expect.shape:
+            raise DataError(f"{path}: arrays are {tuple(layout[1:])} (C,H,W), model expects "
+                            f"{expect.shape}")
         if levels != expect.levels:
             if levels != 256:
                 raise DataError(
                     f"{path}: arrays hold {levels} levels, model expects {expect.levels}")
-            images = from_8bit(images, expect.levels)
-            levels = expect.levels
-    if images.size and int(images.max()) >= levels:
-        raise DataError(f"{path}: values up to {int(images.max())} but only {levels} levels")
+            to_levels = levels = expect.levels
+    if to_levels is None and high >= levels:
+        raise DataError(f"{path}: values up to {high} but only {levels} levels")
     labels = None
     if "labels" in arrays:
         try:
-            labels = _array_labels(arrays["labels"], images.shape[0])
+            labels = _array_labels(arrays["labels"], n)  # type: ignore[arg-type]
         except DataError as exc:
             raise DataError(f"{path}: {exc}") from exc
-    base = safe_name(str(path))
-    names = [f"{base}[{i}]" for i in range(images.shape[0])]
+
+    def convert(raw: np.ndarray) -> np.ndarray:
+        images = _normalise_array(raw.astype(np.uint8, copy=False), str(path))
+        return images if to_levels is None else from_8bit(images, to_levels)
+
+    return ArrayFile(path, member, n, levels, labels, convert)
+
+
+def _value_range(member: ImagesMember) -> tuple[int, int]:
+    """Smallest and largest value, one chunk at a time (0, 0 for an empty array)."""
+    low, high = None, None
+    for chunk in member.chunks():
+        if chunk.size:
+            lo, hi = int(chunk.min()), int(chunk.max())
+            low, high = lo if low is None else min(low, lo), hi if high is None else max(high, hi)
+    return (low or 0), (high or 0)
+
+
+def load_array_file(path: Path, expect: ImageSpec | None) -> ImageSet:
+    """Read .npz (keys `images`, optional `labels`, `levels`) or .npy of uint8 images
+    into memory, checked as `open_array_file` checks them."""
+    arrays = open_array_file(path, expect)
+    images = np.concatenate(list(arrays.chunks()))
     return ImageSet(
-        images=torch.from_numpy(images),
-        levels=levels,
-        names=names,
-        labels=None if labels is None else torch.from_numpy(labels),
-        source=base,
+        images=torch.from_numpy(np.ascontiguousarray(images)),
+        levels=arrays.levels,
+        names=arrays.names,
+        labels=None if arrays.labels is None else torch.from_numpy(arrays.labels),
+        source=safe_name(str(path)),
     )
 
 
@@ -858,15 +996,21 @@ class ImageStream:
         """The images of one array file that fall in the window; a file that cannot be
         read is one error row, owned by the block holding its first item."""
         try:
-            arrays = load_array_file(path, self.expect)
+            arrays = open_array_file(path, self.expect)
         except DataError as exc:
             if self._wanted(first):
                 yield name, None, None, str(exc).removeprefix(f"{name}: ")
             return
-        for i in range(len(arrays)):
-            if self._wanted(first + i):
+        window = self.window or range(first, first + arrays.n)
+        start = max(0, window.start - first)
+        stop = min(arrays.n, window.stop - first)
+        i = start
+        base = safe_name(str(path))
+        for chunk in arrays.chunks(start, stop):  # streamed: one chunk in memory at a time
+            for image in chunk:
                 lab = None if arrays.labels is None else int(arrays.labels[i])
-                yield arrays.names[i], arrays.images[i].numpy(), lab, None
+                yield f"{base}[{i}]", image, lab, None
+                i += 1
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         names: list[str] = []
