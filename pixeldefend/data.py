@@ -887,6 +887,35 @@ def _folder_classes(root: str, files: Sequence[str | tuple[str, str]]) -> list[s
     return sorted(names) or None
 
 
+def _is_image_file(entry: str | tuple[str, str]) -> bool:
+    return isinstance(entry, str) and Path(entry).suffix.lower() not in ARRAY_EXTENSIONS
+
+
+def _as_is(item: object) -> object:
+    return item
+
+
+@dataclass(frozen=True)
+class _Decode:
+    """Image files as a map-style data set (picklable, for DataLoader workers): item i is
+    (uint8 image, None), or (None, the error message) for a file that cannot be used."""
+
+    files: list[str]
+    expect: ImageSpec
+    resize: bool
+    grayscale: bool
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray | None, str | None]:
+        try:
+            return decode_image_file(Path(self.files[i]), self.expect, self.resize,
+                                     self.grayscale), None
+        except DataError as exc:
+            return None, str(exc)
+
+
 class ImageStream:
     """Reads many files lazily in batches, so memory does not grow with the file count
     (only the file names are listed up front).
@@ -898,8 +927,10 @@ class ImageStream:
 
     def __init__(self, inputs: Sequence[str], expect: ImageSpec,
                  resize: bool = False, grayscale: bool = False,
-                 data_root: str | None = None, download: bool = False) -> None:
+                 data_root: str | None = None, download: bool = False,
+                 workers: int = 0) -> None:
         self.expect = expect
+        self.workers = workers  # processes decoding image files (torch DataLoader); 0: here
         self.resize = resize
         self.grayscale = grayscale
         self.builtin: list[ImageSet] = []
@@ -972,24 +1003,34 @@ class ImageStream:
                     label = None if s.labels is None else int(s.labels[i])
                     yield s.names[i], s.images[i].numpy(), label, None
             start += len(s)
-        for k, (entry, label) in enumerate(zip(self.entries, self.labels, strict=True)):
+        mine = []  # (entry index, first item) of the entries in the window
+        for k in range(len(self.entries)):
             count = 1 if self.counts is None else self.counts[k]
-            first, start = start, start + count
-            if not self._wanted(first, count):
-                continue
+            if self._wanted(start, count):
+                mine.append((k, start))
+            start += count
+        decoded = self._decoded([self.entries[k] for k, _ in mine  # type: ignore[misc]
+                                 if _is_image_file(self.entries[k])])
+        for k, first in mine:
+            entry, label = self.entries[k], self.labels[k]
             if not isinstance(entry, str):
                 yield entry[0], None, None, entry[1]
-                continue
-            path = Path(entry)
-            name = safe_name(entry)
-            if path.suffix.lower() in ARRAY_EXTENSIONS:
-                yield from self._array_items(path, name, first)
-                continue
-            try:
-                yield name, decode_image_file(path, self.expect, self.resize, self.grayscale), \
-                    label, None
-            except DataError as exc:
-                yield name, None, None, str(exc)
+            elif not _is_image_file(entry):
+                yield from self._array_items(Path(entry), safe_name(entry), first)
+            else:
+                array, error = next(decoded)
+                yield safe_name(entry), array, None if error else label, error
+
+    def _decoded(self, files: list[str]) -> Iterator[tuple[np.ndarray | None, str | None]]:
+        """(image, None) or (None, error) per image file, in order: decoded here, or with
+        `workers` by a torch DataLoader's worker processes (which keep the order)."""
+        decode = _Decode(files, self.expect, self.resize, self.grayscale)
+        if self.workers <= 0 or len(files) < 2:
+            return (decode[i] for i in range(len(files)))
+        from torch.utils.data import DataLoader
+
+        return iter(DataLoader(decode, batch_size=None, num_workers=self.workers,  # type: ignore[arg-type]
+                               collate_fn=_as_is, prefetch_factor=8))
 
     def _array_items(self, path: Path, name: str, first: int
                      ) -> Iterator[tuple[str, np.ndarray | None, int | None, str | None]]:

@@ -87,21 +87,21 @@ def score_inputs(detector: DensityDetector, inputs: Sequence[str],
                  on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
                  progress: Callable[[int], None] | None = None,
                  on_total: Callable[[int], None] | None = None,
-                 sharding: Sharding | None = None) -> ScoreRun:
+                 sharding: Sharding | None = None, workers: int = 0) -> ScoreRun:
     """Score every input (images, folders, array files, data specs) and decide the
     gate. `sharding`: score only this process's block (`--shard I/N`, torchrun ranks);
     under torchrun rank 0 gets every rank's rows in input order and alone writes JUnit;
     every rank gets the same decision. `heatmaps`: a folder (already prepared) that
     receives a heat map PNG per flagged image; `junit`: a JUnit XML report that agrees
     with the exit code; `on_total` learns the number of inputs before scoring,
-    `progress` each batch done."""
+    `progress` each batch done; `workers` processes decode image files."""
     from .data import ImageStream
     from .outputs import OutputError
 
     policy = policy or GatePolicy()
     kind, cal = check_gate(detector, kind, policy, model)
     stream = ImageStream(list(inputs), detector.spec, resize=resize, grayscale=grayscale,
-                         data_root=data_root)
+                         data_root=data_root, workers=workers)
     if len(stream) == 0:
         raise UsageError(f"no images found in {', '.join(inputs)}")
     sharding = sharding or Sharding()

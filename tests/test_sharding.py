@@ -185,3 +185,17 @@ def test_torchrun_purify_writes_the_same_images(runner, inputs, tmp_path):
                  for d in ("one", "two")]
     assert [(r["path"], r["changed"], r["error"]) for r in manifests[0]] == \
         [(r["path"], r["changed"], r["error"]) for r in manifests[1]]
+
+
+def test_decoding_workers_keep_order_and_error_rows(inputs):
+    def items(workers: int, shard: tuple[int, int]) -> list[tuple]:
+        stream = ImageStream([str(inputs)], SPEC, workers=workers)
+        stream.restrict(Sharding(Dist(), shard).window)
+        return [(name, None if image is None else image.tobytes(), label, error)
+                for name, image, label, error in stream.items()]
+
+    for shard in [(0, 1), (1, 3)]:  # everything; a block starting mid-folder
+        serial = items(0, shard)
+        assert items(2, shard) == serial
+    errors = [(name, error) for name, _, _, error in items(2, (0, 1)) if error]
+    assert len(errors) == 1 and errors[0][0].endswith("b_broken.png")

@@ -37,6 +37,7 @@ from .common import (
     SkipUnreadable,
     StdoutFormat,
     Threads,
+    Workers,
     emit,
     err_console,
     field_rows,
@@ -361,6 +362,7 @@ def score(
     data_root: DataRoot = None,
     overwrite: Overwrite = False,
     shard: Shard = None,
+    workers: Workers = 0,
 ) -> None:
     """Score images: bits/dim, log-likelihood, score, conformal p-value and a verdict.
 
@@ -414,7 +416,8 @@ def score(
             data_root=data_root, heatmaps=heatmap, junit=junit, resamples=resamples, seed=seed,
             keep_rows=not streaming, on_rows=None if rows_out is None else rows_out.write,
             progress=lambda n: progress.update(task, advance=n),
-            on_total=lambda n: progress.update(task, total=n), sharding=sharding)
+            on_total=lambda n: progress.update(task, total=n), sharding=sharding,
+            workers=workers)
         doc = run.document(model)
         if run.batch_line and (fmt != OutputFormat.table or output is not None):
             err_console.print(run.batch_line, highlight=False)  # else in the caption

@@ -33,6 +33,7 @@ from .common import (
     Shard,
     StdoutFormat,
     TrustCode,
+    Workers,
     emit,
     err_console,
     flag,
@@ -108,6 +109,7 @@ def purify_cmd(
     data_root: DataRoot = None,
     overwrite: Overwrite = False,
     shard: Shard = None,
+    workers: Workers = 0,
 ) -> None:
     """Purify images (PixelDefend): move each sub-pixel, within +-eps_defend levels of its
     value, to the most likely value given the already purified pixels.
@@ -136,7 +138,8 @@ def purify_cmd(
     sharding = join(device, shard)  # torchrun's ranks meet here, after the output checks
     detector, eps = _load(model, sharding.device, adaptive, eps_defend)
     spec = detector.spec
-    stream = ImageStream(paths, spec, resize=resize, grayscale=grayscale, data_root=data_root)
+    stream = ImageStream(paths, spec, resize=resize, grayscale=grayscale, data_root=data_root,
+                         workers=workers)
     if len(stream) == 0:
         raise UsageError(f"no images found in {', '.join(paths)}")
     sharding.split(stream)
@@ -222,6 +225,7 @@ def defend_cmd(
     trust_code: TrustCode = False,
     overwrite: Overwrite = False,
     shard: Shard = None,
+    workers: Workers = 0,
 ) -> None:
     """Score, purify and classify: the PixelDefend pipeline in front of a classifier.
 
@@ -255,7 +259,8 @@ def defend_cmd(
     loaded = load_classifier(classifier, device=sharding.device, mean=parse_floats(mean, "--mean"),
                              std=parse_floats(std, "--std"), input_shape=spec.shape,
                              trust_code=trust_code)
-    stream = ImageStream(paths, spec, resize=resize, grayscale=grayscale, data_root=data_root)
+    stream = ImageStream(paths, spec, resize=resize, grayscale=grayscale, data_root=data_root,
+                         workers=workers)
     if len(stream) == 0:
         raise UsageError(f"no images found in {', '.join(paths)}")
     classes = loaded.classes or stream.classes
