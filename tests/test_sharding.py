@@ -199,3 +199,13 @@ def test_decoding_workers_keep_order_and_error_rows(inputs):
         assert items(2, shard) == serial
     errors = [(name, error) for name, _, _, error in items(2, (0, 1)) if error]
     assert len(errors) == 1 and errors[0][0].endswith("b_broken.png")
+
+
+def test_bench_reports_a_throughput_line_per_rank():
+    from pixeldefend.bench import BenchSettings, sharded_scoring, sharded_scoring_lines
+
+    settings = BenchSettings(batch_size=32, cases=("digits",), model=MODEL, threads=1)
+    doc = sharded_scoring(settings, 100, Sharding(Dist(), (1, 2)))  # block 1 of 2: 50 images
+    assert doc["world"] == 1 and [r["images"] for r in doc["ranks"]] == [50]
+    lines = sharded_scoring_lines(doc)
+    assert lines[0].startswith("rank 0/1: 50 images") and lines[-1].startswith("total: 50")

@@ -11,7 +11,16 @@ from rich.table import Table
 from ..defaults import CASE_NAMES, DEFAULT_MODEL
 from ..errors import UsageError
 from .app import app
-from .common import Format, OutputFormat, Overwrite, emit, err_console, flag, handle_errors
+from .common import (
+    Format,
+    OutputFormat,
+    Overwrite,
+    ShardedScore,
+    emit,
+    err_console,
+    flag,
+    handle_errors,
+)
 
 BENCH_COLUMNS = ["case", "shape", "levels", "batch", "eps_defend", "score_images_per_s",
                  "fast_images_per_s", "reference_images_per_s", "reference_extrapolated",
@@ -95,6 +104,7 @@ def bench_cmd(
     fmt: Format = OutputFormat.table,
     output: Path | None = typer.Option(None, "--output", "-o", help="Write results here."),
     overwrite: Overwrite = False,
+    sharded_score: ShardedScore = None,
 ) -> None:
     """Measure purification throughput (fast and reference), scoring and training speed.
 
@@ -123,6 +133,9 @@ def bench_cmd(
     settings = BenchSettings(batch_size=batch_size, quick=quick, threads=threads,
                              reference_budget=reference_budget, train_step=train_step,
                              cases=chosen, model=model, profile=profile)
+    if sharded_score:
+        _sharded_score(settings, sharded_score, fmt, output)
+        return
     doc = run_bench(settings, log=lambda msg: err_console.print(f"[dim]{msg}[/]"))
     emit(fmt, doc, bench_rows(doc), BENCH_COLUMNS, lambda: _bench_table(doc), output)
 
@@ -130,3 +143,15 @@ def bench_cmd(
 def bench_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """The result rows with the shape as CxHxW (one CSV cell)."""
     return [{**r, "shape": "x".join(str(d) for d in r["shape"])} for r in doc["results"]]
+
+
+def _sharded_score(settings: Any, n: int, fmt: OutputFormat, output: Path | None) -> None:
+    """`bench --sharded-score N`: a throughput line per rank (run it under torchrun)."""
+    from ..bench import sharded_scoring, sharded_scoring_lines
+    from ..sharding import join
+
+    sharding = join("cpu")  # bench's cases run on the CPU
+    doc = sharded_scoring(settings, n, sharding)
+    if sharding.writes:
+        emit(fmt, doc, doc["ranks"], ["rank", "images", "seconds", "images_per_s"],
+             lambda: "\n".join(sharded_scoring_lines(doc)), output)

@@ -114,6 +114,10 @@ SHARD_HELP = (
     "0/4 in the first task of a job array; `pixeldefend merge` joins the outputs. Under "
     "torchrun every rank already takes its block: no --shard needed.")
 Shard = Annotated[str | None, typer.Option("--shard", metavar="I/N", help=SHARD_HELP)]
+ShardedScore = Annotated[int | None, typer.Option(
+    "--sharded-score", min=1, metavar="N", help="Instead of the cases: score N images of the "
+    "first case split over the ranks (run under torchrun) and print each rank's "
+    "throughput and the total.")]
 Workers = Annotated[int, typer.Option(
     "--workers", min=0, help="Processes decoding image files ahead of the model (a torch "
     "DataLoader; order and per-file error rows are kept); 0 decodes in this process.")]
