@@ -298,8 +298,8 @@ def run_bench(settings: BenchSettings,
 def sharded_scoring(settings: BenchSettings, n: int, sharding: Any) -> dict[str, Any]:
     """Scoring throughput per rank: `n` images of the first case, split over the ranks
     (`sharding.Sharding`, as `score` splits its inputs), each rank timing its own block
-    after a common start. Total throughput is the images scored / the slowest rank's time; efficiency is
-    that over (ranks x the mean rank's own rate), i.e. how evenly the work was shared."""
+    after a common start. Total throughput is the images scored / the slowest rank's
+    time; `balance` is that over the sum of the ranks' own rates (1: evenly shared)."""
     old_threads = torch.get_num_threads()
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
