@@ -111,8 +111,8 @@ Threads = Annotated[int | None, typer.Option(
 
 SHARD_HELP = (
     "Process only block I of N of the inputs (0-based, contiguous, in input order), e.g. "
-    "0/4 in the first task of a job array; `pixeldefend merge` joins the outputs. Under "
-    "torchrun every rank already takes its block: no --shard needed.")
+    "0/4 in the first task of a job array; `pixeldefend merge` joins score's outputs. "
+    "Under torchrun every rank already takes its block: no --shard needed.")
 Shard = Annotated[str | None, typer.Option("--shard", metavar="I/N", help=SHARD_HELP)]
 ShardedScore = Annotated[int | None, typer.Option(
     "--sharded-score", min=1, metavar="N", help="Instead of the cases: score N images of the "
