@@ -209,3 +209,24 @@ def test_bench_reports_a_throughput_line_per_rank():
     assert doc["world"] == 1 and [r["images"] for r in doc["ranks"]] == [50]
     lines = sharded_scoring_lines(doc)
     assert lines[0].startswith("rank 0/1: 50 images") and lines[-1].startswith("total: 50")
+
+
+def test_an_unreadable_array_file_is_one_error_row_across_shards(tmp_path):
+    digits = load_images("digits:test[:6]")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    save_image(folder / "a.png", digits.images[0], 17)
+    # the header declares 6 images, so the blocks count them, but the labels do not match
+    save_npz(folder / "b.npz", digits.images, 17, digits.labels[:4])
+    save_image(folder / "c.png", digits.images[1], 17)
+
+    def names(shard: tuple[int, int]) -> list[tuple[str, bool]]:
+        stream = ImageStream([str(folder)], SPEC)
+        stream.restrict(Sharding(Dist(), shard).window)
+        return [(name, error is None) for name, _, _, error in stream.items()]
+
+    whole = names((0, 1))
+    assert whole == [(str(folder / "a.png"), True), (str(folder / "b.npz"), False),
+                     (str(folder / "c.png"), True)]
+    for count in (2, 3, 4):
+        assert sum((names((i, count)) for i in range(count)), []) == whole
