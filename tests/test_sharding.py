@@ -230,3 +230,24 @@ def test_an_unreadable_array_file_is_one_error_row_across_shards(tmp_path):
                      (str(folder / "c.png"), True)]
     for count in (2, 3, 4):
         assert sum((names((i, count)) for i in range(count)), []) == whole
+
+
+def test_defend_and_purify_shards_concatenate_to_one_process(runner, inputs, tmp_path):
+    classifier = REPO / "models" / "digits-classifier"
+    args = ["defend", inputs, "-m", MODEL, "-c", classifier, "-f", "jsonl"]
+    one = run(runner, *args, "-o", tmp_path / "one.jsonl")
+    shards = [run(runner, *args, "--shard", f"{i}/2", "-o", tmp_path / f"s{i}.jsonl")
+              for i in range(2)]
+    assert one.exit_code == 2 and [s.exit_code for s in shards] == [2, 0]  # broken file in 0
+    joined = sum((parse(tmp_path / f"s{i}.jsonl", "jsonl") for i in range(2)), [])
+    assert same(joined, parse(tmp_path / "one.jsonl", "jsonl"))
+    run(runner, "purify", inputs, "-m", MODEL, "--out", tmp_path / "p")
+    for i in range(2):
+        run(runner, "purify", inputs, "-m", MODEL, "--out", tmp_path / f"p{i}", "--shard",
+            f"{i}/2")
+    assert (tmp_path / "p0" / "a_clean_0.png").read_bytes() == \
+        (tmp_path / "p" / "a_clean_0.png").read_bytes()
+    assert not (tmp_path / "p1" / "a_clean_0.png").exists()
+    with np.load(tmp_path / "p" / "e_digits.npz") as whole, \
+            np.load(tmp_path / "p1" / "e_digits.npz") as part:
+        assert np.array_equal(part["images"], whole["images"])  # block 1 holds the whole .npz
