@@ -251,3 +251,27 @@ def test_defend_and_purify_shards_concatenate_to_one_process(runner, inputs, tmp
     with np.load(tmp_path / "p" / "e_digits.npz") as whole, \
             np.load(tmp_path / "p1" / "e_digits.npz") as part:
         assert np.array_equal(part["images"], whole["images"])  # block 1 holds the whole .npz
+
+
+def test_torchrun_evaluate_splits_purification_with_the_same_results(runner, tmp_path):
+    args = ["evaluate", "--data", "digits:test", "-n", "16", "--attacks", "fgsm", "--eps", "2",
+            "--eps-levels", "--eps-defend", "1", "--defences", "none,purify",
+            "--adaptive-attack", "none", "-m", MODEL, "-c", REPO / "models" / "digits-classifier",
+            "-f", "json"]
+    one = run(runner, *args, "--out", tmp_path / "one")
+    two = torchrun(*args, "--out", tmp_path / "two", cwd=tmp_path)
+    assert one.exit_code == two.returncode == 0, two.stderr
+
+    def results(folder: str) -> dict:
+        doc = json.loads((tmp_path / folder / "results.json").read_text())
+        doc["config"] = {k: v for k, v in doc["config"].items() if k not in ("command", "out")}
+        for row in doc["rows"]:  # wall times differ
+            (row.get("summary") or {}).pop("seconds", None)
+        return {k: v for k, v in doc.items() if k not in ("timing", "created")}
+
+    got, want = results("two"), results("one")
+    assert got.keys() == want.keys()
+    assert [k for k in want if not same(got[k], want[k])] == []
+    for name in ("purify-clean-e1", "purify-fgsm-eps2-e1"):
+        stages = [np.load(tmp_path / d / "cache" / f"{name}.npz") for d in ("one", "two")]
+        assert np.array_equal(stages[0]["images"], stages[1]["images"])

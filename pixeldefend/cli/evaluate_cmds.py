@@ -319,6 +319,7 @@ def evaluate(
     from ..models.classifier import load_classifier
     from ..outputs import clear_dir, input_paths, prepare_dir
     from ..report import results_json, write_report
+    from ..sharding import join
 
     if fmt not in (OutputFormat.table, OutputFormat.json):
         raise UsageError("--format must be table or json")
@@ -327,8 +328,9 @@ def evaluate(
     if out is not None:  # the default folder depends on the data: checked below
         prepare_dir(out, command="evaluate", overwrite=overwrite, resume=resume,
                     can_resume=True, inputs=input_paths(model_path, classifier, data, data_root))
-    detector = DensityDetector.load(model_path, device=device)
-    loaded = load_classifier(classifier, device=device, trust_code=trust_code)
+    sharding = join(device, None)  # torchrun: each rank on its own device
+    detector = DensityDetector.load(model_path, device=sharding.device)
+    loaded = load_classifier(classifier, device=sharding.device, trust_code=trust_code)
     if data is None:
         data = (loaded.config.get("data") or {}).get("test") or "digits:test"
     spec: ImageSpec = detector.spec
@@ -361,9 +363,11 @@ def evaluate(
     out_dir = prepare_dir(out, command="evaluate", overwrite=overwrite, resume=resume,
                           can_resume=True, inputs=input_paths(model_path, classifier, data,
                                                               data_root))
-    if not resume:
+    sharding.dist.barrier()  # every rank has checked the folder before rank 0 writes it
+    if not resume and sharding.writes:
         clear_dir(out_dir)  # --overwrite: a fresh run, no stale cache or figures
-    out_dir.mark()
+    if sharding.writes:
+        out_dir.mark()
     sources: dict[str, Any] = {"model": str(model_path), "classifier": loaded.source,
                                "data": images.source, "command": _command_line()}
     err_console.print(
@@ -372,7 +376,9 @@ def evaluate(
         highlight=False)
     with RichEvalProgress() as progress:
         evaluation = run_evaluation(detector, loaded, images, settings, out, progress,
-                                    sources)
+                                    sources, sharding=sharding)
+    if not sharding.writes:
+        return
     classes = loaded.classes or images.classes
     written = write_report(evaluation, detector, out, classes, figures=figures)
     err_console.print(f"wrote {', '.join(p.name for p in written)} to {out}", highlight=False)
