@@ -106,7 +106,7 @@ def score_inputs(detector: DensityDetector, inputs: Sequence[str],
         raise UsageError(f"no images found in {', '.join(inputs)}")
     sharding = sharding or Sharding()
     if heatmaps is not None:
-        refuse_when_split(sharding, "heatmaps")
+        refuse_when_split(sharding, "score --heatmap")
     sharding.split(stream)
     if on_total is not None:
         on_total(len(sharding.part_range(stream.total)) if sharding.active else len(stream))

@@ -182,5 +182,5 @@ def leave_together(code: int) -> None:
 def refuse_when_split(sharding: Sharding, what: str) -> None:
     """An option whose output cannot yet be split across torchrun ranks."""
     if sharding.dist.active:
-        raise UsageError(f"{what} is not supported under torchrun yet: run it in one "
-                         "process per --shard I/N instead")
+        raise UsageError(f"{what} does not split over torchrun ranks yet: run it in one "
+                         "process")

@@ -258,6 +258,7 @@ def attack(
     )
     from ..models.loading import load_classifier
     from ..outputs import input_paths, prepare_dir
+    from ..sharding import join, refuse_when_split
 
     method = method.lower()
     if method not in METHODS:
@@ -273,6 +274,7 @@ def attack(
     if out is not None:
         prepare_dir(out, command="attack", overwrite=overwrite,
                     inputs=input_paths(paths, data, classifier, classifier_weights, data_root))
+    refuse_when_split(join(device), "attack")  # one seeded random stream over the batches
     loaded = load_classifier(classifier, device=device,
                              mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
                              factory_weights=classifier_weights, trust_code=trust_code)
