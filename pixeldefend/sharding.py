@@ -17,9 +17,7 @@ block I is split again among the ranks.
 from __future__ import annotations
 
 import atexit
-import os
 import pickle
-import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -162,21 +160,6 @@ def _leave(dist: Dist, shutdown: Callable[[], None]) -> None:
         dist.barrier()
     finally:
         shutdown()
-
-
-def leave_together(code: int) -> None:
-    """Under torchrun, when a command has finished on every rank: wait for all ranks, then
-    exit at once with the (agreed) code. torchrun stops the other ranks (SIGTERM) as soon
-    as it sees one exit non-zero, so ranks that linger in interpreter teardown would
-    otherwise report a signal instead of the gate's code."""
-    import torch
-
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    torch.distributed.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def refuse_when_split(sharding: Sharding, what: str) -> None:

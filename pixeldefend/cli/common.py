@@ -34,6 +34,7 @@ from rich.table import Table
 from ..atomic import write_text
 from ..defaults import GATE_CHOICES, SCORE_HELP, SCORE_KINDS
 from ..errors import PixelDefendError, UsageError
+from ..ranks import follower_rank, leave_together, silence_stdout
 from ..threads import apply_threads
 
 err_console = Console(stderr=True, soft_wrap=True)
@@ -136,34 +137,6 @@ BatchTest = Annotated[bool, flag(
     "--batch-test", help="Gate on the whole-set typicality test (needs --model).")]
 
 
-def follower_rank() -> int | None:
-    """The torchrun rank of a process other than rank 0 (None on rank 0 or without
-    torchrun): it computes its share of the inputs but prints and writes nothing."""
-    import os
-
-    rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
-    return int(rank) if rank.isdigit() and rank != "0" else None
-
-
-def _silence_follower() -> None:
-    """Results and progress come from rank 0 alone."""
-    import os
-
-    if follower_rank() is not None:
-        out_console.quiet = err_console.quiet = True
-        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (for the process)
-
-
-def _leave_together(code: int) -> None:
-    """Under torchrun every rank leaves at once with the same code (sharding.py)."""
-    import os
-
-    if "WORLD_SIZE" in os.environ:
-        from ..sharding import leave_together
-
-        leave_together(code)
-
-
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
     rank = follower_rank()
     if rank is not None:  # its console is silent; an error must still be seen
@@ -198,18 +171,20 @@ def handle_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _silence_follower()
+        if follower_rank() is not None:  # results and progress come from rank 0 alone
+            out_console.quiet = err_console.quiet = True
+            silence_stdout()
         try:
             result = func(*args, **kwargs)
         except typer.Exit as done:  # the command ran to its end (on every torchrun rank)
-            _leave_together(done.exit_code)
+            leave_together(done.exit_code)
             raise
         except PixelDefendError as exc:
             raise fail(cli_message(exc)) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(EXIT_INTERRUPT) from None
-        _leave_together(EXIT_OK)
+        leave_together(EXIT_OK)
         return result
 
     return wrapper  # type: ignore[return-value]
