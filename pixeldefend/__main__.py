@@ -1,6 +1,7 @@
-"""`python -m pixeldefend`: what `torchrun -m pixeldefend ...` starts on every rank."""
+"""`python -m pixeldefend ...`: the CLI, and the module torchrun launches per rank
+(`torchrun --nproc-per-node N -m pixeldefend train ...`)."""
 
-from .cli import app
+from pixeldefend.cli import main
 
 if __name__ == "__main__":
-    app(prog_name="pixeldefend")
+    main()
