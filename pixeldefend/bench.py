@@ -296,6 +296,51 @@ def run_bench(settings: BenchSettings,
     }
 
 
+def sharded_scoring(settings: BenchSettings, n: int, sharding: Any) -> dict[str, Any]:
+    """Scoring throughput per rank: `n` images of the first case, split over the ranks
+    (`sharding.Sharding`, as `score` splits its inputs), each rank timing its own block
+    after a common start. Total throughput is the images scored / the slowest rank's
+    time; `balance` is that over the sum of the ranks' own rates (1: evenly shared)."""
+    old_threads = torch.get_num_threads()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    try:
+        case = make_cases(settings)[0]
+        repeats = (n + case.images.shape[0] - 1) // case.images.shape[0]
+        window = sharding.window(n)
+        images = case.images.repeat(repeats, 1, 1, 1)[window.start:window.stop]
+        model = case.model.to(sharding.device).eval()
+        sharding.dist.barrier()
+        start = time.perf_counter()
+        if images.shape[0]:
+            bits_per_dim(model, images.to(sharding.device), batch_size=settings.batch_size)
+        seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(old_threads)
+    mine = {"rank": sharding.dist.rank, "images": int(images.shape[0]), "seconds": seconds,
+            "images_per_s": images.shape[0] / seconds if seconds > 0 else None}
+    ranks = sharding.dist.gather(mine)
+    wall = max(r["seconds"] for r in ranks)
+    rates = [r["images_per_s"] for r in ranks if r["images_per_s"]]
+    done = sum(r["images"] for r in ranks)  # n, or this --shard's block of it
+    total = done / wall if wall > 0 else None
+    return {"case": case.name, "n": done, "batch_size": settings.batch_size,
+            "world": sharding.dist.world, "ranks": ranks, "images_per_s": total,
+            "balance": (total / sum(rates)) if total and rates else None,
+            "system": system_info()}
+
+
+def sharded_scoring_lines(doc: dict[str, Any]) -> list[str]:
+    """One line per rank and a total line, for the terminal."""
+    lines = [f"rank {r['rank']}/{doc['world']}: {r['images']} images in {r['seconds']:.2f} s "
+             f"= {r['images_per_s'] or 0:.0f} images/s" for r in doc["ranks"]]
+    lines.append(f"total: {doc['n']} images ({doc['case']}, batch {doc['batch_size']}) at "
+                 f"{doc['images_per_s'] or 0:.0f} images/s over {doc['world']} rank(s); "
+                 f"balance {doc['balance'] or 0:.0%} (load average "
+                 f"{doc['system']['load_average_1m'] or 0:.1f})")
+    return lines
+
+
 # ------------------------------------------------------------ data-parallel training
 
 

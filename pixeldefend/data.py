@@ -29,7 +29,7 @@ import stat
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -284,6 +284,19 @@ def _normalise_array(images: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(images)
 
 
+def _stack_shape(shape: tuple[int, ...], name: str) -> tuple[int, ...]:
+    """The (N, C, H, W) shape `_normalise_array` makes of an array of `shape`."""
+    if len(shape) == 2:
+        return (1, 1, *shape)
+    if len(shape) == 3:
+        return (shape[0], 1, shape[1], shape[2])
+    if len(shape) == 4:
+        if shape[-1] in (1, 3) and shape[1] not in (1, 3):
+            return (shape[0], shape[3], shape[1], shape[2])
+        return shape
+    raise DataError(f"{name}: array of shape {shape} is not a stack of images")
+
+
 def _check_npy_header(fh, name: str, available: int) -> None:
     """Read an .npy header from `fh` and refuse, before any data is read, arrays that
     declare more than MAX_ARRAY_BYTES, more bytes than the file holds, or objects."""
@@ -305,20 +318,93 @@ def _check_npy_header(fh, name: str, available: int) -> None:
                         f"holds {max(0, available - fh.tell()):,})")
 
 
-def _read_arrays(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of an .npy (under 'images') or .npz file, each checked by its header."""
+@dataclass(frozen=True)
+class ImagesMember:
+    """The `images` array of an .npy / .npz file, read in chunks of whole images from its
+    (checked) header on, so a large file is never held in memory at once."""
+
+    path: Path
+    member: str | None  # the zip member of an .npz; None for an .npy
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+
+    def _open(self):
+        if self.member is None:
+            return open(self.path, "rb")
+        archive = zipfile.ZipFile(self.path)
+        try:
+            return _ClosingMember(archive, archive.open(self.member))
+        except BaseException:
+            archive.close()
+            raise
+
+    def chunks(self, start: int = 0, stop: int | None = None,
+               rows: int = 1024) -> Iterator[np.ndarray]:
+        """Images start..stop-1 (along the first axis), `rows` at a time."""
+        whole = len(self.shape) < 3 or self.fortran_order or 0 in self.shape[1:]
+        with self._open() as fh:
+            if whole:  # one image, or an unusual layout: read it as numpy does
+                array = np.lib.format.read_array(fh, allow_pickle=False)
+                yield array if len(self.shape) < 3 else array[start:stop]
+                return
+            _npy_shape(fh)  # past the header
+            stop = self.shape[0] if stop is None else min(stop, self.shape[0])
+            row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+            _skip(fh, start * row_bytes)
+            for lo in range(start, stop, rows):
+                n = min(rows, stop - lo)
+                data = fh.read(n * row_bytes)
+                if len(data) != n * row_bytes:
+                    raise DataError(f"truncated at image {lo + len(data) // row_bytes}")
+                yield np.frombuffer(data, dtype=self.dtype).reshape(n, *self.shape[1:])
+
+
+class _ClosingMember:
+    """A zip member that closes its archive too."""
+
+    def __init__(self, archive: zipfile.ZipFile, fh) -> None:
+        self.archive, self.fh = archive, fh
+
+    def read(self, n: int = -1) -> bytes:
+        return self.fh.read(n)
+
+    def readinto(self, buffer) -> int:
+        return self.fh.readinto(buffer)
+
+    def __enter__(self) -> _ClosingMember:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.fh.close()
+        self.archive.close()
+
+
+def _skip(fh, nbytes: int) -> None:
+    """Move forward in a file or a (compressed) zip member by reading, 1 MiB at a time."""
+    while nbytes > 0:
+        got = len(fh.read(min(nbytes, 1 << 20)))
+        if got == 0:
+            raise DataError("truncated array data")
+        nbytes -= got
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray | ImagesMember]:
+    """The arrays of an .npy (under 'images') or .npz file, each checked by its header;
+    `images` is left on disk (an `ImagesMember`), `labels` and `levels` are loaded."""
     size = _require_regular_file(path)
     if path.suffix.lower() == ".npy":
         with open(path, "rb") as fh:
             _check_npy_header(fh, path.name, size)
-        return {"images": np.load(path, allow_pickle=False)}
+            fh.seek(0)
+            return {"images": _member(path, None, fh)}
     with zipfile.ZipFile(path) as archive:
         members = [m for m in archive.infolist() if not m.is_dir()]
         total = sum(m.file_size for m in members)
         if total > MAX_ARRAY_BYTES:
             raise DataError(f"holds {total:,} bytes uncompressed, more than the budget of "
                             f"{MAX_ARRAY_BYTES:,}; refused before loading")
-        arrays: dict[str, np.ndarray] = {}
+        arrays: dict[str, np.ndarray | ImagesMember] = {}
         for member in members:
             key = member.filename.removesuffix(".npy")
             if key not in ("images", "labels", "levels"):
@@ -326,11 +412,20 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
             with archive.open(member) as fh:
                 _check_npy_header(fh, f"member {member.filename!r}", member.file_size)
             with archive.open(member) as fh:
-                arrays[key] = np.lib.format.read_array(fh, allow_pickle=False)
+                arrays[key] = _member(path, member.filename, fh) if key == "images" else \
+                    np.lib.format.read_array(fh, allow_pickle=False)
     if "images" not in arrays:
         found = [m.filename for m in members]
         raise DataError(f".npz has no 'images' array (found {found})")
     return arrays
+
+
+def _member(path: Path, member: str | None, fh) -> ImagesMember:
+    fmt = np.lib.format
+    version = fmt.read_magic(fh)
+    reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, fortran_order, dtype = reader(fh, max_header_size=10_000)
+    return ImagesMember(path, member, tuple(shape), dtype, bool(fortran_order))
 
 
 def _array_levels(value: np.ndarray) -> int:
@@ -356,59 +451,125 @@ def _array_labels(value: np.ndarray, n: int) -> np.ndarray:
     return value.astype(np.int64)
 
 
-def load_array_file(path: Path, expect: ImageSpec | None) -> ImageSet:
-    """Read .npz (keys `images`, optional `labels`, `levels`) or .npy of uint8 images.
+def array_file_length(path: Path) -> int:
+    """How many images an .npy / .npz declares, read from its header (nothing is loaded);
+    1 for a file that cannot be read that way, which becomes one error row."""
+    try:
+        if path.suffix.lower() == ".npy":
+            with open(path, "rb") as fh:
+                shape = _npy_shape(fh)
+        else:
+            with zipfile.ZipFile(path) as archive, archive.open("images.npy") as fh:
+                shape = _npy_shape(fh)
+    except (OSError, ValueError, KeyError, EOFError, SyntaxError, TypeError,
+            zipfile.BadZipFile, zlib.error):
+        return 1
+    return max(1, int(shape[0])) if len(shape) in (3, 4) else 1
+
+
+def _npy_shape(fh) -> tuple[int, ...]:
+    fmt = np.lib.format
+    version = fmt.read_magic(fh)
+    reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    return tuple(reader(fh, max_header_size=10_000)[0])
+
+
+@dataclass
+class ArrayFile:
+    """An array file checked from end to end without holding it: its images are read in
+    chunks (`chunks`), already in the final layout (N, C, H, W) and levels."""
+
+    path: Path
+    images: ImagesMember
+    n: int
+    levels: int
+    labels: np.ndarray | None
+    convert: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def names(self) -> list[str]:
+        base = safe_name(str(self.path))
+        return [f"{base}[{i}]" for i in range(self.n)]
+
+    def chunks(self, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        for raw in self.images.chunks(start, stop):
+            yield self.convert(raw)
+
+
+def open_array_file(path: Path, expect: ImageSpec | None) -> ArrayFile:
+    """Check an .npz (keys `images`, optional `labels`, `levels`) or .npy of uint8 images
+    with one streaming pass (headers against MAX_ARRAY_BYTES first, then every value),
+    so a broken file is refused before any of its images is used.
 
     Arrays without a `levels` entry are taken as 8-bit and mapped to the model's levels.
-    Headers are checked against MAX_ARRAY_BYTES before anything is loaded.
     """
     try:
         arrays = _read_arrays(path)
-        images = arrays["images"]
+        member = arrays["images"]
+        assert isinstance(member, ImagesMember)
         stored_levels = _array_levels(arrays["levels"]) if "levels" in arrays else None
+        low, high = _value_range(member)
     except DataError as exc:
         raise DataError(f"{path}: {exc}") from exc
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError,
             TypeError, MemoryError, NotImplementedError, RuntimeError) as exc:
         raise DataError(f"{path}: cannot read array file: {exc}") from exc
-    if images.size == 0:
-        raise DataError(f"{path}: holds no images (array of shape {images.shape})")
-    if images.dtype != np.uint8:
-        if (np.issubdtype(images.dtype, np.integer) or images.dtype == np.bool_) \
-                and images.min() >= 0 and images.max() <= 255:
-            images = images.astype(np.uint8)
-        else:
-            raise DataError(f"{path}: images must be uint8 integers, found {images.dtype}")
-    images = _normalise_array(images, str(path))
+    shape, dtype = member.shape, member.dtype
+    if int(np.prod(shape)) == 0:
+        raise DataError(f"{path}: holds no images (array of shape {shape})")
+    if dtype != np.uint8 and not ((np.issubdtype(dtype, np.integer) or dtype == np.bool_)
+                                  and low >= 0 and high <= 255):
+        raise DataError(f"{path}: images must be uint8 integers, found {dtype}")
+    layout = _stack_shape(shape, str(path))
+    n = layout[0]
     levels = stored_levels if stored_levels is not None else 256
+    to_levels = None
     if expect is not None:
-        if images.shape[1:] != expect.shape:
-            raise DataError(
-                f"{path}: arrays are {tuple(images.shape[1:])} (C,H,W), model expects "
-                f"{expect.shape}"
-            )
+        if layout[1:] != expect.shape:
+            raise DataError(f"{path}: arrays are {tuple(layout[1:])} (C,H,W), model expects "
+                            f"{expect.shape}")
         if levels != expect.levels:
             if levels != 256:
                 raise DataError(
                     f"{path}: arrays hold {levels} levels, model expects {expect.levels}")
-            images = from_8bit(images, expect.levels)
-            levels = expect.levels
-    if images.size and int(images.max()) >= levels:
-        raise DataError(f"{path}: values up to {int(images.max())} but only {levels} levels")
+            to_levels = levels = expect.levels
+    if to_levels is None and high >= levels:
+        raise DataError(f"{path}: values up to {high} but only {levels} levels")
     labels = None
     if "labels" in arrays:
         try:
-            labels = _array_labels(arrays["labels"], images.shape[0])
+            labels = _array_labels(arrays["labels"], n)  # type: ignore[arg-type]
         except DataError as exc:
             raise DataError(f"{path}: {exc}") from exc
-    base = safe_name(str(path))
-    names = [f"{base}[{i}]" for i in range(images.shape[0])]
+
+    def convert(raw: np.ndarray) -> np.ndarray:
+        images = _normalise_array(raw.astype(np.uint8, copy=False), str(path))
+        return images if to_levels is None else from_8bit(images, to_levels)
+
+    return ArrayFile(path, member, n, levels, labels, convert)
+
+
+def _value_range(member: ImagesMember) -> tuple[int, int]:
+    """Smallest and largest value, one chunk at a time (0, 0 for an empty array)."""
+    low, high = None, None
+    for chunk in member.chunks():
+        if chunk.size:
+            lo, hi = int(chunk.min()), int(chunk.max())
+            low, high = lo if low is None else min(low, lo), hi if high is None else max(high, hi)
+    return (low or 0), (high or 0)
+
+
+def load_array_file(path: Path, expect: ImageSpec | None) -> ImageSet:
+    """Read .npz (keys `images`, optional `labels`, `levels`) or .npy of uint8 images
+    into memory, checked as `open_array_file` checks them."""
+    arrays = open_array_file(path, expect)
+    images = np.concatenate(list(arrays.chunks()))
     return ImageSet(
-        images=torch.from_numpy(images),
-        levels=levels,
-        names=names,
-        labels=None if labels is None else torch.from_numpy(labels),
-        source=base,
+        images=torch.from_numpy(np.ascontiguousarray(images)),
+        levels=arrays.levels,
+        names=arrays.names,
+        labels=None if arrays.labels is None else torch.from_numpy(arrays.labels),
+        source=safe_name(str(path)),
     )
 
 
@@ -726,6 +887,35 @@ def _folder_classes(root: str, files: Sequence[str | tuple[str, str]]) -> list[s
     return sorted(names) or None
 
 
+def _is_image_file(entry: str | tuple[str, str]) -> bool:
+    return isinstance(entry, str) and Path(entry).suffix.lower() not in ARRAY_EXTENSIONS
+
+
+def _as_is(item: object) -> object:
+    return item
+
+
+@dataclass(frozen=True)
+class _Decode:
+    """Image files as a map-style data set (picklable, for DataLoader workers): item i is
+    (uint8 image, None), or (None, the error message) for a file that cannot be used."""
+
+    files: list[str]
+    expect: ImageSpec
+    resize: bool
+    grayscale: bool
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray | None, str | None]:
+        try:
+            return decode_image_file(Path(self.files[i]), self.expect, self.resize,
+                                     self.grayscale), None
+        except DataError as exc:
+            return None, str(exc)
+
+
 class ImageStream:
     """Reads many files lazily in batches, so memory does not grow with the file count
     (only the file names are listed up front).
@@ -737,8 +927,10 @@ class ImageStream:
 
     def __init__(self, inputs: Sequence[str], expect: ImageSpec,
                  resize: bool = False, grayscale: bool = False,
-                 data_root: str | None = None, download: bool = False) -> None:
+                 data_root: str | None = None, download: bool = False,
+                 workers: int = 0) -> None:
         self.expect = expect
+        self.workers = workers  # processes decoding image files (torch DataLoader); 0: here
         self.resize = resize
         self.grayscale = grayscale
         self.builtin: list[ImageSet] = []
@@ -776,6 +968,22 @@ class ImageStream:
                 self.labels.append(None)
         for s in self.builtin:
             self.classes = self.classes or s.classes
+        self.window: range | None = None  # the items this process reads (a shard's block)
+        self.counts: list[int] | None = None  # images per entry, once `restrict` counted
+
+    def restrict(self, pick: Callable[[int], range]) -> None:
+        """Read only the items `pick(total)` selects (a shard's contiguous block of every
+        item in order). An array file counts as the images its header declares, so the
+        blocks stay even; files outside the block are never opened or decoded."""
+        self.counts = [1 if not isinstance(e, str) else array_file_length(Path(e))
+                       if Path(e).suffix.lower() in ARRAY_EXTENSIONS else 1
+                       for e in self.entries]
+        self.total = sum(len(s) for s in self.builtin) + sum(self.counts)
+        self.window = pick(self.total)
+
+    def _wanted(self, start: int, count: int = 1) -> bool:
+        window = self.window
+        return window is None or (start < window.stop and start + count > window.start)
 
     @property
     def files(self) -> list[str]:
@@ -786,31 +994,64 @@ class ImageStream:
         return sum(len(s) for s in self.builtin) + len(self.entries)
 
     def items(self) -> Iterator[tuple[str, np.ndarray | None, int | None, str | None]]:
+        """(name, image or None, label, error or None) per item, in input order (within
+        the window, if `restrict` set one)."""
+        start = 0
         for s in self.builtin:
             for i in range(len(s)):
-                label = None if s.labels is None else int(s.labels[i])
-                yield s.names[i], s.images[i].numpy(), label, None
-        for entry, label in zip(self.entries, self.labels, strict=True):
+                if self._wanted(start + i):
+                    label = None if s.labels is None else int(s.labels[i])
+                    yield s.names[i], s.images[i].numpy(), label, None
+            start += len(s)
+        mine = []  # (entry index, first item) of the entries in the window
+        for k in range(len(self.entries)):
+            count = 1 if self.counts is None else self.counts[k]
+            if self._wanted(start, count):
+                mine.append((k, start))
+            start += count
+        decoded = self._decoded([self.entries[k] for k, _ in mine  # type: ignore[misc]
+                                 if _is_image_file(self.entries[k])])
+        for k, first in mine:
+            entry, label = self.entries[k], self.labels[k]
             if not isinstance(entry, str):
                 yield entry[0], None, None, entry[1]
-                continue
-            path = Path(entry)
-            name = safe_name(entry)
-            if path.suffix.lower() in ARRAY_EXTENSIONS:
-                try:
-                    arrays = load_array_file(path, self.expect)
-                except DataError as exc:
-                    yield name, None, None, str(exc).removeprefix(f"{name}: ")
-                    continue
-                for i in range(len(arrays)):
-                    lab = None if arrays.labels is None else int(arrays.labels[i])
-                    yield arrays.names[i], arrays.images[i].numpy(), lab, None
-                continue
-            try:
-                yield name, decode_image_file(path, self.expect, self.resize, self.grayscale), \
-                    label, None
-            except DataError as exc:
-                yield name, None, None, str(exc)
+            elif not _is_image_file(entry):
+                yield from self._array_items(Path(entry), safe_name(entry), first)
+            else:
+                array, error = next(decoded)
+                yield safe_name(entry), array, None if error else label, error
+
+    def _decoded(self, files: list[str]) -> Iterator[tuple[np.ndarray | None, str | None]]:
+        """(image, None) or (None, error) per image file, in order: decoded here, or with
+        `workers` by a torch DataLoader's worker processes (which keep the order)."""
+        decode = _Decode(files, self.expect, self.resize, self.grayscale)
+        if self.workers <= 0 or len(files) < 2:
+            return (decode[i] for i in range(len(files)))
+        from torch.utils.data import DataLoader
+
+        return iter(DataLoader(decode, batch_size=None, num_workers=self.workers,  # type: ignore[arg-type]
+                               collate_fn=_as_is, prefetch_factor=8))
+
+    def _array_items(self, path: Path, name: str, first: int
+                     ) -> Iterator[tuple[str, np.ndarray | None, int | None, str | None]]:
+        """The images of one array file that fall in the window; a file that cannot be
+        read is one error row, owned by the block holding its first item."""
+        try:
+            arrays = open_array_file(path, self.expect)
+        except DataError as exc:
+            if self._wanted(first):
+                yield name, None, None, str(exc).removeprefix(f"{name}: ")
+            return
+        window = self.window or range(first, first + arrays.n)
+        start = max(0, window.start - first)
+        stop = min(arrays.n, window.stop - first)
+        i = start
+        base = safe_name(str(path))
+        for chunk in arrays.chunks(start, stop):  # streamed: one chunk in memory at a time
+            for image in chunk:
+                lab = None if arrays.labels is None else int(arrays.labels[i])
+                yield f"{base}[{i}]", image, lab, None
+                i += 1
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         names: list[str] = []

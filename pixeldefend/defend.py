@@ -7,7 +7,7 @@ them and fail closed; `summarise_*` turn rows into the figures the CLI prints an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from .detector import DensityDetector
 from .errors import UsageError
 from .models.loading import LoadedClassifier, check_inputs, classify
 from .purify import PurifyResult, default_eps_defend, purify
+from .sharding import Sharding
 
 PURIFY_COLUMNS = ["path", "output", "bits_per_dim_before", "bits_per_dim_after", "purified",
                   "changed", "verdict", "error"]
@@ -65,12 +66,17 @@ def load_for_purify(model: Path, device: str = "auto", *, eps_defend: int | None
 
 
 def open_stream(paths: list[str], detector: DensityDetector, *, resize: bool = False,
-                grayscale: bool = False, data_root: str | None = None) -> ImageStream:
-    """The inputs as a stream in the model's shape; a UsageError when there are none."""
+                grayscale: bool = False, data_root: str | None = None, workers: int = 0,
+                sharding: Sharding | None = None) -> ImageStream:
+    """The inputs as a stream in the model's shape, narrowed to this process's block when
+    `sharding` splits them (nothing outside it is decoded); a UsageError when there are
+    none. `workers` processes decode image files."""
     stream = ImageStream(paths, detector.spec, resize=resize, grayscale=grayscale,
-                         data_root=data_root)
+                         data_root=data_root, workers=workers)
     if len(stream) == 0:
         raise UsageError(f"no images found in {', '.join(paths)}")
+    if sharding is not None:
+        sharding.split(stream)
     return stream
 
 
@@ -101,13 +107,23 @@ def _error_row(columns: list[str], name: str, error: str) -> dict[str, Any]:
 def purify_rows(detector: DensityDetector, batches: Iterable[Batch], eps: int,
                 adaptive: bool, fast: bool = True,
                 keep: Callable[[str, Any, int | None], str] | None = None,
-                progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+                progress: Callable[[int], None] | None = None,
+                sharding: Sharding | None = None) -> list[dict[str, Any]]:
     """One PURIFY_COLUMNS row per input. `keep(name, purified_image, label)` stores each
-    purified image and returns where it went (the row's `output`)."""
+    purified image and returns where it went (the row's `output`). Under torchrun
+    (`sharding`) each rank purifies its own batches and rank 0 gets every rank's purified
+    images in input order, rows and `keep` calls included; the other ranks get no rows."""
     threshold = detector.bpd_threshold
+
+    def purified() -> Iterator[tuple[Batch, PurifyResult | None]]:
+        for batch in batches:
+            result = purify_batch(detector, batch, eps, adaptive, fast)
+            if result is not None:
+                result.images = result.images.cpu()
+            yield batch, result
+
     rows: list[dict[str, Any]] = []
-    for batch in batches:
-        result = purify_batch(detector, batch, eps, adaptive, fast)
+    for batch, result in (sharding or Sharding()).in_order(purified()):
         labels = batch.labels.tolist() if batch.labels is not None else None
         k = 0
         for name, error in zip(batch.names, batch.errors, strict=True):
@@ -213,10 +229,13 @@ def summarise_defend(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def defend(detector: DensityDetector, loaded: LoadedClassifier, batches: Iterable[Batch],
            eps_defend: int | None = None, *, adaptive: bool = False, fail_on: str = "none",
            classes: list[str] | None = None, batch_size: int = DEFAULT_BATCH,
-           progress: Callable[[int], None] | None = None) -> DefendResult:
+           progress: Callable[[int], None] | None = None,
+           sharding: Sharding | None = None) -> DefendResult:
     """Score, purify (all images, or with `adaptive` only the anomalous ones) and classify
     each input before and after; `fail_on="anomalous"` fails the gate if any input was
-    flagged. `progress(k)` is called as each batch of k inputs is done."""
+    flagged. `progress(k)` is called as each batch of k inputs is done. Under torchrun
+    (`sharding`) rank 0 gets every rank's rows in input order; every rank gets the same
+    summary and gate."""
     if fail_on not in GATE_CHOICES:
         raise UsageError(f"fail_on must be one of {', '.join(GATE_CHOICES)}, not {fail_on!r}")
     if adaptive or fail_on != "none":
@@ -227,14 +246,18 @@ def defend(detector: DensityDetector, loaded: LoadedClassifier, batches: Iterabl
     def name_of(label: int) -> str | int:
         return classes[label] if classes and 0 <= label < len(classes) else label
 
+    sharding = sharding or Sharding()
     rows: list[dict[str, Any]] = []
-    for batch in batches:
-        rows += _defend_batch(detector, loaded, batch, eps, adaptive, batch_size, name_of)
+    local = (_defend_batch(detector, loaded, batch, eps, adaptive, batch_size, name_of)
+             for batch in batches)
+    for batch_rows in sharding.in_order(local):
+        rows += batch_rows
         if progress is not None:
-            progress(len(batch.names))
+            progress(len(batch_rows))
     summary = summarise_defend(rows)
     failed = fail_on == "anomalous" and summary["anomalous"] > 0
     reasons = [f"{summary['anomalous']} anomalous image(s)"] if failed else []
+    summary, failed, reasons = sharding.agree((summary, failed, reasons))
     return DefendResult(rows, summary, failed, reasons)
 
 

@@ -14,13 +14,14 @@ The gate's decision (`gate.decide`) is made once every input has been seen.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
 from .gate import EXIT_USAGE, GatePolicy, GateResult, JUnitWriter, Tally, decide
+from .sharding import Sharding, refuse_when_split
 
 if TYPE_CHECKING:
     from .calibration import Calibration
@@ -106,30 +107,42 @@ def score_inputs(detector: DensityDetector, inputs: Sequence[str],
                  resamples: int = 1000, seed: int = 0, keep_rows: bool = True,
                  on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
                  progress: Callable[[int], None] | None = None,
-                 on_total: Callable[[int], None] | None = None) -> ScoreRun:
+                 on_total: Callable[[int], None] | None = None,
+                 sharding: Sharding | None = None, workers: int = 0) -> ScoreRun:
     """Score every input (images, folders, array files, data specs) and decide the
-    gate. `heatmaps`: a folder (already prepared) that receives a heat map
-    PNG per flagged image; `junit`: a JUnit XML report that agrees with the exit code;
-    `on_total` learns the number of inputs before scoring, `progress` each batch done."""
+    gate. `sharding`: score only this process's block (`--shard I/N`, torchrun ranks);
+    under torchrun rank 0 gets every rank's rows in input order and alone writes JUnit;
+    every rank gets the same decision. `heatmaps`: a folder (already prepared) that
+    receives a heat map PNG per flagged image; `junit`: a JUnit XML report that agrees
+    with the exit code; `on_total` learns the number of inputs before scoring,
+    `progress` each batch done; `workers` processes decode image files."""
     from .data import ImageStream
     from .outputs import OutputError
 
     policy = policy or GatePolicy()
     kind, cal = check_gate(detector, kind, policy, model)
     stream = ImageStream(list(inputs), detector.spec, resize=resize, grayscale=grayscale,
-                         data_root=data_root)
+                         data_root=data_root, workers=workers)
     if len(stream) == 0:
         raise UsageError(f"no images found in {', '.join(inputs)}")
+    sharding = sharding or Sharding()
+    if heatmaps is not None:
+        refuse_when_split(sharding, "score --heatmap")
+    sharding.split(stream)
     if on_total is not None:
-        on_total(len(stream))
+        on_total(len(sharding.part_range(stream.total)) if sharding.active else len(stream))
+    junit = junit if sharding.writes else None
     run = ScoreRun(kind, cal, policy, junit=JUnitWriter(junit, kind, policy) if junit else None)
     bpd = _stream_rows(detector, stream, run, batch_size=batch_size, heatmaps=heatmaps,
-                       keep_rows=keep_rows, on_rows=on_rows, progress=progress)
+                       keep_rows=keep_rows, on_rows=on_rows, progress=progress,
+                       sharding=sharding)
     run.hidden = stream.hidden
     batch_anomalous, batch_reason = None, ""
-    if policy.batch_test and len(bpd):
+    if policy.batch_test and len(bpd) and sharding.writes:
         batch_anomalous, batch_reason = _batch_test(detector, run, bpd, resamples, seed)
     run.result = decide(run.tally, policy, batch_anomalous, batch_reason)
+    run.tally, run.result, run.batch_test, run.batch_line = sharding.agree(
+        (run.tally, run.result, run.batch_test, run.batch_line))
     if run.junit is not None:
         try:
             run.junit.close(run.result, run.batch_test, run.batch_line)
@@ -141,16 +154,21 @@ def score_inputs(detector: DensityDetector, inputs: Sequence[str],
 def _stream_rows(detector: DensityDetector, stream: ImageStream, run: ScoreRun, *,
                  batch_size: int, heatmaps: Path | None, keep_rows: bool,
                  on_rows: Callable[[list[dict[str, Any]]], None] | None,
-                 progress: Callable[[int], None] | None) -> array:
+                 progress: Callable[[int], None] | None, sharding: Sharding) -> array:
     """Score batch by batch; returns the clean-or-flagged bits/dim for the batch test."""
     from .reporting import score_rows
 
     bpd_values = array("d")
     taken: set[str] = set()
-    for batch in stream.batches(batch_size):
-        rows = score_rows(detector, batch, run.kind)
-        if heatmaps is not None:
-            write_heatmaps(detector, batch, rows, run.kind, heatmaps, taken)
+
+    def scored() -> Iterator[list[dict[str, Any]]]:  # this process's share, batch by batch
+        for batch in stream.batches(batch_size):
+            rows = score_rows(detector, batch, run.kind)
+            if heatmaps is not None:
+                write_heatmaps(detector, batch, rows, run.kind, heatmaps, taken)
+            yield rows
+
+    for rows in sharding.in_order(scored()):  # every rank's rows, in input order
         for row in rows:
             run.tally.add(row)
             if run.junit is not None:
@@ -162,7 +180,7 @@ def _stream_rows(detector: DensityDetector, stream: ImageStream, run: ScoreRun, 
         if keep_rows:
             run.rows.extend(rows)
         if progress is not None:
-            progress(len(batch.names))
+            progress(len(rows))
     return bpd_values
 
 

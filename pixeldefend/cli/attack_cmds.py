@@ -169,7 +169,9 @@ def attack(
     """
     from ..attack_pipeline import attack_dataset, load_attack_inputs, save_attack
     from ..rendering import attack_columns, attack_table
+    from ..sharding import join, refuse_when_split
 
+    refuse_when_split(join(device), "attack")  # one seeded random stream over the batches
     loaded, images = load_attack_inputs(
         method, paths, data, classifier, n=n, out=out, overwrite=overwrite, device=device,
         trust_code=trust_code, mean=common.parse_numbers(mean, "--mean"),

@@ -41,6 +41,7 @@ def bench_cmd(
     fmt: common.Format = common.OutputFormat.table,
     output: common.Output = None,
     overwrite: common.Overwrite = False,
+    sharded_score: common.ShardedScore = None,
 ) -> None:
     """Measure purification throughput (fast and reference), scoring and training speed.
 
@@ -70,6 +71,16 @@ def bench_cmd(
     settings = BenchSettings(batch_size=batch_size, quick=quick, threads=threads,
                              reference_budget=reference_budget, train_step=train_step,
                              cases=chosen, model=model, profile=profile)
+    if sharded_score:  # a throughput line per rank instead of the cases (under torchrun)
+        from ..bench import sharded_scoring, sharded_scoring_lines
+        from ..sharding import join
+
+        sharding = join("cpu")  # bench's cases run on the CPU
+        doc = sharded_scoring(settings, sharded_score, sharding)
+        if sharding.writes:
+            common.emit(fmt, doc, doc["ranks"], ["rank", "images", "seconds", "images_per_s"],
+                        lambda _: "\n".join(sharded_scoring_lines(doc)), output)
+        return
     ranks = parse_ranks(train_ranks)
     dim = lambda msg: common.err_console.print(f"[dim]{msg}[/]")  # noqa: E731
     doc = run_bench(settings, log=dim)

@@ -24,6 +24,7 @@ from ..errors import PixelDefendError, UsageError
 from ..progress import ProgressBar as ProgressBar
 from ..progress import RichTrainProgress as RichTrainProgress
 from ..progress import err_console
+from ..ranks import follower_rank, leave_together, silence_stdout
 from ..rendering import RowWriter, render_text, write_result
 from ..scores import SCORES
 from ..threads import apply_threads
@@ -124,7 +125,38 @@ Threads = Annotated[int | None, typer.Option(
          "\\[default: the global setting].")]
 
 
+SHARD_HELP = (
+    "Process only block I of N of the inputs (0-based, contiguous, in input order), e.g. "
+    "0/4 in the first task of a job array; `pixeldefend merge` joins score's outputs. "
+    "Under torchrun every rank already takes its block: no --shard needed.")
+Shard = Annotated[str | None, typer.Option("--shard", metavar="I/N", help=SHARD_HELP)]
+ShardedScore = Annotated[int | None, typer.Option(
+    "--sharded-score", min=1, metavar="N", help="Instead of the cases: score N images of the "
+    "first case split over the ranks (run under torchrun) and print each rank's "
+    "throughput and the total.")]
+Workers = Annotated[int, typer.Option(
+    "--workers", min=0, help="Processes decoding image files ahead of the model (a torch "
+    "DataLoader; order and per-file error rows are kept); 0 decodes in this process.")]
+
+
+# the gate of `score`, given again to `merge` (JSONL / CSV shard outputs do not store it)
+FailOn = Annotated[GateChoice, typer.Option(
+    "--fail-on", help="Gate: 'anomalous' exits 1 if any image is flagged.")]
+MaxAnomalousFraction = Annotated[float | None, typer.Option(
+    "--max-anomalous-fraction", min=0.0, max=1.0,
+    help="Gate: exit 1 if more than this fraction of images is flagged.")]
+SkipUnreadable = Annotated[bool, flag(
+    "--skip-unreadable", help="Let unreadable inputs (corrupt, wrong size, unsupported files) "
+    "pass the gate; they are still listed as error rows and counted as skipped. Without it "
+    "any unreadable input fails a gate (exit 1), or exits 2 when no gate is set.")]
+BatchTest = Annotated[bool, flag(
+    "--batch-test", help="Gate on the whole-set typicality test (needs --model).")]
+
+
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    rank = follower_rank()
+    if rank is not None:  # its console is silent; an error must still be seen
+        sys.stderr.write(f"error (rank {rank}): {message}\n")
     err_console.print(f"[bold red]error:[/] {message}", highlight=False)
     return typer.Exit(code)
 
@@ -171,21 +203,12 @@ def cli_strings(value: Any) -> Any:
     return value
 
 
-def speaks() -> bool:
-    """Under torchrun rank 0 alone speaks for the job (the environment tells, no torch)."""
-    from ..distributed import is_main_process
-
-    return is_main_process()
-
-
 def warn(message: str) -> None:
-    if speaks():
-        err_console.print(f"[yellow]warning[/]: {message}", highlight=False)
+    err_console.print(f"[yellow]warning[/]: {message}", highlight=False)
 
 
 def log(message: str) -> None:
-    if speaks():
-        err_console.print(message, highlight=False)
+    err_console.print(message, highlight=False)
 
 
 def report_skipped(errors: list[tuple[str, str]], summary: bool = True) -> None:
@@ -207,13 +230,21 @@ def handle_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if follower_rank() is not None:  # results and progress come from rank 0 alone
+            out_console.quiet = err_console.quiet = True
+            silence_stdout()
         try:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+        except typer.Exit as done:  # the command ran to its end (on every torchrun rank)
+            leave_together(done.exit_code)
+            raise
         except PixelDefendError as exc:
             raise fail(cli_message(exc)) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(EXIT_INTERRUPT) from None
+        leave_together(EXIT_OK)
+        return result
 
     return wrapper  # type: ignore[return-value]
 

@@ -28,6 +28,8 @@ Conservative = Annotated[bool, common.flag("--conservative-threshold", help=(
     "When there are fewer clean calibration images than --fpr needs (about 1/fpr), use the "
     "largest calibration score as a finite threshold instead of stopping with an error; its "
     "false-positive rate is then not guaranteed, and this is printed and recorded."))]
+Resamples = Annotated[int, typer.Option(min=10, help="Bootstrap resamples of --batch-test.")]
+BootstrapSeed = Annotated[int, typer.Option(help="Seed of the --batch-test bootstrap.")]
 BACKGROUND_PRESET_HELP = (
     "Background model size \\[default: same as the main model]. It only has to learn local "
     "statistics, so 'tiny' is a fair CPU saving on small images.")
@@ -256,27 +258,20 @@ def score(
     model: common.ModelBundle = DEFAULT_MODEL,
     fmt: common.Format = common.OutputFormat.table,
     output: common.Output = None,
-    fail_on: common.GateChoice = typer.Option(
-        common.GateChoice.none, help="Gate: 'anomalous' exits 1 if any image is flagged."),
-    max_anomalous_fraction: float | None = typer.Option(
-        None, min=0.0, max=1.0,
-        help="Gate: exit 1 if more than this fraction of images is flagged."),
+    fail_on: common.FailOn = common.GateChoice.none,
+    max_anomalous_fraction: common.MaxAnomalousFraction = None,
     junit: Path | None = typer.Option(
         None, help="Write JUnit XML: one test case per input plus a 'gate' case; it has a "
         "failure or error exactly when the exit code is not 0."),
-    skip_unreadable: Annotated[bool, common.flag(
-        "--skip-unreadable", help="Let unreadable inputs (corrupt, wrong size, "
-        "unsupported files) pass the gate; they are still listed as error rows and counted "
-        "as skipped. Without it any unreadable input fails a gate (exit 1), or exits 2 "
-        "when no gate is set.")] = False,
+    skip_unreadable: common.SkipUnreadable = False,
     score_kind: common.ScoreChoice | None = typer.Option(
         None, "--score", help=common.SCORE_OPTION_HELP + " \\[default: the bundle's]"),
     batch_test: Annotated[bool, common.flag(
         "--batch-test", help="Also test the whole batch for typicality (Nalisnick et "
         "al. 2019): is its mean bits/dim consistent with clean data? Then --fail-on "
         "anomalous gates on the batch verdict instead of single images.")] = False,
-    resamples: int = typer.Option(1000, min=10, help="Bootstrap resamples of --batch-test."),
-    seed: int = typer.Option(0, help="Seed of the --batch-test bootstrap."),
+    resamples: Resamples = 1000,
+    seed: BootstrapSeed = 0,
     heatmap: Path | None = typer.Option(
         None, "--heatmap", help="Write, for each flagged image, a PNG of the image next to "
         "its per-pixel NLL heat map into this folder (<input name>.heatmap.png)."),
@@ -288,6 +283,8 @@ def score(
     grayscale: common.Grayscale = False,
     data_root: common.DataRoot = None,
     overwrite: common.Overwrite = False,
+    shard: common.Shard = None,
+    workers: common.Workers = 0,
 ) -> None:
     """Score images: bits/dim, log-likelihood, score, conformal p-value and a verdict.
 
@@ -316,40 +313,94 @@ def score(
     from ..outputs import check_files, clear_dir, input_paths, prepare_dir
     from ..precision import check_precision
     from ..scoring import score_inputs
+    from ..sharding import join
 
     inputs = input_paths(paths, model)
     check_files((output, "--output"), (junit, "--junit"), inputs=inputs, overwrite=overwrite)
     heatmap_dir = None if heatmap is None else prepare_dir(
         heatmap, command="score --heatmap", inputs=inputs, overwrite=overwrite,
         option="--heatmap")
-    detector = DensityDetector.load(model, device=device, batch_size=batch_size)
+    sharding = join(device, shard)  # torchrun's ranks meet here, after every output check
+    detector = DensityDetector.load(model, device=sharding.device, batch_size=batch_size)
     detector.precision = check_precision(common.PrecisionChoice(precision).value,
                                          detector.device)
     policy = GatePolicy(fail_on_anomalous=fail_on == common.GateChoice.anomalous,
                         max_anomalous_fraction=max_anomalous_fraction, batch_test=batch_test,
                         skip_unreadable=skip_unreadable)
     streaming = fmt in (common.OutputFormat.jsonl, common.OutputFormat.csv)
-    if heatmap_dir is not None:
+    if heatmap_dir is not None and sharding.writes:
         clear_dir(heatmap_dir)
         heatmap_dir.mark()
-    with common.RowStream(fmt, reporting.SCORE_COLUMNS, output) if streaming else \
+    with common.RowStream(fmt, reporting.SCORE_COLUMNS, output) if streaming and \
+            sharding.writes else \
             contextlib.nullcontext() as rows_out, common.ProgressBar("score") as bar:
         run = score_inputs(
             detector, paths, policy, kind=None if score_kind is None else score_kind.value,
             model=model, batch_size=batch_size, resize=resize, grayscale=grayscale,
             data_root=data_root, heatmaps=heatmap, junit=junit, resamples=resamples, seed=seed,
             keep_rows=not streaming, on_rows=None if rows_out is None else rows_out.write,
-            progress=bar.advance, on_total=bar.set_total)
+            progress=bar.advance, on_total=bar.set_total, sharding=sharding, workers=workers)
         doc = run.document(model)
         if run.batch_line and (fmt != common.OutputFormat.table or output is not None):
             common.log(run.batch_line)  # else in the caption
-        if not streaming:
+        if not streaming and sharding.writes:
             common.emit(fmt, doc, run.rows, reporting.SCORE_COLUMNS, reporting.score_table, output)
     if junit is not None:
         common.log(f"wrote {junit}")
     for line in run.summary_lines():
         common.log(common.cli_text(line))
     raise typer.Exit(run.result.exit_code)
+
+
+@app.command()
+@common.handle_errors
+def merge(
+    paths: Annotated[list[Path], typer.Argument(help="Shard outputs, in shard order.")],
+    fmt: Annotated[common.OutputFormat | None, typer.Option(
+        "--format", "-f", help="Output format \\[default: the shards']; table and JSON "
+        "need JSON shards.")] = None,
+    output: common.Output = None,
+    fail_on: common.FailOn = common.GateChoice.none,
+    max_anomalous_fraction: common.MaxAnomalousFraction = None,
+    skip_unreadable: common.SkipUnreadable = False,
+    batch_test: common.BatchTest = False,
+    model: Path | None = typer.Option(None, "--model", "-m",
+                                      help="The bundle, for --batch-test."),
+    resamples: Resamples = 1000,
+    seed: BootstrapSeed = 0,
+    overwrite: common.Overwrite = False,
+) -> None:
+    """Join `score --shard I/N` outputs (JSON, JSONL or CSV) into the one-process output.
+
+    Rows are concatenated in the order given; the summary and the gate are recomputed over
+    all of them with the gate options given here (the same as score's), and the exit code
+    is the gate's. A JUnit report is not merged.
+
+    [bold]Example[/]
+
+      pixeldefend merge scores-0.jsonl scores-1.jsonl --fail-on anomalous -o scores.jsonl
+    """
+    from .. import reporting
+    from ..errors import UsageError
+    from ..gate import GatePolicy
+    from ..merge import merge_score_outputs
+    from ..outputs import check_files, input_paths
+
+    check_files((output, "--output"), inputs=input_paths(*map(str, paths)),
+                overwrite=overwrite)
+    policy = GatePolicy(fail_on_anomalous=fail_on == common.GateChoice.anomalous,
+                        max_anomalous_fraction=max_anomalous_fraction, batch_test=batch_test,
+                        skip_unreadable=skip_unreadable)
+    merged = merge_score_outputs(paths, policy, model=model, resamples=resamples, seed=seed)
+    fmt = fmt or common.OutputFormat(merged.fmt)
+    doc = merged.document
+    if doc is None and fmt in (common.OutputFormat.json, common.OutputFormat.table):
+        raise UsageError(f"--format {fmt.value} needs shard outputs in JSON")
+    common.emit(fmt, doc or {}, merged.rows, reporting.SCORE_COLUMNS, reporting.score_table,
+                output)
+    for line in merged.run.summary_lines():
+        common.log(common.cli_text(line))
+    raise typer.Exit(merged.run.result.exit_code)
 
 
 @app.command()

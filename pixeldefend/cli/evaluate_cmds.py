@@ -152,7 +152,9 @@ def evaluate(
                f"{inputs.model} and {loaded.source} on {inputs.detector.device}; report in {out}")
     with RichEvalProgress() as progress:
         evaluation = run_evaluation(inputs.detector, loaded, images, settings, out, progress,
-                                    inputs.sources(_command_line()))
+                                    inputs.sources(_command_line()), sharding=inputs.sharding)
+    if not inputs.sharding.writes:
+        return
     written = write_report(evaluation, inputs.detector, out, loaded.classes or images.classes,
                            figures=figures)
     common.log(f"wrote {', '.join(p.name for p in written)} to {out}")

@@ -43,6 +43,8 @@ def purify_cmd(
     grayscale: common.Grayscale = False,
     data_root: common.DataRoot = None,
     overwrite: common.Overwrite = False,
+    shard: common.Shard = None,
+    workers: common.Workers = 0,
 ) -> None:
     """Purify images (PixelDefend): move each sub-pixel, within +-eps_defend levels of its
     value, to the most likely value given the already purified pixels.
@@ -64,25 +66,31 @@ def purify_cmd(
     from ..defend import PURIFY_COLUMNS, load_for_purify, open_stream, purify_document, purify_rows
     from ..outputs import PurifyOutputs, clear_dir, input_paths, prepare_dir
     from ..rendering import purify_table
+    from ..sharding import join
 
     out_dir = prepare_dir(out, command="purify", overwrite=overwrite,
                           inputs=input_paths(paths, model, data_root))
-    detector, eps = load_for_purify(model, device, eps_defend=eps_defend,
+    sharding = join(device, shard)  # torchrun's ranks meet here, after the output checks
+    detector, eps = load_for_purify(model, sharding.device, eps_defend=eps_defend,
                                     need_threshold=adaptive)
     stream = open_stream(paths, detector, resize=resize, grayscale=grayscale,
-                         data_root=data_root)
+                         data_root=data_root, workers=workers, sharding=sharding)
     plan = PurifyOutputs.plan(paths, out, detector.spec.levels)
-    clear_dir(out_dir)  # ours (marker) and --overwrite: no stale copies of an earlier run
-    out_dir.mark()
+    if sharding.writes:
+        clear_dir(out_dir)  # ours (marker) and --overwrite: no stale copies of an earlier run
+        out_dir.mark()
     with common.ProgressBar("purify", len(stream)) as bar:
         rows = purify_rows(detector, stream.batches(batch_size), eps, adaptive,
-                           fast=not reference, keep=plan.add, progress=bar.advance)
+                           fast=not reference, keep=plan.add, progress=bar.advance,
+                           sharding=sharding)
+    errors = sharding.agree(sum(r["error"] is not None for r in rows))  # rank 0 has all rows
+    if not sharding.writes:
+        raise typer.Exit(common.EXIT_USAGE if errors else common.EXIT_OK)
     plan.flush()
     doc = purify_document(model, detector, eps, adaptive, rows,
                           implementation="reference" if reference else "fast", out=str(out))
     write_json(out / "manifest.json", json_safe(doc))
     common.emit(fmt, doc, rows, PURIFY_COLUMNS, purify_table)
-    errors = doc["summary"]["errors"]
     common.log(f"wrote {out} ({doc['summary']['purified']} purified, {errors} error(s))")
     raise typer.Exit(common.EXIT_USAGE if errors else common.EXIT_OK)
 
@@ -110,6 +118,8 @@ def defend_cmd(
     data_root: common.DataRoot = None,
     trust_code: common.TrustCode = False,
     overwrite: common.Overwrite = False,
+    shard: common.Shard = None,
+    workers: common.Workers = 0,
 ) -> None:
     """Score, purify and classify: the PixelDefend pipeline in front of a classifier.
 
@@ -132,24 +142,29 @@ def defend_cmd(
     from ..models.loading import load_classifier
     from ..outputs import check_files, input_paths
     from ..rendering import defend_line, defend_table
+    from ..sharding import join
 
     check_files((output, "--output"), overwrite=overwrite,
                 inputs=input_paths(paths, model, classifier, data_root))
-    detector, eps = load_for_purify(model, device, eps_defend=eps_defend,
+    sharding = join(device, shard)  # torchrun's ranks meet here, after the output checks
+    detector, eps = load_for_purify(model, sharding.device, eps_defend=eps_defend,
                                     need_threshold=adaptive or fail_on != common.GateChoice.none)
-    loaded = load_classifier(classifier, device=device, mean=common.parse_numbers(mean, "--mean"),
+    loaded = load_classifier(classifier, device=sharding.device,
+                             mean=common.parse_numbers(mean, "--mean"),
                              std=common.parse_numbers(std, "--std"),
                              input_shape=detector.spec.shape,
                              trust_code=trust_code)
     stream = open_stream(paths, detector, resize=resize, grayscale=grayscale,
-                         data_root=data_root)
+                         data_root=data_root, workers=workers)
     classes = loaded.classes or stream.classes
+    sharding.split(stream)  # after the classes: every rank names them alike
     with common.ProgressBar("defend", len(stream)) as bar:
         result = defend(detector, loaded, stream.batches(batch_size), eps, adaptive=adaptive,
                         fail_on=fail_on.value, classes=classes, batch_size=batch_size,
-                        progress=bar.advance)
+                        progress=bar.advance, sharding=sharding)
     doc = defend_document(model, classifier, detector, eps, adaptive, classes, result)
-    common.emit(fmt, doc, result.rows, DEFEND_COLUMNS, defend_table, output)
+    if sharding.writes:
+        common.emit(fmt, doc, result.rows, DEFEND_COLUMNS, defend_table, output)
     common.log(defend_line(result.summary, result.gate_failed))
     if result.summary["errors"]:
         raise typer.Exit(common.EXIT_USAGE)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..defaults import DEFAULT_BPDA_N, DEFAULT_CLASSIFIER, DEFAULT_MODEL
 from ..errors import UsageError
+from ..sharding import Sharding
 from .plan import EvaluateSettings, parse_list
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ class EvaluationInputs:
     data: str
     paths: list[Path] = field(default_factory=list)  # what the report may not overwrite
     skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable files
+    sharding: Sharding = field(default_factory=Sharding)  # torchrun's ranks, or one process
 
     def sources(self, command: str | None = None) -> dict[str, Any]:
         return {"model": str(self.model), "classifier": self.classifier.source,
@@ -58,23 +60,27 @@ def load_inputs(model: Path | None, classifier: str | None, data: str | None, n:
                 trust_code: bool = False, overwrite: bool = False,
                 resume: bool = False) -> EvaluationInputs:
     """Models (default: the shipped digits ones) and the first `n` labelled images
-    (default: the classifier's test split); a given `out` is checked before any loading."""
+    (default: the classifier's test split); a given `out` is checked before any loading.
+    Under torchrun each rank joins the process group here, on its own device."""
     from ..data import load_images
     from ..detector import DensityDetector
     from ..models.loading import load_classifier
     from ..outputs import input_paths, prepare_dir
+    from ..sharding import join
 
     model = default_path(model or DEFAULT_MODEL)
     classifier = classifier or str(default_path(DEFAULT_CLASSIFIER))
     if out is not None:  # the default folder depends on the data: checked by open_report_dir
         prepare_dir(out, command="evaluate", overwrite=overwrite, resume=resume,
                     can_resume=True, inputs=input_paths(model, classifier, data, data_root))
-    detector = DensityDetector.load(model, device=device)
-    loaded = load_classifier(classifier, device=device, trust_code=trust_code)
+    sharding = join(device, None)
+    detector = DensityDetector.load(model, device=sharding.device)
+    loaded = load_classifier(classifier, device=sharding.device, trust_code=trust_code)
     data = data or (loaded.config.get("data") or {}).get("test") or "digits:test"
     images = load_images(data, detector.spec, data_root=data_root)
     return EvaluationInputs(detector, loaded, images.head(n), model, data,
-                            input_paths(model, classifier, data, data_root), list(images.errors))
+                            input_paths(model, classifier, data, data_root), list(images.errors),
+                            sharding)
 
 
 def open_report_dir(inputs: EvaluationInputs, out: Path | None, *, overwrite: bool = False,
@@ -85,9 +91,11 @@ def open_report_dir(inputs: EvaluationInputs, out: Path | None, *, overwrite: bo
     out = out or default_out(inputs.data)
     out_dir = prepare_dir(out, command="evaluate", overwrite=overwrite, resume=resume,
                           can_resume=True, inputs=inputs.paths)
-    if not resume:
-        clear_dir(out_dir)  # overwrite: a fresh run, no stale cache or figures
-    out_dir.mark()
+    inputs.sharding.dist.barrier()  # every rank has checked the folder before rank 0 writes
+    if inputs.sharding.writes:
+        if not resume:
+            clear_dir(out_dir)  # overwrite: a fresh run, no stale cache or figures
+        out_dir.mark()
     return out
 
 

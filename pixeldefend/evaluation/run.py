@@ -35,6 +35,7 @@ from ..errors import DataError
 from ..models.classifier import LoadedClassifier, as_loaded, check_inputs, predict_logits
 from ..progress import EvalProgress
 from ..purify import purify, purify_fast
+from ..sharding import Sharding
 from .defences import DEFENCES, column_key, gate
 from .plan import (
     SCHEMA,
@@ -139,6 +140,9 @@ class Runner:
     cache: StageCache
     progress: EvalProgress
     timing: dict[str, float] = field(default_factory=dict)
+    # torchrun: the purification stages split their images over the ranks; every other
+    # stage runs on every rank alike (seeded), and rank 0 alone writes the cache
+    sharding: Sharding = field(default_factory=Sharding)
 
     @property
     def settings(self) -> EvaluateSettings:
@@ -149,7 +153,8 @@ class Runner:
         """The stage's arrays (and ``__meta__``): from the cache if its key matches, else
         computed by `work(stage)` and stored."""
         stage = self.plan.stages[name]
-        hit = self.cache.load(name, stage.key)
+        hit = self.cache.load(name, stage.key) if self.sharding.writes else None
+        hit = self.sharding.agree(hit)  # every rank takes rank 0's decision (and arrays)
         if hit is not None:
             self.timing[name] = float(hit["__meta__"].get("seconds", 0.0))
             self.progress.end(stage, cached=True)
@@ -160,7 +165,8 @@ class Runner:
         arrays, meta = work(stage)
         meta["seconds"] = round(time.perf_counter() - t0, 3)
         self.timing[name] = meta["seconds"]
-        self.cache.save(name, stage.key, arrays, meta)
+        if self.sharding.writes:
+            self.cache.save(name, stage.key, arrays, meta)
         self.progress.end(stage, cached=False)
         arrays = dict(arrays)
         arrays["__meta__"] = meta
@@ -218,16 +224,19 @@ def _purify_work(r: Runner, images: torch.Tensor, e: int, select: np.ndarray
         stats: dict[str, Any] = {}
         parts = []
         step = r.settings.purify_batch
-        for lo in range(0, len(idx), step):
-            chunk = images[idx[lo:lo + step]]
-            parts.append(purify_fast(r.detector.model, chunk, e, step, stats))
+        block = r.sharding.window(len(idx))  # this rank's images (all of them alone)
+        for lo in range(block.start, block.stop, step):
+            chunk = images[idx[lo:min(lo + step, block.stop)]]
+            parts.append(purify_fast(r.detector.model, chunk, e, step, stats).cpu())
             r.progress.advance(stage, len(chunk))
-        done = torch.cat(parts) if parts else images[:0]
-        r.progress.advance(stage, r.plan.n - len(idx))
+        mine = (torch.cat(parts) if parts else images[:0], int(stats.get("fallbacks", 0)))
+        gathered = r.sharding.dist.gather(mine)  # rank order = image order
+        done = torch.cat([images for images, _ in gathered])
+        r.progress.advance(stage, r.plan.n - len(block))
         return ({"index": idx.numpy(), "images": done.numpy(),
                  "bpd_after": r.bpd(done) if len(idx) else np.zeros(0),
                  "pred": r.predict(done)},
-                {"fallbacks": int(stats.get("fallbacks", 0))})
+                {"fallbacks": sum(fallbacks for _, fallbacks in gathered)})
 
     return work
 
@@ -373,12 +382,14 @@ def _labels(detector: Any, images: ImageSet, loaded: LoadedClassifier) -> torch.
 def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module,
                    images: ImageSet, settings: EvaluateSettings, out: Path | str,
                    progress: EvalProgress | None = None,
-                   sources: dict[str, str] | None = None) -> Evaluation:
+                   sources: dict[str, str] | None = None,
+                   sharding: Sharding | None = None) -> Evaluation:
     """Run (or resume) the whole evaluation; returns the results and the arrays.
 
     `detector`: a `DensityDetector` (its bits/dim calibration, if any, is the adaptive
     threshold). `images`: labelled, already cut to the images to evaluate. `sources`
-    names the model, classifier and data for the report.
+    names the model, classifier and data for the report. `sharding`: under torchrun the
+    purification stages split their images over the ranks; rank 0 alone writes the cache.
     """
     settings.checked()
     progress = progress or EvalProgress()
@@ -396,7 +407,8 @@ def run_evaluation(detector: Any, classifier: LoadedClassifier | torch.nn.Module
     for name, stage in plan.stages.items():
         stage.cached = cache.has(name, stage.key)
     progress.plan(list(plan.stages.values()))
-    r = Runner(detector, loaded, x, labels, plan, cache, progress)
+    r = Runner(detector, loaded, x, labels, plan, cache, progress,
+               sharding=sharding or Sharding())
 
     clean = run_clean(r)
     evaluation = Evaluation({}, x, labels, plan.levels, clean["pred"], clean["bpd"],
