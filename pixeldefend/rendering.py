@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -22,6 +23,50 @@ if TYPE_CHECKING:
     from .ood import OODReport
 
 FORMATS = ("table", "json", "jsonl", "csv")
+
+
+# Library text names Python parameters (`fpr`, `resize=True`); the command line shows
+# them as flags (`--fpr`, `--resize`). The parameters whose flag is not `--` plus the
+# dashed name:
+FLAG_OF_PARAM = {"kind": "--score", "score_kind": "--score", "l2": "--l2",
+                 "factory_weights": "--classifier-weights", "in_spec": "--in"}
+
+
+def option_flag(param: str) -> str:
+    """The flag that sets the library parameter `param` (`fpr` -> `--fpr`)."""
+    return FLAG_OF_PARAM.get(param, "--" + param.replace("_", "-"))
+
+
+def cli_text(text: str, params: str | tuple[str, ...] | None = ()) -> str:
+    """Library text as the command line says it: each Python parameter in `params`, and
+    every `name=True` (an on/off parameter), shown as its flag (`fpr` -> `--fpr`)."""
+    text = re.sub(r"(?<![\w-])([a-z][a-z0-9_]*)=True(?![\w-])",
+                  lambda m: option_flag(m[1]), text)
+    for param in (params,) if isinstance(params, str) else params or ():
+        text = re.sub(rf"(?<![\w-]){re.escape(param)}(?![\w-])",
+                      lambda _, f=option_flag(param): f, text)
+    return text
+
+
+def cli_message(exc: Exception) -> str:
+    """A library error's message, with the parameters it names (`param`, an output's
+    leading `label`) as flags."""
+    message, label = str(exc), getattr(exc, "label", None)
+    if label and not label.startswith("-") and message.startswith(label + " "):
+        message = option_flag(label) + message[len(label):]
+    return cli_text(message, getattr(exc, "param", None))
+
+
+def cli_strings(value: Any) -> Any:
+    """`cli_text` on every string of a result document or row (per-file errors, gate
+    reasons) before it is shown."""
+    if isinstance(value, str):
+        return cli_text(value)
+    if isinstance(value, dict):
+        return {k: cli_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [cli_strings(v) for v in value]
+    return value
 
 
 def json_safe(value: Any) -> Any:
