@@ -156,6 +156,57 @@ def summarise_purify(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+@dataclass
+class PurifyRun:
+    """What `purify_to_folder` did: the manifest (None on torchrun's other ranks, which
+    write nothing), its rows and the number of unreadable inputs over every rank."""
+
+    document: dict[str, Any] | None
+    rows: list[dict[str, Any]]
+    errors: int
+
+
+def purify_to_folder(paths: list[str], out: Path, model: Path, *,
+                     eps_defend: int | None = None, adaptive: bool = False, fast: bool = True,
+                     batch_size: int = DEFAULT_BATCH, device: str = "auto",
+                     resize: bool = False, grayscale: bool = False,
+                     data_root: str | None = None, overwrite: bool = False,
+                     shard: str | None = None, workers: int = 0,
+                     progress: Callable[[int], None] | None = None,
+                     on_total: Callable[[int], None] | None = None) -> PurifyRun:
+    """`pixeldefend purify`: purified copies of the inputs in `out` (same names, lossless
+    formats) plus out/manifest.json. `out` must be new or a folder pixeldefend made (then
+    `overwrite` clears it); `shard` ("I/N") or torchrun ranks split the inputs."""
+    from .atomic import write_json
+    from .outputs import PurifyOutputs, clear_dir, input_paths, prepare_dir
+    from .rendering import json_safe
+    from .sharding import join
+
+    out_dir = prepare_dir(out, command="purify", overwrite=overwrite,
+                          inputs=input_paths(paths, model, data_root))
+    sharding = join(device, shard)  # torchrun's ranks meet here, after the output checks
+    detector, eps = load_for_purify(model, sharding.device, eps_defend=eps_defend,
+                                    need_threshold=adaptive)
+    stream = open_stream(paths, detector, resize=resize, grayscale=grayscale,
+                         data_root=data_root, workers=workers, sharding=sharding)
+    plan = PurifyOutputs.plan(paths, out, detector.spec.levels)
+    if sharding.writes:
+        clear_dir(out_dir)  # ours (marker) and --overwrite: no stale copies of an earlier run
+        out_dir.mark()
+    if on_total is not None:
+        on_total(len(stream))
+    rows = purify_rows(detector, stream.batches(batch_size), eps, adaptive, fast=fast,
+                       keep=plan.add, progress=progress, sharding=sharding)
+    errors = sharding.agree(sum(r["error"] is not None for r in rows))  # rank 0 has all rows
+    if not sharding.writes:
+        return PurifyRun(None, rows, errors)
+    plan.flush()
+    doc = purify_document(model, detector, eps, adaptive, rows,
+                          implementation="fast" if fast else "reference", out=str(out))
+    write_json(out / "manifest.json", json_safe(doc))
+    return PurifyRun(doc, rows, errors)
+
+
 # -------------------------------------------------------------------------- defend
 
 

@@ -11,9 +11,7 @@ from typing import Annotated
 
 import typer
 
-from ..atomic import write_json
 from ..defaults import DEFAULT_BATCH, DEFAULT_MODEL
-from ..rendering import json_safe
 from . import common
 from .app import app
 
@@ -63,36 +61,20 @@ def purify_cmd(
 
       pixeldefend purify digits:test --out pur/ --format json
     """
-    from ..defend import PURIFY_COLUMNS, load_for_purify, open_stream, purify_document, purify_rows
-    from ..outputs import PurifyOutputs, clear_dir, input_paths, prepare_dir
+    from ..defend import PURIFY_COLUMNS, purify_to_folder
     from ..rendering import purify_table
-    from ..sharding import join
 
-    out_dir = prepare_dir(out, command="purify", overwrite=overwrite,
-                          inputs=input_paths(paths, model, data_root))
-    sharding = join(device, shard)  # torchrun's ranks meet here, after the output checks
-    detector, eps = load_for_purify(model, sharding.device, eps_defend=eps_defend,
-                                    need_threshold=adaptive)
-    stream = open_stream(paths, detector, resize=resize, grayscale=grayscale,
-                         data_root=data_root, workers=workers, sharding=sharding)
-    plan = PurifyOutputs.plan(paths, out, detector.spec.levels)
-    if sharding.writes:
-        clear_dir(out_dir)  # ours (marker) and --overwrite: no stale copies of an earlier run
-        out_dir.mark()
-    with common.ProgressBar("purify", len(stream)) as bar:
-        rows = purify_rows(detector, stream.batches(batch_size), eps, adaptive,
-                           fast=not reference, keep=plan.add, progress=bar.advance,
-                           sharding=sharding)
-    errors = sharding.agree(sum(r["error"] is not None for r in rows))  # rank 0 has all rows
-    if not sharding.writes:
-        raise typer.Exit(common.EXIT_USAGE if errors else common.EXIT_OK)
-    plan.flush()
-    doc = purify_document(model, detector, eps, adaptive, rows,
-                          implementation="reference" if reference else "fast", out=str(out))
-    write_json(out / "manifest.json", json_safe(doc))
-    common.emit(fmt, doc, rows, PURIFY_COLUMNS, purify_table)
-    common.log(f"wrote {out} ({doc['summary']['purified']} purified, {errors} error(s))")
-    raise typer.Exit(common.EXIT_USAGE if errors else common.EXIT_OK)
+    with common.ProgressBar("purify") as bar:
+        run = purify_to_folder(
+            paths, out, model, eps_defend=eps_defend, adaptive=adaptive, fast=not reference,
+            batch_size=batch_size, device=device, resize=resize, grayscale=grayscale,
+            data_root=data_root, overwrite=overwrite, shard=shard, workers=workers,
+            progress=bar.advance, on_total=bar.set_total)
+    if run.document is not None:
+        common.emit(fmt, run.document, run.rows, PURIFY_COLUMNS, purify_table)
+        common.log(f"wrote {out} ({run.document['summary']['purified']} purified, "
+                   f"{run.errors} error(s))")
+    raise typer.Exit(common.EXIT_USAGE if run.errors else common.EXIT_OK)
 
 
 @app.command("defend")
