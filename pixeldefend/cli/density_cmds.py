@@ -308,29 +308,17 @@ def score(
       pixeldefend score incoming/ --batch-test --fail-on anomalous  [dim]# whole-set gate[/]
     """
     from .. import reporting
-    from ..detector import DensityDetector
     from ..gate import GatePolicy
-    from ..outputs import check_files, clear_dir, input_paths, prepare_dir
-    from ..precision import check_precision
-    from ..scoring import score_inputs
-    from ..sharding import join
+    from ..scoring import prepare_score, score_inputs
 
-    inputs = input_paths(paths, model)
-    check_files((output, "--output"), (junit, "--junit"), inputs=inputs, overwrite=overwrite)
-    heatmap_dir = None if heatmap is None else prepare_dir(
-        heatmap, command="score --heatmap", inputs=inputs, overwrite=overwrite,
-        option="--heatmap")
-    sharding = join(device, shard)  # torchrun's ranks meet here, after every output check
-    detector = DensityDetector.load(model, device=sharding.device, batch_size=batch_size)
-    detector.precision = check_precision(common.PrecisionChoice(precision).value,
-                                         detector.device)
+    detector, sharding = prepare_score(
+        paths, model, output=output, junit=junit, heatmaps=heatmap, overwrite=overwrite,
+        device=device, shard=shard, batch_size=batch_size,
+        precision=common.PrecisionChoice(precision).value)
     policy = GatePolicy(fail_on_anomalous=fail_on == common.GateChoice.anomalous,
                         max_anomalous_fraction=max_anomalous_fraction, batch_test=batch_test,
                         skip_unreadable=skip_unreadable)
     streaming = fmt in (common.OutputFormat.jsonl, common.OutputFormat.csv)
-    if heatmap_dir is not None and sharding.writes:
-        clear_dir(heatmap_dir)
-        heatmap_dir.mark()
     with common.RowStream(fmt, reporting.SCORE_COLUMNS, output) if streaming and \
             sharding.writes else \
             contextlib.nullcontext() as rows_out, common.ProgressBar("score") as bar:
