@@ -321,3 +321,50 @@ def defend_document(model: Path, classifier: str, detector: DensityDetector, eps
             "summary": result.summary,
             "gate": {"failed": result.gate_failed, "reasons": result.gate_reasons},
             "images": result.rows}
+
+
+@dataclass
+class DefendRun:
+    """What `defend_inputs` did: the result, its JSON document and whether this process
+    writes the output (False on torchrun's other ranks)."""
+
+    result: DefendResult
+    document: dict[str, Any]
+    writes: bool = True
+
+
+def defend_inputs(paths: list[str], classifier: str, model: Path, *,
+                  eps_defend: int | None = None, adaptive: bool = False,
+                  fail_on: str = "none", mean: list[float] | None = None,
+                  std: list[float] | None = None, batch_size: int = DEFAULT_BATCH,
+                  device: str = "auto", resize: bool = False, grayscale: bool = False,
+                  data_root: str | None = None, trust_code: bool = False,
+                  output: Path | None = None, overwrite: bool = False,
+                  shard: str | None = None, workers: int = 0,
+                  progress: Callable[[int], None] | None = None,
+                  on_total: Callable[[int], None] | None = None) -> DefendRun:
+    """`pixeldefend defend`: check `output` (before any work), load the bundle and the
+    classifier (`mean`/`std`: the normalisation it expects), then `defend` the inputs;
+    `shard` ("I/N") or torchrun ranks split them."""
+    from .models.loading import load_classifier
+    from .outputs import check_files, input_paths
+    from .sharding import join
+
+    check_files((output, "--output"), overwrite=overwrite,
+                inputs=input_paths(paths, model, classifier, data_root))
+    sharding = join(device, shard)  # torchrun's ranks meet here, after the output checks
+    detector, eps = load_for_purify(model, sharding.device, eps_defend=eps_defend,
+                                    need_threshold=adaptive or fail_on != "none")
+    loaded = load_classifier(classifier, device=sharding.device, mean=mean, std=std,
+                             input_shape=detector.spec.shape, trust_code=trust_code)
+    stream = open_stream(paths, detector, resize=resize, grayscale=grayscale,
+                         data_root=data_root, workers=workers)
+    classes = loaded.classes or stream.classes
+    sharding.split(stream)  # after the classes: every rank names them alike
+    if on_total is not None:
+        on_total(len(stream))
+    result = defend(detector, loaded, stream.batches(batch_size), eps, adaptive=adaptive,
+                    fail_on=fail_on, classes=classes, batch_size=batch_size,
+                    progress=progress, sharding=sharding)
+    doc = defend_document(model, classifier, detector, eps, adaptive, classes, result)
+    return DefendRun(result, doc, sharding.writes)
