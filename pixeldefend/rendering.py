@@ -29,7 +29,8 @@ FORMATS = ("table", "json", "jsonl", "csv")
 # them as flags (`--fpr`, `--resize`). The parameters whose flag is not `--` plus the
 # dashed name:
 FLAG_OF_PARAM = {"kind": "--score", "score_kind": "--score", "l2": "--l2",
-                 "factory_weights": "--classifier-weights", "in_spec": "--in"}
+                 "factory_weights": "--classifier-weights", "in_spec": "--in",
+                 "fmt": "--format"}
 
 
 def option_flag(param: str) -> str:

@@ -369,23 +369,16 @@ def merge(
       pixeldefend merge scores-0.jsonl scores-1.jsonl --fail-on anomalous -o scores.jsonl
     """
     from .. import reporting
-    from ..errors import UsageError
     from ..gate import GatePolicy
     from ..merge import merge_score_outputs
-    from ..outputs import check_files, input_paths
 
-    check_files((output, "--output"), inputs=input_paths(*map(str, paths)),
-                overwrite=overwrite)
     policy = GatePolicy(fail_on_anomalous=fail_on == common.GateChoice.anomalous,
                         max_anomalous_fraction=max_anomalous_fraction, batch_test=batch_test,
                         skip_unreadable=skip_unreadable)
-    merged = merge_score_outputs(paths, policy, model=model, resamples=resamples, seed=seed)
-    fmt = fmt or common.OutputFormat(merged.fmt)
-    doc = merged.document
-    if doc is None and fmt in (common.OutputFormat.json, common.OutputFormat.table):
-        raise UsageError(f"--format {fmt.value} needs shard outputs in JSON")
-    common.emit(fmt, doc or {}, merged.rows, reporting.SCORE_COLUMNS, reporting.score_table,
-                output)
+    merged = merge_score_outputs(paths, policy, model=model, resamples=resamples, seed=seed,
+                                 fmt=fmt and fmt.value, output=output, overwrite=overwrite)
+    common.emit(common.OutputFormat(merged.fmt), merged.document or {}, merged.rows,
+                reporting.SCORE_COLUMNS, reporting.score_table, output)
     for line in merged.run.summary_lines():
         common.log(common.cli_text(line))
     raise typer.Exit(merged.run.result.exit_code)
