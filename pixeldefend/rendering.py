@@ -17,7 +17,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.console import Console
 from rich.table import Table
+
+from .progress import err_console
 
 if TYPE_CHECKING:
     from .ood import OODReport
@@ -455,3 +458,34 @@ def evaluation_renderables(results: dict[str, Any]) -> list[Table | str]:
             *(f"• {line}" for line in headline(results)),
             evaluation_table(detection_table(results), "detection by bits/dim"),
             *(line for line in sanity_lines(results) if not line.startswith("SANITY"))]
+
+
+# ------------------------------------------------------------- the CLI's stdout
+
+# results on a pipe or file are not squeezed into 80 columns
+out_console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+
+
+def emit(fmt: str, doc: dict[str, Any], rows: list[dict[str, Any]], columns: list[str],
+         table: Callable[[dict[str, Any]], Table | str], output: Path | None = None) -> None:
+    """The CLI's results in the chosen format (a FORMATS name) on stdout or, atomically,
+    in `output`; library text in them (per-file errors, gate reasons) names flags."""
+    fmt, doc, rows = getattr(fmt, "value", fmt), cli_strings(doc), cli_strings(rows)
+    if fmt == "table" and output is None:
+        out_console.print(table(doc))
+        return
+    write_result(render_text(fmt, doc, rows, columns, table), output)
+    if output is not None:
+        err_console.print(f"wrote {output}")
+
+
+class RowStream(RowWriter):
+    """`RowWriter` whose rows name flags (`cli_strings`) and which says what it wrote."""
+
+    def __init__(self, fmt: str, columns: list[str], output: Path | None) -> None:
+        super().__init__(getattr(fmt, "value", fmt), columns, output, prepare=cli_strings)
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        if self.output is not None and exc[0] is None:
+            err_console.print(f"wrote {self.output}", highlight=False)
