@@ -425,23 +425,11 @@ def sample(
 
       pixeldefend sample --model models/digits -n 16 --out grid.png
     """
-    import torch
+    from ..sampling import write_samples
 
-    from ..data import save_grid, save_npz
-    from ..detector import DensityDetector
-    from ..models.decoder import sample as fast_sample
-    from ..outputs import check_files, input_paths
-
-    check_files((out, "--out"), (npz, "--npz"), inputs=input_paths(model),
-                overwrite=overwrite)
-    detector = DensityDetector.load(model, device=device)
-    spec = detector.spec
-    with common.ProgressBar("sample", spec.height) as bar:  # the decoder reports per image row
-        images = fast_sample(detector.model, n, torch.Generator().manual_seed(seed),
-                             temperature=temperature, batch_size=n, progress=bar.advance)
-    save_grid(out, images, spec.levels, scale)
-    if npz is not None:
-        save_npz(npz, images, spec.levels)
-    bpd = detector.anomaly_score(images, "bpd")
-    common.out_console.print(f"wrote {out} ({n} samples, mean {bpd.mean():.3f} bits/dim)",
-                      highlight=False)
+    with common.ProgressBar("sample") as bar:
+        bpd = write_samples(model, out, n, npz=npz, temperature=temperature, scale=scale,
+                            seed=seed, device=device, overwrite=overwrite,
+                            progress=bar.advance, on_total=bar.set_total)
+    common.out_console.print(f"wrote {out} ({n} samples, mean {bpd:.3f} bits/dim)",
+                             highlight=False)
