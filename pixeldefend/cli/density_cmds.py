@@ -315,9 +315,8 @@ def score(
         paths, model, output=output, junit=junit, heatmaps=heatmap, overwrite=overwrite,
         device=device, shard=shard, batch_size=batch_size,
         precision=common.PrecisionChoice(precision).value)
-    policy = GatePolicy(fail_on_anomalous=fail_on == common.GateChoice.anomalous,
-                        max_anomalous_fraction=max_anomalous_fraction, batch_test=batch_test,
-                        skip_unreadable=skip_unreadable)
+    policy = GatePolicy.from_options(fail_on.value, max_anomalous_fraction=max_anomalous_fraction,
+                                     batch_test=batch_test, skip_unreadable=skip_unreadable)
     streaming = fmt in (common.OutputFormat.jsonl, common.OutputFormat.csv)
     with common.RowStream(fmt, reporting.SCORE_COLUMNS, output) if streaming and \
             sharding.writes else \
@@ -372,9 +371,8 @@ def merge(
     from ..gate import GatePolicy
     from ..merge import merge_score_outputs
 
-    policy = GatePolicy(fail_on_anomalous=fail_on == common.GateChoice.anomalous,
-                        max_anomalous_fraction=max_anomalous_fraction, batch_test=batch_test,
-                        skip_unreadable=skip_unreadable)
+    policy = GatePolicy.from_options(fail_on.value, max_anomalous_fraction=max_anomalous_fraction,
+                                     batch_test=batch_test, skip_unreadable=skip_unreadable)
     merged = merge_score_outputs(paths, policy, model=model, resamples=resamples, seed=seed,
                                  fmt=fmt and fmt.value, output=output, overwrite=overwrite)
     common.emit(common.OutputFormat(merged.fmt), merged.document or {}, merged.rows,
