@@ -559,3 +559,19 @@ def test_defend_pipeline_from_python(detector, digits):
     assert anomalous == sum(r["verdict"] == "anomalous" for r in result.rows)
     with pytest.raises(UsageError):
         defend(detector, clf, [], fail_on="sometimes")
+
+
+def test_purify_to_folder_and_write_samples_work_from_python(tiny_bundle, tmp_path):
+    """The library functions behind `purify` and `sample`, without the CLI."""
+    import json
+
+    from pixeldefend.defend import purify_to_folder
+    from pixeldefend.sampling import write_samples
+
+    run = purify_to_folder(["digits:test[:3]"], tmp_path / "pur", tiny_bundle, eps_defend=1)
+    assert run.errors == 0 and run.document is not None and len(run.rows) == 3
+    manifest = json.loads((tmp_path / "pur" / "manifest.json").read_text())
+    assert manifest["summary"]["n"] == 3 and manifest["eps_defend"] == 1
+    bpd = write_samples(tiny_bundle, tmp_path / "grid.png", 2, npz=tmp_path / "s.npz")
+    assert (tmp_path / "grid.png").stat().st_size > 0 and (tmp_path / "s.npz").exists()
+    assert bpd > 0
