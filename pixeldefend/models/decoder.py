@@ -57,8 +57,14 @@ class CachedDecoder:
         # only decided pixels are ever read
         xin = torch.zeros((n, H + r0, W + 2 * r0, C + 1), device=dev, dtype=dt)
         xin[:, r0:, r0:r0 + W, C] = 1.0
-        # vertical stack inputs per layer, channels-last, padded: rows +r, cols +r each side
-        vbuf = [torch.zeros((n, H + r, W + 2 * r, f), device=dev, dtype=dt) for _ in range(nl)]
+        # vertical stack inputs per layer, padded (rows +r on top, cols +r each side) and
+        # laid out (row, column, image, channel): a conv tap over a row of all images is
+        # then one contiguous block (see `GatedLayerSteps.row`)
+        vbuf = [torch.empty((H + r, W + 2 * r, n, f), device=dev, dtype=dt) for _ in range(nl)]
+        for buf in vbuf:  # zero the padding only: every row is written before it is read
+            buf[:r].zero_()
+            buf[:, :r].zero_()
+            buf[:, r + W:].zero_()
         # horizontal stack inputs (minus accumulated biases) of the current row: cols +r;
         # the r padding columns stay zero
         hbuf = [torch.zeros((n, W + r, f), device=dev, dtype=dt) for _ in range(nl)]
@@ -70,15 +76,14 @@ class CachedDecoder:
             patches = None
             if i > 0:
                 patches = xin[:, i - 1:i + r0].unfold(2, k0, 1)  # (n, r0+1, W, C+1, k0)
-                patches = patches.permute(0, 2, 1, 4, 3).reshape(n * W, -1)
+                patches = patches.permute(2, 0, 1, 4, 3).reshape(W * n, -1)
             v, base0 = steps.input_row(patches, n)
-            vbuf[0][:, i + r, r:r + W] = v.view(n, W, f)
+            vbuf[0][i + r, r:r + W] = v.view(W, n, f)
             bases = []
             for li, layer in enumerate(layers):
-                patches = vbuf[li][:, i:i + r + 1].unfold(2, k, 1)  # (n, r+1, W, f, k)
-                patches = patches.permute(0, 2, 1, 4, 3).reshape(n * W, -1)
-                v_next = vbuf[li + 1][:, i + r, r:r + W] if li + 1 < nl else None
-                bases.append(layer.row(patches, vbuf[li][:, i + r, r:r + W], v_next))
+                v_next = vbuf[li + 1][i + r, r:r + W] if li + 1 < nl else None
+                bases.append(layer.row(vbuf[li][i:i + r + 1], vbuf[li][i + r, r:r + W],
+                                       v_next))
             tick("rows")
             # ---------------- horizontal stack and head, pixel by pixel
             xrow = xin[:, i + r0]  # (n, W + 2 r0, C + 1)
@@ -97,7 +102,7 @@ class CachedDecoder:
                     tick("head")
                     value = decide(c, i, j, logits, x)
                     x[:, c, i, j] = value
-                    xrow[:, j + r0, c] = steps.table[value]
+                    xrow[:, j + r0, c] = steps.table.index_select(0, value)
                     tick("decide")
             if on_row is not None:
                 on_row(i)
