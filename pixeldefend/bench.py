@@ -30,6 +30,7 @@ from .purify import (
     float64_copy,
     purify_fast,
     purify_reference,
+    purify_single_pass,
     reference_steps,
 )
 from .threads import default_threads
@@ -177,6 +178,9 @@ def run_case(case: BenchCase, settings: BenchSettings,
     start = time.perf_counter()
     fast_out = purify_fast(model, images, eps, batch_size=n, stats=stats, timings=timings)
     fast_s = time.perf_counter() - start
+    log(f"{case.name}: single-pass approximation")
+    approx = _approximation_costs(model, images, eps, fast_out, fast_s, score_s,
+                                  scoring_repeat)
     top_ops = _profile_fast(model, images, eps) if settings.profile else None
     log(f"{case.name}: reference purification")
     budget = settings.budget()
@@ -213,9 +217,26 @@ def run_case(case: BenchCase, settings: BenchSettings,
         "fast_over_score": fast_s / score_s,
         "fast_split": {k: v / total_phase for k, v in timings.items()},
         "fallbacks": int(stats.get("fallbacks", 0)),
+        **approx,
         "identical": identical,
         "fast_top_ops": top_ops,
         "peak_memory_mb": peak_memory_mb(images.device),
+    }
+
+
+def _approximation_costs(model: PixelCNN, images: torch.Tensor, eps: int,
+                         fast_out: torch.Tensor, fast_s: float, score_s: float,
+                         repeat: int) -> dict[str, Any]:
+    """Exact purification against the one-pass approximation (`purify_single_pass`, IBM
+    ART's inexact PixelDefend) timed in the same run, the approximation's cost in
+    scoring passes, and how many sub-pixels it gets wrong (it is not PixelDefend)."""
+    n = images.shape[0]
+    approx_s = _best(lambda: purify_single_pass(model, images, eps, batch_size=n), repeat)
+    approx_out = purify_single_pass(model, images, eps, batch_size=n)
+    return {
+        "approx_s": approx_s, "approx_images_per_s": n / approx_s,
+        "approx_over_score": approx_s / score_s, "fast_over_approx": fast_s / approx_s,
+        "approx_mismatch": float((approx_out != fast_out).double().mean()),
     }
 
 
@@ -287,6 +308,9 @@ def run_bench(settings: BenchSettings,
             "fast: cached decoder in float64, bit-identical to the reference; split = share "
             "of its time in rows (vertical stack), pixels (horizontal stack, skips, trunk), "
             "head (channel heads) and decide (argmax in the box)",
+            "approx: one-pass approximation (IBM ART's PixelDefend: each sub-pixel's box "
+            "argmax given the unpurified input), inexact, for comparison only; mismatch = "
+            "share of sub-pixels where it differs from exact purification",
             "score: one bits/dim forward pass in float32 on the same batch",
             "dose: the default anomaly score (model pass with entropies, WebP codec, "
             "statistics, density) on the same batch",

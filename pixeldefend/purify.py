@@ -226,6 +226,50 @@ def purify_fast(model: PixelCNN, images: torch.Tensor, eps_defend: int,
     return out
 
 
+def box_argmax(logits: torch.Tensor, orig: torch.Tensor, eps: int,
+               dim: int = 1) -> torch.Tensor:
+    """`choose` for many sub-pixels at once, looking only at the K = min(2 eps + 1,
+    levels) values of a window that contains each box: `logits` has the levels along
+    `dim`, `orig` is the same shape without it. Same rule, same result as `choose`."""
+    levels = logits.shape[dim]
+    k = min(2 * eps + 1, levels)
+    o = orig.long().unsqueeze(dim)
+    shape = [1] * logits.dim()
+    shape[dim] = k
+    v = (o - eps).clamp(0, levels - k) + torch.arange(k, device=o.device).view(shape)
+    inbox = (v - o).abs() <= eps
+    cand = logits.gather(dim, v).masked_fill_(~inbox, float("-inf"))
+    best = cand.amax(dim, keepdim=True)
+    key = ((v - o).abs() * 2 + (v > o).long()).masked_fill_(~(inbox & (cand == best)),
+                                                            4 * levels)
+    return v.gather(dim, key.argmin(dim, keepdim=True)).squeeze(dim)
+
+
+@torch.inference_mode()
+def purify_single_pass(model: PixelCNN, images: torch.Tensor, eps_defend: int,
+                       batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
+    """NOT PixelDefend: the one-pass approximation of IBM ART's `PixelDefend`
+    preprocessor, for comparison only (`pixeldefend bench` times it). One forward pass
+    of the model on the *unpurified* images, then every sub-pixel independently set to
+    the box argmax of its conditional (`choose`'s rule). Each conditional sees the
+    original earlier pixels, not the purified ones, so the result differs from
+    `purify_reference` wherever an earlier decision changed a value. Returns uint8."""
+    images = model.check_images(images)
+    eps = _check_eps(eps_defend)
+    if eps == 0 or images.shape[0] == 0:
+        return images.to(torch.uint8).clone()
+    was_training = model.training
+    model.eval()  # inference semantics (no dropout), as in the exact purifiers
+    try:
+        out = []
+        for chunk in _chunks(images, batch_size):
+            x = chunk.to(model_device(model))
+            out.append(box_argmax(model(x), x, eps).to(torch.uint8).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
 # ---------------------------------------------------------------- high-level API
 
 
