@@ -155,23 +155,20 @@ class _FastPurifyDecision:
         self.model, self.orig, self.eps = model, orig, eps
         self.levels = model.config.levels
         self.width = min(2 * eps + 1, self.levels)
-        self.dtype = torch.float64
         self.model64: PixelCNN | None = None
         self.fallbacks = 0
         self._row = -1
         self._start = self._window = torch.empty(0, dtype=torch.long)
-        self._penalty = torch.empty(0, dtype=self.dtype)
+        self._outside = torch.empty(0, dtype=torch.bool)
 
     def _build_row(self, i: int) -> None:
-        """Per sub-pixel of row i: the window's first value (C, W, N, 1) and an additive
-        penalty (C, W, N, K): 0 inside the box, -inf outside."""
+        """Per sub-pixel of row i: the window's first value (C, W, N, 1), its values
+        (C, W, N, K) and which of them fall outside the box."""
         o = self.orig[:, :, i, :].permute(1, 2, 0).unsqueeze(-1)  # (C, W, N, 1)
         self._start = (o - self.eps).clamp(0, self.levels - self.width)
         window = self._start + torch.arange(self.width, device=o.device)
-        outside = (window < o - self.eps) | (window > o + self.eps)
+        self._outside = (window < o - self.eps) | (window > o + self.eps)
         self._window = window
-        self._penalty = torch.zeros(outside.shape, dtype=self.dtype, device=o.device
-                                    ).masked_fill_(outside, float("-inf"))
         self._row = i
 
     def __call__(self, c: int, i: int, j: int, logits: torch.Tensor,
@@ -179,7 +176,8 @@ class _FastPurifyDecision:
         if self._row != i:
             self._build_row(i)
         # best and second best in the box with a few cheap kernels (topk is slower)
-        cand = logits.gather(1, self._window[c, j]).add_(self._penalty[c, j])
+        cand = logits.gather(1, self._window[c, j]).masked_fill_(self._outside[c, j],
+                                                                 float("-inf"))
         best, pos = cand.max(dim=1, keepdim=True)
         second = cand.scatter_(1, pos, float("-inf")).amax(dim=1, keepdim=True)
         value = (self._start[c, j] + pos).squeeze(1)

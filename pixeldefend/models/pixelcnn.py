@@ -148,6 +148,8 @@ class GatedLayerSteps:
                  dtype: torch.dtype, device: torch.device) -> None:
         self.f, self.k, r = layer.conv_v.in_channels, layer.k, layer.k // 2
         f = self.f
+        self.dtype, self.device = dtype, device
+        self._buffers: dict[str, torch.Tensor] = {}
         self.w_v, self.b_v = conv_matrix(layer.conv_v, dtype, device), \
             _vector(layer.conv_v.bias, dtype, device)
         # conv_v per tap (row dr, column dc), in order t = dr * k + dc: (f, 2f) each
@@ -179,19 +181,30 @@ class GatedLayerSteps:
         v_to_h(v_pre) plus the biases of conv_h."""
         width, n, f = v.shape
         m = width * n
-        # (biases added after the matmuls: addmm would first copy a broadcast bias into
-        # its (W n, 2f) result, which costs more than the add)
-        v_pre = torch.mm(rows[0, :width].reshape(m, f), self.w_v_taps[0])
+        # results go to buffers reused row after row (a fresh large tensor per row costs
+        # page faults), biases are added after the matmuls (addmm would first copy a
+        # broadcast bias into its result, which costs more than the add); the returned
+        # base is valid until the next call
+        v_pre = torch.mm(rows[0, :width].reshape(m, f), self.w_v_taps[0],
+                         out=self._buffer("v_pre", (m, 2 * f)))
         for t in range(1, len(self.w_v_taps)):
             dr, dc = divmod(t, self.k)
             v_pre.addmm_(rows[dr, dc:dc + width].reshape(m, f), self.w_v_taps[t])
         v_pre += self.b_v
         if v_next is not None:
-            gv = torch.tanh(v_pre[:, :f]).mul_(torch.sigmoid(v_pre[:, f:]))
-            out = torch.addmm(self.b_vout, gv, self.w_vout)
-            torch.add(v.reshape(m, f), out, out=v_next.view(m, f))
-        base = torch.mm(v_pre, self.w_vh).view(width, n, 2 * f)
-        return base.add_(self.corr_base.unsqueeze(1))
+            gv = torch.tanh(v_pre[:, :f], out=self._buffer("gv", (m, f)))
+            gv.mul_(torch.sigmoid(v_pre[:, f:], out=self._buffer("sig", (m, f))))
+            out = torch.addmm(v.reshape(m, f), gv, self.w_vout, out=v_next.view(m, f))
+            out += self.b_vout
+        base = torch.mm(v_pre, self.w_vh, out=self._buffer("base", (m, 2 * f)))
+        return base.view(width, n, 2 * f).add_(self.corr_base.unsqueeze(1))
+
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or tuple(buf.shape) != shape:
+            buf = self._buffers[name] = torch.empty(shape, dtype=self.dtype,
+                                                    device=self.device)
+        return buf
 
     def pixel(self, window: torch.Tensor, base: torch.Tensor, g: torch.Tensor,
               h: torch.Tensor, h_next: torch.Tensor | None) -> None:
