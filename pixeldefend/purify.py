@@ -25,6 +25,16 @@ see the same purified past, so every decision, and hence the output, is identica
 fallback is rare (exact or 1e-8-near ties) and is counted in `PurifyResult.fallbacks`.
 Both implementations must be given the same batches (same `batch_size`) for the
 fallback to be bit-exact, which `purify` guarantees.
+
+Why the fast decoder is not float32: a float32 decision could only be trusted where its
+margin exceeds a proven bound on the float32 error. The rigorous first-order forward
+error bound (`models.error_bound`) is 1e4 (random `small` model) to 1e11 (Fashion-MNIST
+model) against measured errors of 2e-7 to 3e-5 and box margins around 3e-2: it certifies
+no decision at all (docs/PURIFICATION.md), so every one would fall back to float64.
+
+`purify_single_pass` is IBM ART's one-pass approximation (every sub-pixel decided from
+one forward pass on the *unpurified* image): inexact, kept only so `pixeldefend bench`
+can show what the exact algorithm costs next to it.
 """
 
 from __future__ import annotations

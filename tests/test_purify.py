@@ -600,3 +600,22 @@ def test_single_pass_is_exact_when_conditionals_ignore_the_past():
         model.channel_out[0].bias.copy_(torch.linspace(0, 1, 11) ** 2)
     x = random_images(3, 1, 3, 4, 11)
     assert torch.equal(purify_single_pass(model, x, 2), purify_reference(model, x, 2))
+
+
+def test_near_tie_below_the_tolerance_goes_to_the_reference_and_is_counted():
+    """A margin of 1e-9 (not a tie, but under the fast decoder's 1e-8 tolerance): every
+    such decision is recomputed by the reference's own float64 pass, counted, and the
+    strictly larger value wins (the tie rule would pick the closer one)."""
+    model = random_model("tiny", 1, 2, 3, 11)
+    with torch.no_grad():
+        model.channel_out[0].weight.zero_()
+        model.channel_out[0].bias.fill_(-1.0)
+        model.channel_out[0].bias[3] = 0.0
+        model.channel_out[0].bias[7] = 1e-9
+    x = torch.tensor([[4, 5, 4], [2, 9, 5]], dtype=torch.uint8)[None, None].repeat(2, 1, 1, 1)
+    stats: dict = {}
+    out = purify_fast(model, x, 3, stats=stats)
+    assert torch.equal(out, purify_reference(model, x, 3))
+    both = ((x.long() - 3).abs() <= 3) & ((x.long() - 7).abs() <= 3)  # 4, 5 see 3 and 7
+    assert torch.equal(out[both], torch.full_like(out[both], 7))
+    assert stats["fallbacks"] == int(both.sum())
