@@ -26,9 +26,12 @@ class CachedDecoder:
     """Runs a `PixelCNN` one sub-pixel at a time with cached activations.
 
     Per row i (once rows < i are final): the vertical stack of every layer over the whole
-    row, one matmul of unfolded patches each, plus each pixel's horizontal `base`. Per
-    pixel: the horizontal stack layer by layer over the cached columns j-k//2..j, all skip
-    connections at once, the trunk, then the channel head channel by channel.
+    row and all images at once, one matmul per conv tap on contiguous blocks, plus each
+    pixel's horizontal `base`. Per pixel, all images at once: the horizontal stack layer
+    by layer over the cached columns j-k//2..j, all skip connections in one matmul, the
+    trunk, then the channel head channel by channel. Row results go to buffers reused
+    from row to row; per-pixel results are written in place into preallocated ones, so
+    the loop's cost is its matmuls plus a fixed number of small kernel calls per pixel.
     """
 
     def __init__(self, model: PixelCNN, dtype: torch.dtype = torch.float64) -> None:
