@@ -170,6 +170,7 @@ class _FastPurifyDecision:
         self._row = -1
         self._start = self._window = torch.empty(0, dtype=torch.long)
         self._outside = torch.empty(0, dtype=torch.bool)
+        self._clipped: list[list[bool]] = []
 
     def _build_row(self, i: int) -> None:
         """Per sub-pixel of row i: the window's first value (C, W, N, 1), its values
@@ -179,6 +180,9 @@ class _FastPurifyDecision:
         window = self._start + torch.arange(self.width, device=o.device)
         self._outside = (window < o - self.eps) | (window > o + self.eps)
         self._window = window
+        # per (c, j): does any image's window reach outside its box (only near 0 and
+        # levels - 1)? If not, the mask is skipped
+        self._clipped = self._outside.flatten(2).any(2).tolist()
         self._row = i
 
     def __call__(self, c: int, i: int, j: int, logits: torch.Tensor,
@@ -186,8 +190,9 @@ class _FastPurifyDecision:
         if self._row != i:
             self._build_row(i)
         # best and second best in the box with a few cheap kernels (topk is slower)
-        cand = logits.gather(1, self._window[c, j]).masked_fill_(self._outside[c, j],
-                                                                 float("-inf"))
+        cand = logits.gather(1, self._window[c, j])
+        if self._clipped[c][j]:
+            cand.masked_fill_(self._outside[c, j], float("-inf"))
         best, pos = cand.max(dim=1, keepdim=True)
         second = cand.scatter_(1, pos, float("-inf")).amax(dim=1, keepdim=True)
         value = (self._start[c, j] + pos).squeeze(1)
