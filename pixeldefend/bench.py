@@ -173,11 +173,7 @@ def run_case(case: BenchCase, settings: BenchSettings,
         log(f"{case.name}: training step")
         train_s = _train_step_time(model, images, 1)
     log(f"{case.name}: fast purification")
-    timings: dict[str, float] = {}
-    stats: dict[str, Any] = {}
-    start = time.perf_counter()
-    fast_out = purify_fast(model, images, eps, batch_size=n, stats=stats, timings=timings)
-    fast_s = time.perf_counter() - start
+    fast_s, fast_out, stats, timings = _fast_purification(model, images, eps, scoring_repeat)
     log(f"{case.name}: single-pass approximation")
     approx = _approximation_costs(model, images, eps, fast_out, fast_s, score_s,
                                   scoring_repeat)
@@ -222,6 +218,25 @@ def run_case(case: BenchCase, settings: BenchSettings,
         "fast_top_ops": top_ops,
         "peak_memory_mb": peak_memory_mb(images.device),
     }
+
+
+def _fast_purification(model: PixelCNN, images: torch.Tensor, eps: int, repeat: int,
+                       ) -> tuple[float, torch.Tensor, dict[str, Any], dict[str, float]]:
+    """Best of `repeat` runs of fast purification (the same count as the scoring pass
+    and the approximation, so on a busy machine their ratios compare like with like):
+    seconds, output, stats and the phase timings of the best run."""
+    best: tuple[float, torch.Tensor, dict[str, Any], dict[str, float]] | None = None
+    for _ in range(max(1, repeat)):
+        timings: dict[str, float] = {}
+        stats: dict[str, Any] = {}
+        start = time.perf_counter()
+        out = purify_fast(model, images, eps, batch_size=images.shape[0], stats=stats,
+                          timings=timings)
+        elapsed = time.perf_counter() - start
+        if best is None or elapsed < best[0]:
+            best = (elapsed, out, stats, timings)
+    assert best is not None
+    return best
 
 
 def _approximation_costs(model: PixelCNN, images: torch.Tensor, eps: int,
