@@ -60,14 +60,13 @@ class CachedDecoder:
         # only decided pixels are ever read
         xin = torch.zeros((n, H + r0, W + 2 * r0, C + 1), device=dev, dtype=dt)
         xin[:, r0:, r0:r0 + W, C] = 1.0
-        # vertical stack inputs per layer, padded (rows +r on top, cols +r each side) and
-        # laid out (row, column, image, channel): a conv tap over a row of all images is
-        # then one contiguous block (see `GatedLayerSteps.row`)
-        vbuf = [torch.empty((H + r, W + 2 * r, n, f), device=dev, dtype=dt) for _ in range(nl)]
-        for buf in vbuf:  # zero the padding only: every row is written before it is read
-            buf[:r].zero_()
-            buf[:, :r].zero_()
-            buf[:, r + W:].zero_()
+        # vertical stack inputs per layer: the last r+1 rows only, in a ring (padded row
+        # b, i.e. image row b - r, lives in slot b % (r+1); the zeros are the padding above
+        # row 0), cols +r each side, laid out (column, image, channel): a conv tap over a
+        # row of all images is then one contiguous block (see `GatedLayerSteps.row`), and
+        # the working set stays in cache
+        vbuf = [torch.zeros((r + 1, W + 2 * r, n, f), device=dev, dtype=dt)
+                for _ in range(nl)]
         # horizontal stack inputs (minus accumulated biases) of the current row: cols +r;
         # the r padding columns stay zero
         hbuf = [torch.zeros((n, W + r, f), device=dev, dtype=dt) for _ in range(nl)]
@@ -81,12 +80,13 @@ class CachedDecoder:
                 patches = xin[:, i - 1:i + r0].unfold(2, k0, 1)  # (n, r0+1, W, C+1, k0)
                 patches = patches.permute(2, 0, 1, 4, 3).reshape(W * n, -1)
             v, base0 = steps.input_row(patches, n)
-            vbuf[0][i + r, r:r + W] = v.view(W, n, f)
+            slots = [b % (r + 1) for b in range(i, i + r + 1)]  # padded rows i..i+r
+            vbuf[0][slots[-1], r:r + W] = v.view(W, n, f)
             bases = []
             for li, layer in enumerate(layers):
-                v_next = vbuf[li + 1][i + r, r:r + W] if li + 1 < nl else None
-                bases.append(layer.row(vbuf[li][i:i + r + 1], vbuf[li][i + r, r:r + W],
-                                       v_next))
+                v_next = vbuf[li + 1][slots[-1], r:r + W] if li + 1 < nl else None
+                bases.append(layer.row([vbuf[li][s] for s in slots],
+                                       vbuf[li][slots[-1], r:r + W], v_next))
             tick("rows")
             # ---------------- horizontal stack and head, pixel by pixel
             xrow = xin[:, i + r0]  # (n, W + 2 r0, C + 1)

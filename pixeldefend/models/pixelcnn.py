@@ -24,6 +24,7 @@ run one image row or one pixel at a time: `PixelCNN.steps()` arranges them as ma
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -170,11 +171,11 @@ class GatedLayerSteps:
         self.w_skip = conv_matrix(layer.h_skip, dtype, device)
         self.b_skip = _vector(layer.h_skip.bias, dtype, device)
 
-    def row(self, rows: torch.Tensor, v: torch.Tensor, v_next: torch.Tensor | None,
-            ) -> torch.Tensor:
-        """The vertical stack over one row, all images at once. `rows` (r+1, W+2r, n, f):
-        the padded input rows i-r..i, laid out (row, column, image, channel) so that every
-        tap of `conv_v` reads one contiguous (W n, f) block: one matmul per tap, no
+    def row(self, rows: Sequence[torch.Tensor], v: torch.Tensor,
+            v_next: torch.Tensor | None) -> torch.Tensor:
+        """The vertical stack over one row, all images at once. `rows`: the r+1 input rows
+        i-r..i, each (W+2r, n, f), padded and laid out (column, image, channel) so that
+        every tap of `conv_v` reads one contiguous (W n, f) block: one matmul per tap, no
         unfolded copy. `v` (W, n, f): the input row i. Writes `v + v_out(gate(v_pre))`
         into `v_next` (W, n, f; the next layer's input row; None for the last layer, which
         needs none) and returns the row's per-pixel horizontal base (W, n, 2f):
@@ -185,11 +186,11 @@ class GatedLayerSteps:
         # page faults), biases are added after the matmuls (addmm would first copy a
         # broadcast bias into its result, which costs more than the add); the returned
         # base is valid until the next call
-        v_pre = torch.mm(rows[0, :width].reshape(m, f), self.w_v_taps[0],
+        v_pre = torch.mm(rows[0][:width].reshape(m, f), self.w_v_taps[0],
                          out=self._buffer("v_pre", (m, 2 * f)))
         for t in range(1, len(self.w_v_taps)):
             dr, dc = divmod(t, self.k)
-            v_pre.addmm_(rows[dr, dc:dc + width].reshape(m, f), self.w_v_taps[t])
+            v_pre.addmm_(rows[dr][dc:dc + width].reshape(m, f), self.w_v_taps[t])
         v_pre += self.b_v
         if v_next is not None:
             gv = torch.tanh(v_pre[:, :f], out=self._buffer("gv", (m, f)))
