@@ -27,7 +27,7 @@ margin exceeds the two bounds added.
 
 The result (docs/PURIFICATION.md; `tests/test_error_bound.py` checks it does bound the
 measured error): the worst case grows by the absolute row sums of the weights at every
-layer, with no cancellation, and ends 10^10 to 10^16 times above the error actually
+layer, with no cancellation, and ends 10^10 to 10^15 times above the error actually
 observed (about 1e4 on a random `small` model, 1e11 on the Fashion-MNIST model, against
 measured errors of 2e-7 and 3e-5 and box margins whose median is 3e-2). No float32
 decision could be certified, so `purify_fast` decodes in float64 (whose own agreement
