@@ -131,7 +131,7 @@ def adaptive_markdown(results: dict[str, Any]) -> list[str]:
            "classifier), with 95% Wilson score intervals. Square runs only on the images "
            "every earlier attack (oblivious, BPDA and the attacks above it) failed on: the "
            "per-image worst case needs nothing else; its row counts the survivors it fooled "
-           "(so do the rows of any attack run with --on-survivors). "
+           "(so do the rows of any attack the suite runs on survivors only). "
            "cw-bs is oblivious (it attacks the bare classifier) with a binary search over c.",
            ""]
     for sr in suite:

@@ -34,7 +34,7 @@ def resolve_classifier_path(spec: str | None) -> str:
     if shipped.exists():
         return str(shipped)
     raise UsageError(f"no classifier given and no {DEFAULT_CLASSIFIER} here: train one with "
-                     "`pixeldefend classifier train` or pass one")
+                     "`pixeldefend classifier train` or pass classifier", param="classifier")
 
 
 def map_labels(images: ImageSet, loaded: LoadedClassifier) -> torch.Tensor | None:
@@ -59,7 +59,7 @@ def load_attack_images(loaded: LoadedClassifier, sources: Sequence[str] | str | 
         sources = (loaded.config.get("data") or {}).get("test")
         if not sources:
             raise UsageError("pass data or image paths (the classifier does not record a "
-                             "test split)")
+                             "test split)", param="data")
     expect = None
     if loaded.input_shape is not None and loaded.levels is not None:
         expect = ImageSpec(*loaded.input_shape, loaded.levels)
@@ -68,6 +68,37 @@ def load_attack_images(loaded: LoadedClassifier, sources: Sequence[str] | str | 
     images = load_images(sources, expect, data_root=data_root, resize=resize,
                          grayscale=grayscale)
     return images.head(n)
+
+
+def load_attack_inputs(method: str, paths: Sequence[str] | None, data: str | None,
+                       classifier: str | None, *, n: int | None = None,
+                       out: Path | None = None, overwrite: bool = False,
+                       device: str = "auto", trust_code: bool = False,
+                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                       classifier_weights: Path | None = None, data_root: str | None = None,
+                       resize: bool = False, grayscale: bool = False
+                       ) -> tuple[LoadedClassifier, ImageSet]:
+    """The `attack` command's inputs, checked before any work: the method, the output
+    folder (when given), the classifier (default: the shipped digits one) and its images
+    (`paths`, else `data`, else the test split its bundle records)."""
+    from .attack_registry import METHODS
+    from .models.loading import load_classifier
+    from .outputs import input_paths, prepare_dir
+
+    if method.lower() not in METHODS:
+        raise UsageError(f"unknown method {method!r}: choose from {', '.join(METHODS)}",
+                         param="method")
+    if paths and data is not None:
+        raise UsageError("give image paths or data, not both", param="data")
+    classifier = resolve_classifier_path(classifier)
+    if out is not None:
+        prepare_dir(out, command="attack", overwrite=overwrite,
+                    inputs=input_paths(paths, data, classifier, classifier_weights, data_root))
+    loaded = load_classifier(classifier, device=device, mean=mean, std=std,
+                             factory_weights=classifier_weights, trust_code=trust_code)
+    images = load_attack_images(loaded, paths or data, data_root=data_root, resize=resize,
+                                grayscale=grayscale, n=n)
+    return loaded, images
 
 
 def attack_labels(images: ImageSet, loaded: LoadedClassifier,
@@ -118,6 +149,16 @@ def attack_manifest(summary: dict[str, Any], result: AttackResult) -> dict[str, 
         records.append(rec)
     return {"tool": "pixeldefend", "version": __version__, "command": "attack", **summary,
             "files": {"images": "images.npz"}, "images": records}
+
+
+def save_attack(out: Path, images: ImageSet, result: AttackResult,
+                summary: dict[str, Any]) -> int:
+    """Write the attack's output folder (`write_attack_output`) and record it in the
+    summary; returns the number of PNGs."""
+    manifest = attack_manifest(summary, result)
+    write_attack_output(out, images, result, manifest)
+    summary["out"] = str(out)
+    return len(manifest["images"])
 
 
 def write_attack_output(out: Path, images: ImageSet, result: AttackResult,

@@ -212,7 +212,7 @@ def decode_image_file(
                 if channels != expect.channels:
                     raise DataError(
                         f"image has {channels} channel(s) ({img.mode}), model expects "
-                        f"{expect.channels}; pass --grayscale to convert"
+                        f"{expect.channels}; pass grayscale=True to convert", param="grayscale"
                     )
                 if (img.height, img.width) != (expect.height, expect.width):
                     img = img.resize((expect.width, expect.height), Image.Resampling.BILINEAR)
@@ -240,7 +240,7 @@ def decode_image_file(
 
 def _check_header(img, expect: ImageSpec | None, resize: bool) -> None:
     """Refuse before decoding: multi-frame files, sizes over the pixel budget, and (without
-    --resize) any size other than the model's."""
+    `resize`) any size other than the model's."""
     frames = getattr(img, "n_frames", 1)
     if frames > 1:
         raise DataError(f"has {frames} frames (multi-page or animated): only single-frame "
@@ -252,7 +252,7 @@ def _check_header(img, expect: ImageSpec | None, resize: bool) -> None:
     if expect is not None and not resize and (height, width) != (expect.height, expect.width):
         raise DataError(
             f"image is {width}x{height} (WxH), model expects "
-            f"{expect.width}x{expect.height}; pass --resize to convert"
+            f"{expect.width}x{expect.height}; pass resize=True to convert", param="resize"
         )
 
 
@@ -980,6 +980,19 @@ def image_grid(images: torch.Tensor, levels: int, ncol: int | None = None,
     if scale > 1:
         grid = grid.repeat(scale, axis=1).repeat(scale, axis=2)
     return grid[0] if c == 1 else grid.transpose(1, 2, 0)
+
+
+def save_grid(path: str | os.PathLike[str], images: torch.Tensor, levels: int,
+              scale: int = 0) -> None:
+    """Write images tiled into one PNG, atomically; `scale` 0 zooms the grid to ~256 px."""
+    from PIL import Image
+
+    from .atomic import atomic_path
+
+    n, _, _, w = images.shape
+    scale = scale or max(1, 256 // (int(np.ceil(np.sqrt(n))) * (w + 1)))
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(image_grid(images, levels, scale=scale)).save(tmp, format="PNG")
 
 
 # ---------------------------------------------------------------------- training splits

@@ -37,18 +37,9 @@ CLASSIFIER_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # --------------------------------------------------------------------------- scores
-SCORE_KINDS = ("bpd", "complexity", "llr", "typicality", "dose")
-# the gate's default: robust to the failure modes of raw likelihood (docs/OOD.md)
+# the gate's default: robust to the failure modes of raw likelihood (docs/OOD.md); the
+# kinds themselves, with their help, are the registry `scores.SCORES`
 DEFAULT_SCORE = "dose"
-SCORE_HELP = {
-    "bpd": "bits/dim under the model (raw likelihood)",
-    "complexity": "bits/dim minus lossless WebP bits/dim (Serrà et al. 2020)",
-    "llr": "bits/dim minus background-model bits/dim (Ren et al. 2019; not recommended, "
-           "see docs/OOD.md)",
-    "typicality": "|bits/dim - mean calibration bits/dim| (Nalisnick et al. 2019)",
-    "dose": "negative log density of several model statistics fitted on clean data "
-            "(DoSE, Morningstar et al. 2021; the default)",
-}
 # Ren et al. (2019) found mutation rates of 0.1-0.2 best (with L2 regularisation). 0.2 is
 # the upper end of that range on purpose: one sub-pixel in five replaced by noise wipes out
 # the shapes (long-range structure) the main model learns, while the local smoothness and
@@ -59,12 +50,10 @@ DEFAULT_MUTATION_RATE = 0.2
 # background model from fitting the semantics that the mutations leave behind.
 DEFAULT_BACKGROUND_L2 = 1e-4
 
-# -------------------------------------------------------------------------- attacks
-METHODS = ("rand", "fgsm", "bim", "pgd", "cw", "deepfool", "autoattack")
-
 # ------------------------------------------------------------------------- evaluate
 DEFENCES = ("none", "purify", "adaptive")
 DEFAULT_ATTACKS = ("rand", "fgsm", "bim", "pgd", "cw", "deepfool")
+DEFAULT_BPDA_N = 100  # images BPDA attacks unless told (each step purifies all of them)
 
 # ------------------------------------------------------------------------------ ood
 BUILTIN_OOD = ("characters", "rendered-digits", "strokes", "shapes", "blobs", "photos",

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .data import Batch
+from .data import Batch, ImageStream
 from .defaults import DEFAULT_BATCH, GATE_CHOICES
 from .detector import DensityDetector
 from .errors import UsageError
@@ -51,6 +52,34 @@ def require_threshold(detector: DensityDetector, source: object) -> None:
     if detector.bpd_threshold is None:
         raise UsageError(f"{source} has no calibrated threshold: run `pixeldefend calibrate` "
                          "first (adaptive purification and the anomalous gate need it)")
+
+
+def load_for_purify(model: Path, device: str = "auto", *, eps_defend: int | None = None,
+                    need_threshold: bool = False) -> tuple[DensityDetector, int]:
+    """The bundle's detector and the purification radius (`eps_for`); `need_threshold`
+    (adaptive purification, the anomaly gate) requires its calibrated threshold."""
+    detector = DensityDetector.load(model, device=device)
+    if need_threshold:
+        require_threshold(detector, model)
+    return detector, eps_for(detector, eps_defend)
+
+
+def open_stream(paths: list[str], detector: DensityDetector, *, resize: bool = False,
+                grayscale: bool = False, data_root: str | None = None) -> ImageStream:
+    """The inputs as a stream in the model's shape; a UsageError when there are none."""
+    stream = ImageStream(paths, detector.spec, resize=resize, grayscale=grayscale,
+                         data_root=data_root)
+    if len(stream) == 0:
+        raise UsageError(f"no images found in {', '.join(paths)}")
+    return stream
+
+
+def purify_document(model: Path, detector: DensityDetector, eps: int, adaptive: bool,
+                    rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """`purify`'s manifest and JSON output; `extra`: implementation and out."""
+    return {"model": str(model), "eps_defend": eps, "adaptive": adaptive,
+            "threshold": detector.bpd_threshold, **extra,
+            "summary": summarise_purify(rows), "images": rows}
 
 
 def purify_batch(detector: DensityDetector, batch: Batch, eps: int, adaptive: bool,
@@ -207,3 +236,14 @@ def defend(detector: DensityDetector, loaded: LoadedClassifier, batches: Iterabl
     failed = fail_on == "anomalous" and summary["anomalous"] > 0
     reasons = [f"{summary['anomalous']} anomalous image(s)"] if failed else []
     return DefendResult(rows, summary, failed, reasons)
+
+
+def defend_document(model: Path, classifier: str, detector: DensityDetector, eps: int,
+                    adaptive: bool, classes: list[str] | None,
+                    result: DefendResult) -> dict[str, Any]:
+    """`defend`'s JSON output: settings, summary, gate and one row per input."""
+    return {"model": str(model), "classifier": str(classifier), "eps_defend": eps,
+            "adaptive": adaptive, "threshold": detector.bpd_threshold, "classes": classes,
+            "summary": result.summary,
+            "gate": {"failed": result.gate_failed, "reasons": result.gate_reasons},
+            "images": result.rows}

@@ -132,7 +132,7 @@ def decide(tally: Tally, policy: GatePolicy, batch_anomalous: bool | None = None
             reasons.append(f"{tally.invalid} image(s) with a non-finite score")
         if tally.unreadable and not policy.skip_unreadable:
             reasons.append(f"{tally.unreadable} input(s) could not be read (pass "
-                           "--skip-unreadable to let the gate skip them)")
+                           "skip_unreadable=True to let the gate skip them)")
         if tally.scored == 0:
             reasons.append("no image could be scored")
         return GateResult(bool(reasons), reasons, EXIT_GATE if reasons else EXIT_OK)

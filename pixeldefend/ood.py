@@ -40,6 +40,7 @@ from .data import DIGITS_LEVELS, ImageSet, ImageSpec, from_8bit, load_images, to
 from .defaults import BUILTIN_OOD as BUILTIN_OOD
 from .detector import DensityDetector
 from .errors import DataError, UsageError
+from .scores import SCORES
 from .synthetic import GENERATED, TRANSFORMS, generate, transform
 
 # far-OOD sets (foreign content) and near-OOD transforms of in-distribution images
@@ -256,26 +257,51 @@ def flagged_fractions(detector: DensityDetector, scores: dict[str, np.ndarray],
             for k in kinds if k in detector.calibrations and len(scores[k])}
 
 
+def benchmark_sets(detector: DensityDetector, in_spec: str | None, out_sets: str, n: int,
+                   seed: int = 0, data_root: str | None = None, download: bool = False,
+                   model: object = "the bundle") -> tuple[ImageSet, dict[str, ImageSet]]:
+    """The in-distribution set (default: the bundle's test split, else its calibration
+    split) and each comma-separated OOD set, `n` images each (seeded subsets)."""
+    names = [v.strip() for v in out_sets.split(",") if v.strip()]
+    if not names:
+        raise UsageError("out_sets names no set", param="out_sets")
+    if in_spec is None:
+        recorded = detector.meta.get("data") or {}
+        in_spec = recorded.get("test") or recorded.get("calib")
+        if not in_spec:
+            raise UsageError(f"{model} does not record its test data: pass in_spec",
+                             param="in_spec")
+    in_set = subsample(load_images(in_spec, detector.spec, data_root=data_root,
+                                   download=download), n, seed)
+    return in_set, {name: make_ood_set(name, detector.spec, in_set, n, seed, data_root,
+                                       download) for name in names}
+
+
+def usable_kinds(detector: DensityDetector, kinds: Sequence[str] | None
+                 ) -> tuple[list[str], list[str]]:
+    """The kinds asked for (default: all available) whose calibration references are in
+    the bundle, and a note for each kind left out (registry `needs`)."""
+    kinds, notes = list(kinds or detector.available_kinds), []
+    for kind in list(kinds):
+        detector.check_kind(kind)
+        try:
+            detector.check_ready(kind)  # what a "calibration" kind reads from clean data
+        except UsageError:
+            kinds.remove(kind)
+            notes.append(f"{kind} skipped: the bundle has no calibration (run `pixeldefend "
+                         "calibrate`)")
+    notes += [f"{kind} skipped: the bundle has no background model (add one with "
+              "`pixeldefend train-background`)" for kind, spec in SCORES.items()
+              if "background" in spec.needs and kind not in detector.available_kinds
+              and kind not in kinds]
+    return kinds, notes
+
+
 def evaluate_ood(detector: DensityDetector, in_set: ImageSet, out_sets: dict[str, ImageSet],
                  kinds: Sequence[str] | None = None, model: str = "",
                  progress: Callable[[str, int], None] | None = None) -> OODReport:
     """Score the in-distribution set and every OOD set with every kind; compare."""
-    kinds = list(kinds or detector.available_kinds)
-    notes = []
-    if "typicality" in kinds:
-        try:
-            detector.typicality_reference()
-        except UsageError:
-            kinds.remove("typicality")
-            notes.append("typicality skipped: the bundle has no calibration "
-                         "(run `pixeldefend calibrate`)")
-    if "dose" in kinds and "dose" not in detector.calibrations:
-        kinds.remove("dose")
-        notes.append("dose skipped: the bundle has no calibration (run `pixeldefend "
-                     "calibrate`)")
-    if "llr" not in detector.available_kinds and "llr" not in kinds:
-        notes.append("llr skipped: the bundle has no background model "
-                     "(add one with `pixeldefend train-background`)")
+    kinds, notes = usable_kinds(detector, kinds)
 
     def run(name: str, images: ImageSet) -> dict[str, np.ndarray]:
         step = (lambda k: progress(name, k)) if progress is not None else None

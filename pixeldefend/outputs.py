@@ -46,11 +46,22 @@ from .errors import UsageError
 MARKER = ".pixeldefend-output.json"
 LOSSLESS = {".png", ".bmp", ".tif", ".tiff"}  # purify writes these as they came; others .png
 BUNDLE_FILES = frozenset({"model.safetensors", "config.json", "calibration.json", MARKER})
-OVERWRITE_HINT = "pass --overwrite to replace it"
+OVERWRITE_HINT = "pass overwrite=True to replace it"
 
 
 class OutputError(UsageError):
-    """An output location that may not or cannot be written (exit 2, before any work)."""
+    """An output location that may not or cannot be written (exit 2, before any work).
+
+    `label` names the output (a parameter such as `out`, or the caller's own name for
+    it) at the start of the message; the CLI shows a parameter as its flag."""
+
+    label: str | None = None
+
+    @classmethod
+    def at(cls, label: str, message: str) -> OutputError:
+        error = cls(message)
+        error.label = label
+        return error
 
 
 def input_paths(*specs: str | os.PathLike[str] | Iterable[str] | None) -> list[Path]:
@@ -89,15 +100,15 @@ def _writable_ancestor(path: Path, option: str) -> None:
     for parent in path.parents:
         if os.path.lexists(parent):
             if not parent.is_dir():
-                raise OutputError(f"{option} {path}: {parent} is not a folder")
+                raise OutputError.at(option, f"{option} {path}: {parent} is not a folder")
             if not os.access(parent, os.W_OK | os.X_OK):
-                raise OutputError(f"{option} {path}: cannot write in {parent} "
+                raise OutputError.at(option, f"{option} {path}: cannot write in {parent} "
                                   "(permission denied)")
             return
 
 
 def check_file(path: Path | None, *, inputs: Iterable[Path] = (), overwrite: bool = False,
-               option: str = "--output") -> Path | None:
+               option: str = "output") -> Path | None:
     """Refuse, up front, an output file that would replace an input, a folder or an
     existing file without --overwrite, or that cannot be written."""
     if path is None:
@@ -109,25 +120,27 @@ def check_file(path: Path | None, *, inputs: Iterable[Path] = (), overwrite: boo
         # inside an input bundle
         if real == item or (item.is_dir() and _inside(real, item) and
                             (exists or _is_bundle(item))):
-            raise OutputError(f"{option} {path} would overwrite an input of this command "
-                              f"({item}): write the output somewhere else")
+            raise OutputError.at(
+                option, f"{option} {path} would overwrite an input of this command "
+                        f"({item}): write the output somewhere else")
     try:
         mode = os.stat(real).st_mode
     except (FileNotFoundError, NotADirectoryError):
         _writable_ancestor(real, option)
         return path
     except OSError as exc:
-        raise OutputError(f"{option} {path}: {exc.strerror}") from None
+        raise OutputError.at(option, f"{option} {path}: {exc.strerror}") from None
     if stat.S_ISDIR(mode):
-        raise OutputError(f"{option} {path} is a folder, not a file")
+        raise OutputError.at(option, f"{option} {path} is a folder, not a file")
     if is_write_through(real):
         if not os.access(real, os.W_OK):
-            raise OutputError(f"{option} {path}: not writable")
+            raise OutputError.at(option, f"{option} {path}: not writable")
         return path
     if not overwrite:
-        raise OutputError(f"{option} {path} already exists: {OVERWRITE_HINT}")
+        raise OutputError.at(option, f"{option} {path} already exists: {OVERWRITE_HINT}")
     if not os.access(real.parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{option} {path}: cannot write in {real.parent} (permission denied)")
+        raise OutputError.at(
+            option, f"{option} {path}: cannot write in {real.parent} (permission denied)")
     return path
 
 
@@ -181,7 +194,7 @@ def owner(folder: Path) -> str | None:
 
 def prepare_dir(path: Path, *, command: str, inputs: Iterable[Path] = (),
                 overwrite: bool = False, resume: bool = False, can_resume: bool = False,
-                option: str = "--out", bundle: bool = False) -> OutputDir:
+                option: str = "out", bundle: bool = False) -> OutputDir:
     """Check an output folder before any work; refuse what is not ours to replace.
 
     `bundle`: the folder is a model bundle (recognised by its config.json too; it may
@@ -192,38 +205,40 @@ def prepare_dir(path: Path, *, command: str, inputs: Iterable[Path] = (),
     for item in inputs:
         if _inside(item, real):
             what = "is" if item == real else "contains"
-            raise OutputError(f"{option} {path} {what} an input of this command ({item}): "
-                              "write the output to another folder")
+            raise OutputError.at(
+                option, f"{option} {path} {what} an input of this command ({item}): "
+                        "write the output to another folder")
     if os.path.lexists(real) and not real.is_dir():
-        raise OutputError(f"{option} {path} is a file, not a folder")
+        raise OutputError.at(option, f"{option} {path} is a file, not a folder")
     if not real.is_dir():
         _writable_ancestor(real, option)
         return OutputDir(path, command, existing=False)
     try:
         entries = sorted(p.name for p in real.iterdir())
     except OSError as exc:
-        raise OutputError(f"{option} {path}: cannot read the folder ({exc.strerror})") from None
+        raise OutputError.at(
+            option, f"{option} {path}: cannot read the folder ({exc.strerror})") from None
     if not os.access(real, os.W_OK | os.X_OK) or not os.access(real.parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{option} {path}: not writable (permission denied)")
+        raise OutputError.at(option, f"{option} {path}: not writable (permission denied)")
     if not [e for e in entries if e != MARKER]:  # empty, or ours and still empty
         return OutputDir(path, command, existing=False)
     made_by = owner(real)
     if made_by is None or (made_by == "bundle" and not bundle):
         raise OutputError(
             f"{option} {path} is a non-empty folder that pixeldefend did not create; "
-            "refusing to write into it (--overwrite only replaces pixeldefend's own "
+            "refusing to write into it (overwrite=True only replaces pixeldefend's own "
             "outputs): choose a new or empty folder")
     if bundle or made_by == "bundle":
         foreign = [e for e in entries if e not in BUNDLE_FILES]
         if foreign:
             raise OutputError(
                 f"{option} {path} holds files that are not part of a bundle "
-                f"({', '.join(foreign[:5])}); refusing to replace it even with --overwrite: "
+                f"({', '.join(foreign[:5])}); refusing to replace it even with overwrite=True: "
                 "move them or choose another folder")
     if not (overwrite or (resume and can_resume)):
-        hint = OVERWRITE_HINT + (" or --resume to continue it" if can_resume else "")
+        hint = OVERWRITE_HINT + (" or resume=True to continue it" if can_resume else "")
         what = "a model bundle" if made_by == "bundle" else "pixeldefend output"
-        raise OutputError(f"{option} {path} already holds {what}: {hint}")
+        raise OutputError.at(option, f"{option} {path} already holds {what}: {hint}")
     return OutputDir(path, command, existing=True)
 
 
@@ -237,7 +252,7 @@ def check_checkpoint_dir(path: Path, files: frozenset[str]) -> None:
         foreign = sorted(p.name for p in real.iterdir() if p.name not in files)
         if foreign:
             raise OutputError(f"{path} is not a pixeldefend training checkpoint (it holds "
-                              f"{', '.join(foreign[:5])}): move it or choose another --out")
+                              f"{', '.join(foreign[:5])}): move it or choose another output folder")
 
 
 def clear_dir(out: OutputDir) -> None:
@@ -274,7 +289,7 @@ class PurifyOutputs:
         def claim(target: Path, source: str) -> Path:
             if target in seen and seen[target] != source:
                 raise UsageError(f"{seen[target]} and {source} would both be written to "
-                                 f"{target}: purify them into separate --out folders")
+                                 f"{target}: purify them into separate output folders")
             seen[target] = source
             return target
 

@@ -97,12 +97,17 @@ def _odd(value: int) -> str | None:
     return None if value % 2 == 1 else f"must be odd, got {value}"
 
 
-PIXELCNN_ARCHITECTURE = Schema({
+# the image an architecture takes, shared by both networks
+_IMAGE_FIELDS = {
     "channels": Field("int", low=1, high=4),
     "height": Field("int", low=1, high=1024),
     "width": Field("int", low=1, high=1024),
     "levels": Field("int", low=2, high=256),
     "filters": Field("int", required=False, low=1, high=1024),
+}
+
+PIXELCNN_ARCHITECTURE = Schema({
+    **_IMAGE_FIELDS,
     "layers": Field("int", required=False, low=1, high=64),
     "kernel": Field("int", required=False, low=1, high=15, check=_odd),
     "first_kernel": Field("int", required=False, low=1, high=15, check=_odd),
@@ -122,12 +127,8 @@ PIXELCNN_CONFIG = Schema({
 })
 
 CLASSIFIER_ARCHITECTURE = Schema({
-    "channels": Field("int", low=1, high=4),
-    "height": Field("int", low=1, high=1024),
-    "width": Field("int", low=1, high=1024),
+    **_IMAGE_FIELDS,
     "num_classes": Field("int", low=2, high=100_000),
-    "levels": Field("int", low=2, high=256),
-    "filters": Field("int", required=False, low=1, high=1024),
     "stages": Field("int", required=False, low=1, high=8),
     "blocks": Field("int", required=False, low=1, high=32),
     "norm": Field("str", required=False),

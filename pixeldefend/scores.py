@@ -19,8 +19,9 @@ image shows. Each score here removes that confound in a different way; all are
 
 The functions work on plain arrays so they can be tested with known answers. The
 registry at the end (`SCORES`, one `ScoreKind` per kind) wires them to the detector's
-shared model pass (`ScorePass`): adding a score kind is one entry there (plus its name
-and one-line help in `defaults.py`, which the CLI reads without PyTorch).
+shared model pass (`ScorePass`): adding a score kind is one entry there. The module
+imports numpy and PyTorch only inside its functions, so the CLI reads the registry's
+names and help for `--help` without loading them.
 """
 
 from __future__ import annotations
@@ -30,16 +31,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-
 from .defaults import DEFAULT_BACKGROUND_L2 as DEFAULT_BACKGROUND_L2
 from .defaults import DEFAULT_MUTATION_RATE as DEFAULT_MUTATION_RATE
-from .defaults import DEFAULT_SCORE as DEFAULT_SCORE
-from .defaults import SCORE_HELP
-from .pixels import to_8bit
 
 if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
     from .detector import DensityDetector
     from .dose import DoseModel
 
@@ -69,6 +67,7 @@ def _codec_bytes(pixels: np.ndarray, codec: str) -> int:
     import lzma
     import zlib
 
+    import numpy as np
     from PIL import Image
 
     if codec == "zlib":
@@ -101,6 +100,11 @@ def codec_bits_per_dim(images: torch.Tensor | np.ndarray, levels: int,
     """Bits/dim of each image under a lossless codec (CODECS), 8 * bytes / (C*H*W), on
     the 8-bit image. Container headers cost the same for every image of one shape, so
     they shift all scores alike."""
+    import numpy as np
+    import torch
+
+    from .pixels import to_8bit
+
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu().numpy()
     images = np.asarray(images)
@@ -117,6 +121,8 @@ def codec_bits_per_dim(images: torch.Tensor | np.ndarray, levels: int,
 
 def complexity_score(bpd: np.ndarray, compressed_bpd: np.ndarray) -> np.ndarray:
     """S(x) = bits/dim under the model - compressor bits/dim (higher = stranger)."""
+    import numpy as np
+
     return np.asarray(bpd, dtype=np.float64) - np.asarray(compressed_bpd, dtype=np.float64)
 
 
@@ -127,6 +133,8 @@ def llr_score(bpd: np.ndarray, background_bpd: np.ndarray) -> np.ndarray:
     """-(log p_model - log p_background) in bits/dim (higher = stranger): 0 when the two
     models agree, negative where the main model explains the image better than the
     background statistics alone do."""
+    import numpy as np
+
     return np.asarray(bpd, dtype=np.float64) - np.asarray(background_bpd, dtype=np.float64)
 
 
@@ -134,6 +142,8 @@ def mutate(images: torch.Tensor, rate: float, levels: int,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Replace each sub-pixel, with probability `rate`, by a uniformly random level
     (Ren et al.'s input perturbation for training the background model)."""
+    import torch
+
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"mutation rate must be in [0, 1], got {rate}")
     if rate == 0.0:
@@ -150,6 +160,8 @@ def mutate(images: torch.Tensor, rate: float, levels: int,
 
 def typicality_score(bpd: np.ndarray, reference_mean: float) -> np.ndarray:
     """Per-image typicality: distance of bits/dim from the clean mean, |bpd - mean|."""
+    import numpy as np
+
     return np.abs(np.asarray(bpd, dtype=np.float64) - float(reference_mean))
 
 
@@ -183,6 +195,8 @@ def typicality_test(batch_bpd: np.ndarray, reference_bpd: np.ndarray, alpha: flo
     out-of-distribution images is caught even when it is *more* likely than clean data
     (the failure of raw likelihood), because the test is two-sided.
     """
+    import numpy as np
+
     batch = np.asarray(batch_bpd, dtype=np.float64)
     ref = np.asarray(reference_bpd, dtype=np.float64)
     if batch.size == 0:
@@ -224,6 +238,8 @@ class ScorePass:
     def __init__(self, detector: DensityDetector, x: torch.Tensor, *, full_pass: bool = False,
                  references: dict[str, Any] | None = None,
                  progress: Callable[[int], None] | None = None) -> None:
+        import numpy as np
+
         from .density import LN2, nll_nats
         from .statistics import model_pass
 
@@ -233,10 +249,11 @@ class ScorePass:
         model = detector._require_model()
         self.run = None
         if full_pass:  # the statistics pass also gives the NLL
-            self.run = model_pass(model, x, detector.batch_size, progress)
+            self.run = model_pass(model, x, detector.batch_size, progress, detector.precision)
             self.nll = self.run.nll.double().flatten(1).sum(1).numpy()
         else:
-            self.nll = nll_nats(model, x, detector.batch_size, progress).numpy()
+            self.nll = nll_nats(model, x, detector.batch_size, progress,
+                                detector.precision).numpy()
         self.bpd = self.nll / (x[0].numel() * LN2) if len(x) else np.zeros(0)
 
     def reference(self, kind: str) -> Any:
@@ -253,7 +270,8 @@ class ScorePass:
 
         if "background_bpd" not in self.cache:
             self.cache["background_bpd"] = bits_per_dim(
-                self.detector.background, self.x, self.detector.batch_size).numpy()
+                self.detector.background, self.x, self.detector.batch_size,
+                precision=self.detector.precision).numpy()
         return self.cache["background_bpd"]
 
     def dose_statistics(self) -> np.ndarray:
@@ -283,6 +301,7 @@ class ScoreKind:
     """
 
     name: str
+    help: str  # one line for `--score`'s help
     compute: Callable[[ScorePass], np.ndarray]
     unit: str = "bits/dim"
     needs: frozenset[str] = field(default_factory=frozenset)
@@ -291,14 +310,12 @@ class ScoreKind:
     calibrate: Callable[[ScorePass], tuple[np.ndarray, dict[str, Any]]] | None = None
     enough_images: Callable[[DensityDetector, int, float, bool], bool] | None = None
 
-    @property
-    def help(self) -> str:
-        return SCORE_HELP[self.name]
-
 
 def _calibrate_typicality(p: ScorePass) -> tuple[np.ndarray, dict[str, Any]]:
     """Typicality is measured from the calibration images' own mean bits/dim, and the
     batch test resamples their bits/dim."""
+    import numpy as np
+
     mean = float(p.bpd.mean())
     return typicality_score(p.bpd, mean), {
         "mean_bpd": mean, "bpd_scores": [float(v) for v in np.sort(p.bpd)]}
@@ -310,15 +327,21 @@ def _dose_score(p: ScorePass) -> np.ndarray:
 
 
 SCORES: dict[str, ScoreKind] = {k.name: k for k in (
-    ScoreKind("bpd", lambda p: p.bpd),
-    ScoreKind("complexity", lambda p: complexity_score(p.bpd, p.codec_bpd())),
-    ScoreKind("llr", lambda p: llr_score(p.bpd, p.background_bpd()),
+    ScoreKind("bpd", "bits/dim under the model (raw likelihood)", lambda p: p.bpd),
+    ScoreKind("complexity", "bits/dim minus lossless WebP bits/dim (Serrà et al. 2020)",
+              lambda p: complexity_score(p.bpd, p.codec_bpd())),
+    ScoreKind("llr", "bits/dim minus background-model bits/dim (Ren et al. 2019; not "
+              "recommended, see docs/OOD.md)",
+              lambda p: llr_score(p.bpd, p.background_bpd()),
               needs=frozenset({"background"})),
-    ScoreKind("typicality", lambda p: typicality_score(p.bpd, p.reference("typicality")),
+    ScoreKind("typicality", "|bits/dim - mean calibration bits/dim| (Nalisnick et al. 2019)",
+              lambda p: typicality_score(p.bpd, p.reference("typicality")),
               needs=frozenset({"calibration"}),
               reference=lambda det: det.typicality_reference(),
               calibrate=_calibrate_typicality),
-    ScoreKind("dose", _dose_score, unit="-log density", needs=frozenset({"calibration"}),
+    ScoreKind("dose", "negative log density of several model statistics fitted on clean "
+              "data (DoSE, Morningstar et al. 2021; the default)",
+              _dose_score, unit="-log density", needs=frozenset({"calibration"}),
               full_pass=True, reference=lambda det: det.dose_model(),
               calibrate=lambda p: p.detector._calibrate_dose(p.x),
               enough_images=lambda det, n, fpr, conservative: det.can_fit_dose(

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
-from .gate import GatePolicy, GateResult, JUnitWriter, Tally, decide
+from .gate import EXIT_USAGE, GatePolicy, GateResult, JUnitWriter, Tally, decide
 
 if TYPE_CHECKING:
     from .calibration import Calibration
@@ -61,6 +61,27 @@ class ScoreRun:
             doc["batch_test"] = self.batch_test
         doc["gate"] = self.result.to_dict()
         return doc
+
+    def summary_lines(self) -> list[str]:
+        """The counts and the gate's verdict in one line, plus a hint when unreadable
+        inputs decided the exit code."""
+        summary, tally, result = self.summary, self.tally, self.result
+        extra = []
+        if tally.invalid:
+            extra.append(f"{tally.invalid} with a non-finite score")
+        if self.policy.skip_unreadable and tally.unreadable:
+            extra.append(f"{tally.unreadable} unreadable skipped by skip_unreadable=True")
+        if self.hidden:
+            extra.append(f"{self.hidden} hidden file(s)/folder(s) ignored")
+        lines = [f"{summary['n']} input(s): {summary['clean']} clean, {summary['anomalous']} "
+                 f"anomalous, {summary['errors']} error(s)"
+                 + (f" ({'; '.join(extra)})" if extra else "")
+                 + (f"; gate failed: {'; '.join(result.reasons)}" if result.failed else
+                    ("; gate passed" if self.policy.active else ""))]
+        if result.exit_code == EXIT_USAGE:
+            lines.append("some inputs could not be scored (see the error rows); pass "
+                         "skip_unreadable=True to accept unreadable ones")
+        return lines
 
 
 def check_gate(detector: DensityDetector, kind: str | None, policy: GatePolicy,

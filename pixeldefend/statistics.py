@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .density import LN2
 from .models.pixelcnn import PixelCNN
+from .precision import autocast
 
 
 @dataclass
@@ -51,10 +52,12 @@ class ModelPass:
 
 @torch.no_grad()
 def model_pass(model: PixelCNN, images: torch.Tensor, batch_size: int = 256,
-               progress: Callable[[int], None] | None = None) -> ModelPass:
+               progress: Callable[[int], None] | None = None,
+               precision: str = "fp32") -> ModelPass:
     """Per-pixel NLL and entropy plus feature norms, one forward pass per batch.
 
-    Same numbers as `density.nll_map` for the NLL (same logits, same cross-entropy).
+    Same numbers as `density.nll_map` for the NLL (same logits, same cross-entropy); with
+    `precision` bf16/fp16 the network runs under autocast and the rest in float32.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -63,11 +66,13 @@ def model_pass(model: PixelCNN, images: torch.Tensor, batch_size: int = 256,
     for start in range(0, images.shape[0], batch_size):
         chunk = images[start : start + batch_size].to(device)
         xs = model.scale(chunk)
-        ctx = model.context(torch.cat([xs, torch.ones_like(xs[:, :1])], dim=1))
-        logits = torch.stack([
-            model.channel_logits(ctx, xs[:, :c] if c > 0 else None, c)
-            for c in range(model.config.channels)], dim=2)  # (N, L, C, H, W)
-        logp = F.log_softmax(logits, dim=1)
+        with autocast(device, precision):
+            ctx = model.context(torch.cat([xs, torch.ones_like(xs[:, :1])], dim=1))
+            logits = torch.stack([
+                model.channel_logits(ctx, xs[:, :c] if c > 0 else None, c)
+                for c in range(model.config.channels)], dim=2)  # (N, L, C, H, W)
+        ctx = ctx.float()
+        logp = F.log_softmax(logits.float(), dim=1)
         nll.append(-logp.gather(1, chunk.long().unsqueeze(1)).squeeze(1).float().cpu())
         ent.append(-(logp.exp() * logp).sum(1).float().cpu())
         norms.append(ctx.norm(dim=1).flatten(1).mean(1).double().cpu())

@@ -331,11 +331,12 @@ def test_attack_pipeline_from_python(tmp_path):
 
 
 def test_attack_registry_is_the_one_place():
-    """The CLI's torch-free choice list is the registry's keys, and every derived table
-    comes from the registry's entries."""
-    from pixeldefend import attacks, defaults
+    """The CLI's choice list is the registry's keys (read without PyTorch: the registry
+    module imports none), and every derived table comes from the registry's entries."""
+    from pixeldefend import attack_registry, attacks, defaults
 
-    assert defaults.METHODS == tuple(attacks.ATTACKS) == attacks.METHODS
+    assert tuple(attacks.ATTACKS) == attacks.METHODS == attack_registry.METHODS
+    assert attacks.ATTACKS is attack_registry.ATTACKS and not hasattr(defaults, "METHODS")
     assert attacks.TARGETED_METHODS == ("fgsm", "bim", "pgd", "cw")
     assert attacks.L2_METHODS == ("cw", "deepfool")
     assert attacks.DEFAULT_STEPS == {"bim": 10, "pgd": 10, "cw": 50, "deepfool": 50}
@@ -345,3 +346,29 @@ def test_attack_registry_is_the_one_place():
         assert spec.cost > 0 and set(spec.needs) <= {"eps", "num_classes"}
     with pytest.raises(UsageError, match="choose from"):
         attacks.attack_spec("nope")
+
+
+# The example of CONTRIBUTING.md "A new attack": the whole change is this factory and
+# entry in pixeldefend/attack_registry.py; here they are registered for one test.
+def _build_mifgsm(net, p):
+    import torchattacks
+
+    from pixeldefend.attack_registry import _step_size
+
+    alpha, steps = _step_size(p), p["steps"]
+    return torchattacks.MIFGSM(net, eps=float(p["eps"]), alpha=alpha, steps=steps), \
+        {"alpha": alpha, "steps": steps}
+
+
+def test_a_new_attack_is_one_entry(loaded, batch, monkeypatch):
+    from pixeldefend import attack_registry
+
+    spec = attack_registry.AttackSpec("mifgsm", "momentum iterative FGSM (Dong et al. 2018)",
+                                      _build_mifgsm, default_steps=10, targeted=True)
+    monkeypatch.setitem(attack_registry.ATTACKS, "mifgsm", spec)
+    images, labels = batch
+    result = run_attack(loaded, images[:64], labels[:64], LEVELS, "mifgsm", EPS, seed=0)
+    s = result.summary
+    assert s["method"] == "mifgsm" and s["params"]["steps"] == 10
+    assert s["adversarial_accuracy"] < s["clean_accuracy"] - 0.1, s
+    _check_invariants(result, images[:64], EPS.ball)

@@ -8,8 +8,7 @@ import json
 
 from pixeldefend.bench import peak_memory_mb
 from pixeldefend.cli import app
-from pixeldefend.cli.bench_cmds import BENCH_COLUMNS, bench_rows
-from pixeldefend.cli.common import rows_to_csv
+from pixeldefend.rendering import BENCH_COLUMNS, bench_rows, rows_to_csv
 
 
 def test_bench_json_on_the_shipped_digits_model(runner, repo, monkeypatch):

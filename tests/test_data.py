@@ -91,7 +91,7 @@ def test_each_bad_file_is_a_clear_per_file_error(tmp_path):
     assert "not an image" in rows["text.png"]
     assert "truncated" in rows["truncated.png"]
     assert "7x9" in rows["wrong_size.png"] and "8x8" in rows["wrong_size.png"]
-    assert "--resize" in rows["wrong_size.png"]
+    assert "resize=True" in rows["wrong_size.png"]
     assert "3 channel" in rows["colour.png"] and "expects 1" in rows["colour.png"]
     assert "16-bit" in rows["deep.png"]
     assert "no such file" in rows["missing.png"]

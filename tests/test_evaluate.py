@@ -352,7 +352,7 @@ def test_bpda_only_at_the_chosen_eps(detector, classifier, digits_test, tmp_path
     assert [(w["eps"], w["n"], w["attacks"]) for w in res["worst_case"]] == [
         (0, 10, ["fgsm"]), (1, 6, ["fgsm", "bpda"])]
     assert res["config"]["bpda"]["eps"] == [2]
-    with pytest.raises(UsageError, match="bpda-eps"):
+    with pytest.raises(UsageError, match="bpda_eps must be among"):
         run_evaluation(detector, classifier, digits_test.head(10),
                        EvaluateSettings(attacks=("fgsm",), eps=("1",), eps_levels=True,
                                         bpda_eps=("3",)), tmp_path)

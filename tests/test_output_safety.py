@@ -305,9 +305,9 @@ def test_prepare_dir_rules(tmp_path, pngs, model):
     ours = tmp_path / "ours"
     prepare_dir(ours, command="t").mark()
     (ours / "result.json").write_text("{}")
-    with pytest.raises(OutputError, match="--overwrite"):
+    with pytest.raises(OutputError, match="overwrite=True"):
         prepare_dir(ours, command="t")
-    with pytest.raises(OutputError, match="--resume"):
+    with pytest.raises(OutputError, match="resume=True"):
         prepare_dir(ours, command="t", can_resume=True)
     assert prepare_dir(ours, command="t", resume=True, can_resume=True).existing
     assert prepare_dir(ours, command="t", overwrite=True).existing
@@ -328,7 +328,7 @@ def test_check_file_rules(tmp_path, pngs, model):
         check_file(pngs / "d0.png", inputs=[pngs / "d0.png"], overwrite=True)
     with pytest.raises(OutputError, match="input"):
         check_file(model / "config.json", inputs=[model.resolve()], overwrite=True)
-    with pytest.raises(OutputError, match="--overwrite"):
+    with pytest.raises(OutputError, match="overwrite=True"):
         check_file(pngs / "d0.png")
     assert check_file(pngs / "d0.png", overwrite=True) is not None
     with pytest.raises(OutputError, match="is a folder"):

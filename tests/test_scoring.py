@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,3 +141,15 @@ def test_cli_message_turns_parameters_into_flags():
     assert cli_message(UsageError("eps 2 with eps_levels, see eps_defend", param="eps")) == \
         "--eps 2 with eps_levels, see eps_defend"
     assert cli_message(UsageError("plain message")) == "plain message"
+    # on/off parameters as `name=True`, and an output's leading label, become flags; the
+    # same words inside a path stay
+    from pixeldefend.outputs import OutputError, prepare_dir
+
+    assert cli_message(DataError("model expects 8x8; pass resize=True to convert")) == \
+        "model expects 8x8; pass --resize to convert"
+    error = OutputError.at("out", "out out/run is a file, not a folder; pass overwrite=True")
+    assert cli_message(error) == "--out out/run is a file, not a folder; pass --overwrite"
+    assert cli_message(OutputError.at("--out", "--out x is a file")) == "--out x is a file"
+    with pytest.raises(OutputError) as caught:
+        prepare_dir(Path(__file__), command="t")
+    assert str(caught.value).startswith("out ") and "--" not in str(caught.value)

@@ -3,91 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from ..defaults import CASE_NAMES, DEFAULT_MODEL
 from ..errors import UsageError
+from . import common
 from .app import app
-from .common import Format, OutputFormat, Overwrite, emit, err_console, flag, handle_errors
-
-BENCH_COLUMNS = ["case", "shape", "levels", "batch", "eps_defend", "score_images_per_s",
-                 "fast_images_per_s", "reference_images_per_s", "reference_extrapolated",
-                 "speedup_fast_vs_reference", "fast_over_score", "approx_images_per_s",
-                 "fast_over_approx", "approx_mismatch", "train_step_s", "identical",
-                 "peak_memory_mb"]
-
-
-def _rate(value: float) -> str:
-    return f"{value:,.3g}" if value < 100 else f"{value:,.0f}"
-
-
-def _bench_table(doc: dict[str, Any]) -> Table:
-    sysinfo = doc["system"]
-    table = Table(title=f"pixeldefend bench: torch {sysinfo['torch']}, {sysinfo['threads']} "
-                        f"thread(s), {sysinfo['cpu_count']} CPU(s), batch "
-                        f"{doc['settings']['batch_size']}")
-    for col in ("case", "score img/s", "dose img/s", "fast img/s", "reference img/s",
-                "speed-up vs ref",
-                "fast ÷ score time", "fast ÷ approx time", "train step s", "fast time split",
-                "identical", "peak MB"):
-        table.add_column(col, justify="left" if col in ("case", "fast time split") else "right",
-                         overflow="fold")
-    for r in doc["results"]:
-        c, h, w = r["shape"]
-        ref = _rate(r["reference_images_per_s"]) + ("*" if r["reference_extrapolated"] else "")
-        split = " ".join(f"{k} {v:.0%}" for k, v in r["fast_split"].items())
-        table.add_row(
-            f"{r['case']} {c}x{h}x{w}, {r['levels']} lv, eps {r['eps_defend']}",
-            _rate(r["score_images_per_s"]),
-            f"{_rate(r['dose_images_per_s'])} ({1 / r['dose_over_score']:.2f}x)",
-            _rate(r["fast_images_per_s"]), ref,
-            f"{r['speedup_fast_vs_reference']:,.0f}x",
-            f"{r['fast_over_score']:.2f}x",
-            _approx_cell(r),
-            "-" if r["train_step_s"] is None else f"{r['train_step_s']:.2f}",
-            split,
-            "-" if r["identical"] is None else ("yes" if r["identical"] else "NO"),
-            "-" if r.get("peak_memory_mb") is None else f"{r['peak_memory_mb']:,.0f}",
-        )
-    notes = []
-    if any(r["reference_extrapolated"] for r in doc["results"]):
-        notes.append("* extrapolated: " + ", ".join(
-            f"{r['case']} from {r['reference_steps_timed']} of {r['reference_steps_total']} "
-            "sub-pixels" for r in doc["results"] if r["reference_extrapolated"]))
-    notes += [f"{r['case']}: {r['note']}" for r in doc["results"] if r["note"]]
-    notes.append(f"{sysinfo['threads']} thread(s) used; the default here would be "
-                 f"{sysinfo.get('threads_default')}")
-    load = sysinfo.get("load_average_1m")
-    if load is not None:
-        notes.append(f"load average {load:.1f} before, "
-                     f"{sysinfo.get('load_average_1m_after') or 0:.1f} after "
-                     "(other work on the machine slows every figure)")
-    for r in doc["results"]:
-        if r.get("fast_top_ops"):
-            notes.append(f"{r['case']} fast, top ops: " + ", ".join(
-                f"{o['op'].removeprefix('aten::')} {o['share']:.0%}" for o in r["fast_top_ops"]))
-    table.caption = "\n".join(notes)
-    return table
-
-
-def _approx_cell(r: dict[str, Any]) -> str:
-    """Exact purification's time over the one-pass approximation's, and how often that
-    approximation is wrong."""
-    return (f"{r['fast_over_approx']:.2f}x (approx {_rate(r['approx_images_per_s'])} "
-            f"img/s, {r['approx_mismatch']:.1%} wrong)")
 
 
 @app.command("bench")
-@handle_errors
+@common.handle_errors
 def bench_cmd(
     model: Annotated[Path, typer.Option(
         "--model", "-m", help="Digits model bundle for the first case (a small random "
         "model stands in if it is missing).")] = DEFAULT_MODEL,
     batch_size: int = typer.Option(64, min=1, help="Images per batch in every case."),
-    quick: Annotated[bool, flag("--quick", help="A 4 s "
+    quick: Annotated[bool, common.flag("--quick", help="A 4 s "
                                 "reference budget per case (unless --reference-budget is "
                                 "given): a couple of minutes in all.")] = False,
     cases: str = typer.Option(",".join(CASE_NAMES), help="Comma-separated cases to run."),
@@ -99,11 +32,15 @@ def bench_cmd(
                                        "torch's). On a busy machine 1 is often fastest."),
     train_step: Annotated[bool, typer.Option("--train-step/--no-train-step", metavar="",
                                              help="Also time one training step.")] = True,
-    profile: Annotated[bool, flag("--profile", help="Also profile fast purification per "
+    profile: Annotated[bool, common.flag("--profile", help="Also profile fast purification per "
                                   "torch operator (one extra run per case).")] = False,
-    fmt: Format = OutputFormat.table,
-    output: Path | None = typer.Option(None, "--output", "-o", help="Write results here."),
-    overwrite: Overwrite = False,
+    train_ranks: str = typer.Option(
+        "1,2", help="Also time data-parallel training with each of these numbers of ranks "
+        "(processes; gloo on the CPU, a GPU each when there are enough) and report the "
+        "scaling efficiency; '' skips it, as does --no-train-step."),
+    fmt: common.Format = common.OutputFormat.table,
+    output: common.Output = None,
+    overwrite: common.Overwrite = False,
 ) -> None:
     """Measure purification throughput (fast and reference), scoring and training speed.
 
@@ -111,9 +48,7 @@ def bench_cmd(
     random weights). The reference purification (one full forward pass per sub-pixel)
     is timed on its first sub-pixels and extrapolated when the whole run would exceed
     --reference-budget; such figures are marked. "fast ÷ score time" is the cost of fast
-    purification in scoring passes of the same batch (1 would be the floor); "fast ÷
-    approx time" is its cost relative to the inexact one-pass approximation (IBM ART's
-    PixelDefend), timed in the same run, with the share of sub-pixels that gets wrong.
+    purification in scoring passes of the same batch (1 would be the floor).
 
     [bold]Examples[/]
 
@@ -123,8 +58,9 @@ def bench_cmd(
 
       pixeldefend bench --cases 28x28x1 --batch-size 64 --format json -o bench.json
     """
-    from ..bench import BenchSettings, run_bench
+    from ..bench import BenchSettings, parse_ranks, run_bench, run_training_scaling
     from ..outputs import check_files, input_paths
+    from ..rendering import BENCH_COLUMNS, bench_rows, bench_table
 
     chosen = tuple(c.strip() for c in cases.split(",") if c.strip())
     unknown = [c for c in chosen if c not in CASE_NAMES]
@@ -134,10 +70,9 @@ def bench_cmd(
     settings = BenchSettings(batch_size=batch_size, quick=quick, threads=threads,
                              reference_budget=reference_budget, train_step=train_step,
                              cases=chosen, model=model, profile=profile)
-    doc = run_bench(settings, log=lambda msg: err_console.print(f"[dim]{msg}[/]"))
-    emit(fmt, doc, bench_rows(doc), BENCH_COLUMNS, lambda: _bench_table(doc), output)
-
-
-def bench_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """The result rows with the shape as CxHxW (one CSV cell)."""
-    return [{**r, "shape": "x".join(str(d) for d in r["shape"])} for r in doc["results"]]
+    ranks = parse_ranks(train_ranks)
+    dim = lambda msg: common.err_console.print(f"[dim]{msg}[/]")  # noqa: E731
+    doc = run_bench(settings, log=dim)
+    if train_step and ranks:
+        doc["training_scaling"] = run_training_scaling(ranks, batch_size, quick, threads, dim)
+    common.emit(fmt, doc, bench_rows(doc), BENCH_COLUMNS, bench_table, output)

@@ -7,36 +7,27 @@ stderr.
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
-import json
-import math
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
-from ..atomic import write_text
-from ..defaults import GATE_CHOICES, SCORE_HELP, SCORE_KINDS
+from ..defaults import DEFAULT_CLASSIFIER, GATE_CHOICES
 from ..errors import PixelDefendError, UsageError
+from ..progress import ProgressBar as ProgressBar
+from ..progress import RichTrainProgress as RichTrainProgress
+from ..progress import err_console
+from ..rendering import RowWriter, render_text, write_result
+from ..scores import SCORES
 from ..threads import apply_threads
 
-err_console = Console(stderr=True, soft_wrap=True)
 # results on a pipe or file are not squeezed into 80 columns
 out_console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
@@ -70,8 +61,6 @@ def flag(*decls: str, help: str) -> Any:  # noqa: A002 (Typer's own keyword)
     return typer.Option(*decls, help=help, metavar="")
 
 
-OVERWRITE = typer.Option(False, "--overwrite", help=OVERWRITE_HELP, metavar="")
-
 # Options several commands share, declared once: `device: Device = "auto"`.
 ImagePaths = Annotated[list[str], typer.Argument(
     help="Images, folders, .npz/.npy files or built-in data specs such as digits:test.")]
@@ -88,12 +77,38 @@ Resize = Annotated[bool, flag("--resize", help="Resize images to the model's siz
 Grayscale = Annotated[bool, flag("--grayscale", help="Convert colour/gray to match.")]
 Overwrite = Annotated[bool, flag("--overwrite", help=OVERWRITE_HELP)]
 TrustCode = Annotated[bool, flag("--trust-code", help=TRUST_CODE_HELP)]
+Resume = Annotated[bool, flag("--resume",
+                              help="Continue an interrupted run from its last checkpoint.")]
+Output = Annotated[Path | None, typer.Option("--output", "-o", help="Write results here.")]
+CLASSIFIER_HELP = ("Classifier bundle directory, TorchScript file or package.module:factory "
+                   "(these two run code: need --trust-code)")
+Classifier = Annotated[str | None, typer.Option(
+    "--classifier", "-c", help=f"{CLASSIFIER_HELP} \\[default: {DEFAULT_CLASSIFIER}].")]
+Mean = Annotated[str | None, typer.Option(
+    help="Per-channel mean the classifier expects, e.g. 0.4914,0.4822,0.4465.")]
+Std = Annotated[str | None, typer.Option(help="Per-channel std the classifier expects.")]
+BatchSize = Annotated[int, typer.Option(min=1, help="Images per batch.")]
+StepBatch = Annotated[int, typer.Option(min=1, help="Images per optimisation step.")]
+EpsLevels = Annotated[bool, flag("--eps-levels", help="Read --eps as whole pixel levels.")]
+
+
+class PrecisionChoice(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+PRECISION_HELP = (
+    "Precision of the network's forward pass: fp32 (exact), bf16 or fp16 (mixed precision, "
+    "torch.autocast; fp16 needs CUDA and scales the loss). Losses and scores are computed "
+    "in float32 from the logits whatever is chosen; calibration always runs in fp32.")
+Precision = Annotated[PrecisionChoice, typer.Option("--precision", help=PRECISION_HELP)]
 
 
 # choices Typer lists in --help and checks: --score, --fail-on
-ScoreChoice = Enum("ScoreChoice", {k: k for k in SCORE_KINDS}, type=str)  # type: ignore[misc]
+ScoreChoice = Enum("ScoreChoice", {k: k for k in SCORES}, type=str)  # type: ignore[misc]
 GateChoice = Enum("GateChoice", {c: c for c in GATE_CHOICES}, type=str)  # type: ignore[misc]
-SCORE_OPTION_HELP = "Score kind: " + "; ".join(f"{k} = {v}" for k, v in SCORE_HELP.items()) + "."
+SCORE_OPTION_HELP = "Score kind: " + "; ".join(f"{k} = {v.help}" for k, v in SCORES.items()) + "."
 
 
 def _command_threads(value: int | None) -> int | None:
@@ -116,7 +131,7 @@ def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
 
 # library parameters whose flag is not `--` plus the dashed name
 FLAG_OF_PARAM = {"kind": "--score", "score_kind": "--score", "l2": "--l2",
-                 "factory_weights": "--classifier-weights"}
+                 "factory_weights": "--classifier-weights", "in_spec": "--in"}
 
 
 def option_flag(param: str) -> str:
@@ -124,15 +139,67 @@ def option_flag(param: str) -> str:
     return FLAG_OF_PARAM.get(param, "--" + param.replace("_", "-"))
 
 
+def cli_text(text: str, params: str | tuple[str, ...] | None = ()) -> str:
+    """Library text as the command line says it: each Python parameter in `params`, and
+    every `name=True` (an on/off parameter), shown as its flag (`fpr` -> `--fpr`)."""
+    text = re.sub(r"(?<![\w-])([a-z][a-z0-9_]*)=True(?![\w-])",
+                  lambda m: option_flag(m[1]), text)
+    for param in (params,) if isinstance(params, str) else params or ():
+        text = re.sub(rf"(?<![\w-]){re.escape(param)}(?![\w-])",
+                      lambda _, f=option_flag(param): f, text)
+    return text
+
+
 def cli_message(exc: PixelDefendError) -> str:
-    """A library error's message, with the Python parameter it names (`param`) shown as
-    the command's flag."""
-    message, params = str(exc), getattr(exc, "param", None) or ()
-    for param in (params,) if isinstance(params, str) else params:
-        flag_text = option_flag(param)
-        message = re.sub(rf"(?<![\w-]){re.escape(param)}(?![\w-])", lambda _, f=flag_text: f,
-                         message)
-    return message
+    """A library error's message, with the parameters it names (`param`, an output's
+    leading `label`) as flags."""
+    message, label = str(exc), getattr(exc, "label", None)
+    if label and not label.startswith("-") and message.startswith(label + " "):
+        message = option_flag(label) + message[len(label):]
+    return cli_text(message, getattr(exc, "param", None))
+
+
+def cli_strings(value: Any) -> Any:
+    """`cli_text` on every string of a result document or row (per-file errors, gate
+    reasons) before it is shown."""
+    if isinstance(value, str):
+        return cli_text(value)
+    if isinstance(value, dict):
+        return {k: cli_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [cli_strings(v) for v in value]
+    return value
+
+
+def speaks() -> bool:
+    """Under torchrun rank 0 alone speaks for the job (the environment tells, no torch)."""
+    from ..distributed import is_main_process
+
+    return is_main_process()
+
+
+def warn(message: str) -> None:
+    if speaks():
+        err_console.print(f"[yellow]warning[/]: {message}", highlight=False)
+
+
+def log(message: str) -> None:
+    if speaks():
+        err_console.print(message, highlight=False)
+
+
+def report_skipped(errors: list[tuple[str, str]], summary: bool = True) -> None:
+    """List the unreadable files a command left out (with --skip-unreadable: a count)."""
+    for name, error in errors:
+        err_console.print(f"[yellow]skipped[/] {name}: {cli_text(error)}", highlight=False)
+    if errors and summary:
+        err_console.print(f"[yellow]skipped {len(errors)} unreadable file(s)[/] "
+                          "(--skip-unreadable)", highlight=False)
+
+
+def interrupted(checkpoint: Path) -> None:
+    err_console.print(f"[yellow]interrupted[/]: continue with the same command plus "
+                      f"--resume (checkpoint in {checkpoint})")
 
 
 def handle_errors(func: F) -> F:
@@ -151,142 +218,27 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def make_progress(transient: bool = False) -> Progress:
-    """A Rich progress bar on stderr with count, elapsed time and ETA."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=transient,
-        disable=not err_console.is_terminal and not _force_progress(),
-    )
-
-
-def _force_progress() -> bool:
-    import os
-
-    return os.environ.get("PIXELDEFEND_PROGRESS") == "1"
-
-
-def json_safe(value: Any) -> Any:
-    """NaN / inf -> None so the output is strict JSON."""
-    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def dumps(doc: Any) -> str:
-    return json.dumps(json_safe(doc), indent=2) + "\n"
-
-
-def rows_to_csv(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-    return buf.getvalue()
-
-
-def field_rows(doc: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:
-    """A nested document as `field,value` rows for CSV (`calibration.bpd.threshold`);
-    lists of plain values become one space-separated value."""
-    rows: list[dict[str, Any]] = []
-    for key, value in doc.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            rows.extend(field_rows(value, name + "."))
-        elif isinstance(value, list | tuple) and not any(isinstance(v, dict | list)
-                                                          for v in value):
-            rows.append({"field": name, "value": " ".join(str(v) for v in value)})
-        elif isinstance(value, list | tuple):
-            rows.extend(field_rows({str(i): v for i, v in enumerate(value)}, name + "."))
-        else:
-            rows.append({"field": name, "value": json_safe(value)})
-    return rows
-
-
 def emit(fmt: OutputFormat, doc: dict[str, Any], rows: list[dict[str, Any]], columns: list[str],
-         table: Callable[[], Table | str], output: Path | None = None) -> None:
-    """Write results in the chosen format to stdout or, atomically, to `output`."""
-    from ..outputs import OutputError
-
-    if fmt == OutputFormat.json:
-        text = dumps(doc)
-    elif fmt == OutputFormat.jsonl:
-        text = "".join(json.dumps(json_safe(r)) + "\n" for r in rows)
-    elif fmt == OutputFormat.csv:
-        text = rows_to_csv(rows, columns)
-    else:
-        rendered = table()
-        if output is None:
-            out_console.print(rendered)
-            return
-        buf = io.StringIO()
-        Console(file=buf, width=160, soft_wrap=True).print(rendered)
-        text = buf.getvalue()
-    if output is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        try:
-            write_text(output, text)
-        except OSError as exc:  # checked up front; this is a disk that filled up since
-            raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
+         table: Callable[[dict[str, Any]], Table | str], output: Path | None = None) -> None:
+    """Write results in the chosen format to stdout or, atomically, to `output`; library
+    text in them (per-file errors, gate reasons) names flags, not parameters."""
+    doc, rows = cli_strings(doc), cli_strings(rows)
+    if fmt == OutputFormat.table and output is None:
+        out_console.print(table(doc))
+        return
+    write_result(render_text(fmt.value, doc, rows, columns, table), output)
+    if output is not None:
         err_console.print(f"wrote {output}")
 
 
-class RowStream:
-    """Writes JSONL / CSV result rows as they come, to stdout or (atomically, published
-    when the run ends) to `output`, so memory does not grow with the number of rows."""
+class RowStream(RowWriter):
+    """`RowWriter` whose rows name flags (`cli_strings`) and which says what it wrote."""
 
     def __init__(self, fmt: OutputFormat, columns: list[str], output: Path | None) -> None:
-        import contextlib
-
-        from ..atomic import atomic_path
-
-        self.fmt, self.columns, self.output = fmt, columns, output
-        self._stack = contextlib.ExitStack()
-        if output is None:
-            self.fh: Any = sys.stdout
-        else:
-            tmp = self._stack.enter_context(atomic_path(output))
-            self.fh = self._stack.enter_context(open(tmp, "w", encoding="utf-8", newline=""))
-        self.writer = None
-        if fmt == OutputFormat.csv:
-            self.writer = csv.DictWriter(self.fh, fieldnames=columns, extrasaction="ignore",
-                                         lineterminator="\n")
-            self.writer.writeheader()
-
-    def write(self, rows: Iterable[dict[str, Any]]) -> None:
-        for row in rows:
-            if self.writer is not None:
-                self.writer.writerow({k: ("" if row.get(k) is None else row.get(k))
-                                      for k in self.columns})
-            else:
-                self.fh.write(json.dumps(json_safe(row)) + "\n")
-        self.fh.flush()
-
-    def __enter__(self) -> RowStream:
-        return self
+        super().__init__(fmt.value, columns, output, prepare=cli_strings)
 
     def __exit__(self, *exc: object) -> None:
-        from ..outputs import OutputError
-
-        try:
-            self._stack.__exit__(*exc)  # on success the file is published, else removed
-        except OSError as error:  # checked up front; a disk that filled up since
-            raise OutputError(f"cannot write {self.output}: {error.strerror or error}") \
-                from None
+        super().__exit__(*exc)
         if self.output is not None and exc[0] is None:
             err_console.print(f"wrote {self.output}", highlight=False)
 
@@ -303,53 +255,3 @@ def parse_numbers(text: str | None, option: str, convert: Callable[[str], Any] =
     if not values:
         raise UsageError(f"{option} needs at least one value")
     return values
-
-
-def parse_floats(text: str | None, option: str) -> list[float] | None:
-    return parse_numbers(text, option)
-
-
-def fmt_float(value: float | None, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.{digits}f}"
-
-
-class RichTrainProgress:
-    """Renders the training loop's reports (`train.TrainProgress`): a Rich bar on stderr
-    plus one line per epoch. Subclasses change only how the metrics are worded."""
-
-    def __init__(self, label: str = "train") -> None:
-        self.progress = make_progress()
-        self.label = label
-        self.task: Any = None
-        self.epochs = 0
-        self.last_val = float("nan")
-
-    def __enter__(self) -> RichTrainProgress:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
-
-    def batch_status(self, loss: float) -> str:
-        return f"loss {loss:.3f} bits/dim  val {self.last_val:.3f}"
-
-    def epoch_summary(self, train_metric: float, val_metric: float) -> str:
-        return f"train {train_metric:.4f}  val {val_metric:.4f} bits/dim"
-
-    def start(self, total_epochs: int, batches_per_epoch: int, first_epoch: int) -> None:
-        self.epochs = total_epochs
-        self.task = self.progress.add_task(
-            self.label, total=total_epochs * batches_per_epoch,
-            completed=first_epoch * batches_per_epoch, status="")
-
-    def batch(self, loss: float) -> None:
-        self.progress.update(self.task, advance=1, status=self.batch_status(loss))
-
-    def epoch(self, epoch: int, train_metric: float, val_metric: float, best: bool) -> None:
-        self.last_val = val_metric
-        err_console.print(
-            f"epoch {epoch + 1:>3}/{self.epochs}  {self.epoch_summary(train_metric, val_metric)}"
-            f"{' *' if best else ''}", highlight=False)

@@ -11,111 +11,42 @@ import typer
 
 from ..defaults import DEFAULT_BACKGROUND_L2, DEFAULT_MODEL, DEFAULT_MUTATION_RATE, DEFAULT_SCORE
 from ..defaults import PIXELCNN_PRESETS as PRESETS
+from . import common
 from .app import app
-from .common import (
-    EXIT_USAGE,
-    SCORE_OPTION_HELP,
-    DataRoot,
-    Device,
-    Download,
-    Format,
-    GateChoice,
-    Grayscale,
-    ImagePaths,
-    ModelBundle,
-    OutputFormat,
-    Overwrite,
-    Resize,
-    RichTrainProgress,
-    RowStream,
-    ScoreChoice,
-    StdoutFormat,
-    Threads,
-    emit,
-    err_console,
-    field_rows,
-    flag,
-    fmt_float,
-    handle_errors,
-    make_progress,
-    out_console,
-)
 
 if TYPE_CHECKING:
     from ..detector import DensityDetector
-    from ..scoring import ScoreRun
 
-MUTATION_HELP = (
+MutationRate = Annotated[float, typer.Option(help=(
     "Background model (score llr): probability that a sub-pixel of a training image is "
     "replaced by a uniformly random level. Ren et al. (2019) found 0.1-0.2 best; 0.2 wipes "
     "out shapes while keeping the local pixel statistics that confound raw likelihood, and "
-    "suits short CPU training.")
-CONSERVATIVE_HELP = (
+    "suits short CPU training."))]
+MaxImages = Annotated[int | None, typer.Option(
+    min=1, help="Train on at most this many images (a quicker CPU run).")]
+Conservative = Annotated[bool, common.flag("--conservative-threshold", help=(
     "When there are fewer clean calibration images than --fpr needs (about 1/fpr), use the "
     "largest calibration score as a finite threshold instead of stopping with an error; its "
-    "false-positive rate is then not guaranteed, and this is printed and recorded.")
+    "false-positive rate is then not guaranteed, and this is printed and recorded."))]
 BACKGROUND_PRESET_HELP = (
     "Background model size \\[default: same as the main model]. It only has to learn local "
     "statistics, so 'tiny' is a fair CPU saving on small images.")
 
 
-def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning[/]: {message}", highlight=False)
+def print_calibrations(detector: DensityDetector, kinds: list[str] | None = None,
+                       n: int = 0, source: str = "") -> None:
+    from ..rendering import calibration_lines
 
-
-def log(message: str) -> None:
-    err_console.print(message, highlight=False)
-
-
-def report_skipped(errors: list[tuple[str, str]]) -> None:
-    """List the files --skip-unreadable left out (the library refuses them otherwise)."""
-    for name, error in errors:
-        err_console.print(f"[yellow]skipped[/] {name}: {error}", highlight=False)
-    if errors:
-        err_console.print(f"[yellow]skipped {len(errors)} unreadable file(s)[/] "
-                          "(--skip-unreadable)", highlight=False)
-
-
-def print_calibrations(detector: DensityDetector, kinds: list[str], n: int, source: str) -> None:
-    from ..calibration import min_calibration_images
-
-    for kind in kinds:
-        cal = detector.calibrations[kind]
-        default = " (default)" if kind == detector.default_kind else ""
-        out_console.print(f"  {kind:<10} threshold {cal.threshold:.4f} {cal.unit} at FPR "
-                          f"{cal.fpr:g}{default}", highlight=False)
-        if cal.conservative:
-            warn(f"{kind}: only {cal.n} calibration images for FPR {cal.fpr:g} (needs "
-                 f"{min_calibration_images(cal.fpr)}): the threshold is the largest clean "
-                 f"score, {cal.threshold:.4f}; its false-positive rate is not guaranteed "
-                 "(--conservative-threshold)")
-    err_console.print(f"calibrated {', '.join(kinds)} on {n} clean images of {source}",
-                      highlight=False)
-
-
-def calibrated_kinds(detector: DensityDetector) -> list[str]:
-    return [k for k in detector.available_kinds if k in detector.calibrations]
-
-
-def interrupted(checkpoint: Path) -> None:
-    err_console.print(f"[yellow]interrupted[/]: continue with the same command plus "
-                      f"--resume (checkpoint in {checkpoint})")
-
-
-def default_out(data: str) -> Path:
-    """runs/<data name> (see `training_pipeline.default_out`)."""
-    from ..training_pipeline import default_out as library_default_out
-
-    return library_default_out(data)
-
-
-Resume = Annotated[bool, flag("--resume",
-                              help="Continue an interrupted run from its last checkpoint.")]
-Conservative = Annotated[bool, flag("--conservative-threshold", help=CONSERVATIVE_HELP)]
+    lines, warnings, summary = calibration_lines(detector, kinds, n, source)
+    for line in lines:
+        common.out_console.print(line, highlight=False)
+    for warning in warnings:
+        common.warn(common.cli_text(warning))
+    common.log(summary)
 
 
 @app.command()
-@handle_errors
+@common.handle_errors
 def train(
     data: str = typer.Option("digits", "--data", "-d",
                              help="Training images: digits, fashion-mnist, mnist, cifar10, a "
@@ -130,34 +61,35 @@ def train(
     epochs: int = typer.Option(40, min=1, help="Maximum training epochs."),
     patience: int = typer.Option(8, min=0, help="Stop after this many epochs without a better "
                                                 "validation bits/dim (0: never stop early)."),
-    batch_size: int = typer.Option(64, min=1, help="Images per optimisation step."),
+    batch_size: common.StepBatch = 64,
     lr: float = typer.Option(2e-3, min=0.0, help="Adam learning rate (decays 3% per epoch)."),
     fpr: float = typer.Option(0.05, help="Target false-positive rate of the threshold."),
-    max_images: int | None = typer.Option(None, min=1, help="Train on at most this many "
-                                                           "images (a quicker CPU run)."),
+    max_images: MaxImages = None,
     seed: int = typer.Option(0, help="Seed for weights, shuffling and splits."),
-    skip_unreadable: Annotated[bool, flag(
+    skip_unreadable: Annotated[bool, common.flag(
         "--skip-unreadable", help="Train on the readable files of a folder even if "
         "some cannot be used (corrupt, or a different size than the first image); they are "
         "listed. Without it such files are an error.")] = False,
     conservative_threshold: Conservative = False,
-    score_kind: ScoreChoice = typer.Option(
-        DEFAULT_SCORE, "--score", help=SCORE_OPTION_HELP + " Every available kind is "
+    score_kind: common.ScoreChoice = typer.Option(
+        DEFAULT_SCORE, "--score", help=common.SCORE_OPTION_HELP + " Every available kind is "
         "calibrated; this one is the default."),
-    background: Annotated[bool, flag("--background", help="Also train the background model of the "
-                            "llr score and store it in the bundle.")] = False,
-    mutation_rate: float = typer.Option(DEFAULT_MUTATION_RATE, help=MUTATION_HELP),
+    background: Annotated[bool, common.flag(
+        "--background", help="Also train the background model of the llr score and store it "
+        "in the bundle.")] = False,
+    mutation_rate: MutationRate = DEFAULT_MUTATION_RATE,
     background_preset: str | None = typer.Option(None, help=BACKGROUND_PRESET_HELP),
     background_epochs: int | None = typer.Option(
         None, min=1, help="Background model epochs \\[default: --epochs]."),
     background_l2: float = typer.Option(DEFAULT_BACKGROUND_L2, min=0.0,
                                         help="L2 penalty (Adam weight decay) on the "
                                              "background model, as in Ren et al."),
-    device: Device = "auto",
-    resume: Resume = False,
-    data_root: DataRoot = None,
-    download: Download = False,
-    overwrite: Overwrite = False,
+    device: common.Device = "auto",
+    precision: common.Precision = common.PrecisionChoice.fp32,
+    resume: common.Resume = False,
+    data_root: common.DataRoot = None,
+    download: common.Download = False,
+    overwrite: common.Overwrite = False,
 ) -> None:
     """Train a PixelCNN on clean images, calibrate its thresholds and write a bundle.
 
@@ -178,59 +110,59 @@ def train(
 
       pixeldefend train --background --score llr         [dim]# + background model[/]
     """
+    from ..rendering import train_line
     from ..training_pipeline import TrainJob, prepare_job, train_bundle
 
     job = TrainJob(
         data=data, out=out, preset=preset, dropout=dropout, epochs=epochs, patience=patience,
         batch_size=batch_size, lr=lr, fpr=fpr, max_images=max_images, seed=seed,
         skip_unreadable=skip_unreadable, conservative_threshold=conservative_threshold,
-        score_kind=ScoreChoice(score_kind).value, background=background,
+        score_kind=common.ScoreChoice(score_kind).value, background=background,
         mutation_rate=mutation_rate, background_preset=background_preset,
         background_epochs=background_epochs, background_l2=background_l2, device=device,
-        resume=resume, data_root=data_root, download=download, overwrite=overwrite)
-    training = prepare_job(job, log)
-    report_skipped(training.skipped)
+        precision=common.PrecisionChoice(precision).value, resume=resume,
+        data_root=data_root, download=download, overwrite=overwrite)
+    training = prepare_job(job, common.log)
+    common.report_skipped(training.skipped)
     try:
-        result = train_bundle(job, training, log=log, warn=warn, progress=RichTrainProgress)
+        result = train_bundle(job, training, log=common.log, warn=common.warn,
+                              progress=common.RichTrainProgress)
     except KeyboardInterrupt:
-        interrupted(job.checkpoint)
+        common.interrupted(job.checkpoint)
         raise
-    err_console.print(f"wrote bundle {job.bundle}", highlight=False)
-    detector, metrics, calib = result.detector, result.metrics, training.calib
-    cal = detector.calibrations["bpd"]
-    out_console.print(
-        f"test bits/dim {fmt_float(metrics.get('test_bits_per_dim'), 4)}  (validation "
-        f"{metrics['val_bits_per_dim']:.4f}); threshold {cal.threshold:.4f} bits/dim at FPR "
-        f"{fpr:g} from {cal.n} calibration images; {result.seconds:.0f} s", highlight=False)
-    print_calibrations(detector, calibrated_kinds(detector), len(calib), calib.source)
+    if not result.wrote_bundle:  # torchrun's other ranks: rank 0 writes and reports
+        return
+    common.log(f"wrote bundle {job.bundle}")
+    common.out_console.print(train_line(result), highlight=False)
+    print_calibrations(result.detector, None, len(training.calib), training.calib.source)
 
 
 @app.command("train-background")
-@handle_errors
+@common.handle_errors
 def train_background(
     model: Path = typer.Option(DEFAULT_MODEL, "--model", "-m",
                                help="Existing bundle to add a background model to."),
     data: str | None = typer.Option(
         None, "--data", "-d", help="Training images \\[default: the bundle's training data]."),
-    mutation_rate: float = typer.Option(DEFAULT_MUTATION_RATE, help=MUTATION_HELP),
+    mutation_rate: MutationRate = DEFAULT_MUTATION_RATE,
     preset: str | None = typer.Option(None, "--preset", "--background-preset",
                                       help=BACKGROUND_PRESET_HELP),
     epochs: int = typer.Option(10, min=1, help="Maximum training epochs."),
     patience: int = typer.Option(4, min=0, help="Early-stopping patience (0: never)."),
-    batch_size: int = typer.Option(64, min=1, help="Images per optimisation step."),
+    batch_size: common.StepBatch = 64,
     lr: float = typer.Option(2e-3, min=0.0, help="Adam learning rate (decays 3% per epoch)."),
     l2: float = typer.Option(DEFAULT_BACKGROUND_L2, "--l2", "--background-l2", min=0.0,
                              help="L2 penalty (Adam weight decay), as in Ren et al."),
-    max_images: int | None = typer.Option(None, min=1, help="Train on at most this many "
-                                                           "images (a quicker CPU run)."),
+    max_images: MaxImages = None,
     fpr: float | None = typer.Option(None, help="Target false-positive rate of the new "
                                                 "thresholds \\[default: the bundle's]."),
     seed: int | None = typer.Option(None, help="Seed for weights, mutations and splits "
                                                "\\[default: the main model's]."),
-    device: Device = "auto",
-    resume: Resume = False,
-    data_root: DataRoot = None,
-    download: Download = False,
+    device: common.Device = "auto",
+    precision: common.Precision = common.PrecisionChoice.fp32,
+    resume: common.Resume = False,
+    data_root: common.DataRoot = None,
+    download: common.Download = False,
 ) -> None:
     """Add the likelihood-ratio background model to an existing bundle (score llr).
 
@@ -252,38 +184,39 @@ def train_background(
         result = add_background_model(
             model, data=data, mutation_rate=mutation_rate, preset=preset, epochs=epochs,
             patience=patience, batch_size=batch_size, lr=lr, l2=l2, max_images=max_images,
-            fpr=fpr, seed=seed, device=device, resume=resume, data_root=data_root,
-            download=download, log=log, progress=RichTrainProgress)
+            fpr=fpr, seed=seed, device=device,
+            precision=common.PrecisionChoice(precision).value,
+            resume=resume, data_root=data_root, download=download, log=common.log,
+            progress=common.RichTrainProgress)
     except KeyboardInterrupt:
-        interrupted(model.with_name(model.name + ".background.checkpoint"))
+        common.interrupted(model.with_name(model.name + ".background.checkpoint"))
         raise
-    err_console.print(f"wrote bundle {model} (background model added, {result.seconds:.0f} s)",
-                      highlight=False)
-    calib = result.data.calib
-    print_calibrations(result.detector, calibrated_kinds(result.detector), len(calib),
-                       calib.source)
+    if not result.wrote_bundle:
+        return
+    common.log(f"wrote bundle {model} (background model added, {result.seconds:.0f} s)")
+    print_calibrations(result.detector, None, len(result.data.calib), result.data.calib.source)
 
 
 @app.command()
-@handle_errors
+@common.handle_errors
 def calibrate(
-    model: ModelBundle = DEFAULT_MODEL,
+    model: common.ModelBundle = DEFAULT_MODEL,
     data: str | None = typer.Option(
         None, "--data", "-d",
         help="Clean held-out images \\[default: the bundle's own calibration split]."),
     fpr: float = typer.Option(0.05, help="Target false-positive rate on clean images."),
-    score: ScoreChoice | None = typer.Option(
-        None, "--score", help=SCORE_OPTION_HELP + " Calibrates this kind and makes it the "
+    score: common.ScoreChoice | None = typer.Option(
+        None, "--score", help=common.SCORE_OPTION_HELP + " Calibrates this kind and makes it the "
         "bundle's default \\[default: recalibrate every available kind, keep the default]."),
     conservative_threshold: Conservative = False,
-    skip_unreadable: Annotated[bool, flag(
+    skip_unreadable: Annotated[bool, common.flag(
         "--skip-unreadable", help="Calibrate on the readable files even if some "
         "cannot be used (they are listed); without it they are an error.")] = False,
-    batch_size: int = typer.Option(256, min=1),
-    device: Device = "auto",
-    resize: Resize = False,
-    grayscale: Grayscale = False,
-    data_root: DataRoot = None,
+    batch_size: common.BatchSize = 256,
+    device: common.Device = "auto",
+    resize: common.Resize = False,
+    grayscale: common.Grayscale = False,
+    data_root: common.DataRoot = None,
 ) -> None:
     """Recompute thresholds on clean images and store them in the bundle (atomically).
 
@@ -303,42 +236,42 @@ def calibrate(
     from ..training_pipeline import recalibrate_bundle
 
     done = recalibrate_bundle(
-        model, data, fpr=fpr, kind=None if score is None else ScoreChoice(score).value,
+        model, data, fpr=fpr, kind=None if score is None else common.ScoreChoice(score).value,
         conservative=conservative_threshold, skip_unreadable=skip_unreadable,
         batch_size=batch_size, device=device, resize=resize, grayscale=grayscale,
-        data_root=data_root, warn=warn)
+        data_root=data_root, warn=common.warn)
     images = done.images
-    report_skipped(images.errors)
+    common.report_skipped(images.errors)
     cal = done.detector.calibrations[done.headline]
-    out_console.print(
+    common.out_console.print(
         f"threshold {cal.threshold:.4f} {cal.unit} ({cal.kind}) at FPR {fpr:g} from {cal.n} "
         f"images of {images.source}; written to {model}/calibration.json", highlight=False)
     print_calibrations(done.detector, done.kinds, cal.n, images.source)
 
 
 @app.command()
-@handle_errors
+@common.handle_errors
 def score(
-    paths: ImagePaths,
-    model: ModelBundle = DEFAULT_MODEL,
-    fmt: Format = OutputFormat.table,
-    output: Path | None = typer.Option(None, "--output", "-o", help="Write results here."),
-    fail_on: GateChoice = typer.Option(
-        GateChoice.none, help="Gate: 'anomalous' exits 1 if any image is flagged."),
+    paths: common.ImagePaths,
+    model: common.ModelBundle = DEFAULT_MODEL,
+    fmt: common.Format = common.OutputFormat.table,
+    output: common.Output = None,
+    fail_on: common.GateChoice = typer.Option(
+        common.GateChoice.none, help="Gate: 'anomalous' exits 1 if any image is flagged."),
     max_anomalous_fraction: float | None = typer.Option(
         None, min=0.0, max=1.0,
         help="Gate: exit 1 if more than this fraction of images is flagged."),
     junit: Path | None = typer.Option(
         None, help="Write JUnit XML: one test case per input plus a 'gate' case; it has a "
         "failure or error exactly when the exit code is not 0."),
-    skip_unreadable: Annotated[bool, flag(
+    skip_unreadable: Annotated[bool, common.flag(
         "--skip-unreadable", help="Let unreadable inputs (corrupt, wrong size, "
         "unsupported files) pass the gate; they are still listed as error rows and counted "
         "as skipped. Without it any unreadable input fails a gate (exit 1), or exits 2 "
         "when no gate is set.")] = False,
-    score_kind: ScoreChoice | None = typer.Option(
-        None, "--score", help=SCORE_OPTION_HELP + " \\[default: the bundle's]"),
-    batch_test: Annotated[bool, flag(
+    score_kind: common.ScoreChoice | None = typer.Option(
+        None, "--score", help=common.SCORE_OPTION_HELP + " \\[default: the bundle's]"),
+    batch_test: Annotated[bool, common.flag(
         "--batch-test", help="Also test the whole batch for typicality (Nalisnick et "
         "al. 2019): is its mean bits/dim consistent with clean data? Then --fail-on "
         "anomalous gates on the batch verdict instead of single images.")] = False,
@@ -347,13 +280,14 @@ def score(
     heatmap: Path | None = typer.Option(
         None, "--heatmap", help="Write, for each flagged image, a PNG of the image next to "
         "its per-pixel NLL heat map into this folder (<input name>.heatmap.png)."),
-    batch_size: int = typer.Option(256, min=1),
-    device: Device = "auto",
-    threads: Threads = None,
-    resize: Resize = False,
-    grayscale: Grayscale = False,
-    data_root: DataRoot = None,
-    overwrite: Overwrite = False,
+    batch_size: common.BatchSize = 256,
+    device: common.Device = "auto",
+    precision: common.Precision = common.PrecisionChoice.fp32,
+    threads: common.Threads = None,
+    resize: common.Resize = False,
+    grayscale: common.Grayscale = False,
+    data_root: common.DataRoot = None,
+    overwrite: common.Overwrite = False,
 ) -> None:
     """Score images: bits/dim, log-likelihood, score, conformal p-value and a verdict.
 
@@ -380,6 +314,7 @@ def score(
     from ..detector import DensityDetector
     from ..gate import GatePolicy
     from ..outputs import check_files, clear_dir, input_paths, prepare_dir
+    from ..precision import check_precision
     from ..scoring import score_inputs
 
     inputs = input_paths(paths, model)
@@ -388,61 +323,40 @@ def score(
         heatmap, command="score --heatmap", inputs=inputs, overwrite=overwrite,
         option="--heatmap")
     detector = DensityDetector.load(model, device=device, batch_size=batch_size)
-    policy = GatePolicy(fail_on_anomalous=fail_on == GateChoice.anomalous,
+    detector.precision = check_precision(common.PrecisionChoice(precision).value,
+                                         detector.device)
+    policy = GatePolicy(fail_on_anomalous=fail_on == common.GateChoice.anomalous,
                         max_anomalous_fraction=max_anomalous_fraction, batch_test=batch_test,
                         skip_unreadable=skip_unreadable)
-    streaming = fmt in (OutputFormat.jsonl, OutputFormat.csv)
+    streaming = fmt in (common.OutputFormat.jsonl, common.OutputFormat.csv)
     if heatmap_dir is not None:
         clear_dir(heatmap_dir)
         heatmap_dir.mark()
-    with RowStream(fmt, reporting.SCORE_COLUMNS, output) if streaming else \
-            contextlib.nullcontext() as rows_out, make_progress() as progress:
-        task = progress.add_task("score", total=None, status="")
+    with common.RowStream(fmt, reporting.SCORE_COLUMNS, output) if streaming else \
+            contextlib.nullcontext() as rows_out, common.ProgressBar("score") as bar:
         run = score_inputs(
             detector, paths, policy, kind=None if score_kind is None else score_kind.value,
             model=model, batch_size=batch_size, resize=resize, grayscale=grayscale,
             data_root=data_root, heatmaps=heatmap, junit=junit, resamples=resamples, seed=seed,
             keep_rows=not streaming, on_rows=None if rows_out is None else rows_out.write,
-            progress=lambda n: progress.update(task, advance=n),
-            on_total=lambda n: progress.update(task, total=n))
+            progress=bar.advance, on_total=bar.set_total)
         doc = run.document(model)
-        if run.batch_line and (fmt != OutputFormat.table or output is not None):
-            err_console.print(run.batch_line, highlight=False)  # else in the caption
+        if run.batch_line and (fmt != common.OutputFormat.table or output is not None):
+            common.log(run.batch_line)  # else in the caption
         if not streaming:
-            emit(fmt, doc, run.rows, reporting.SCORE_COLUMNS,
-                 lambda: reporting.score_table(doc), output)
+            common.emit(fmt, doc, run.rows, reporting.SCORE_COLUMNS, reporting.score_table, output)
     if junit is not None:
-        err_console.print(f"wrote {junit}", highlight=False)
-    print_score_summary(run, skip_unreadable)
+        common.log(f"wrote {junit}")
+    for line in run.summary_lines():
+        common.log(common.cli_text(line))
     raise typer.Exit(run.result.exit_code)
 
 
-def print_score_summary(run: ScoreRun, skip_unreadable: bool) -> None:
-    """One line on stderr: the counts and the gate's verdict."""
-    summary, tally, result = run.summary, run.tally, run.result
-    extra = []
-    if tally.invalid:
-        extra.append(f"{tally.invalid} with a non-finite score")
-    if skip_unreadable and tally.unreadable:
-        extra.append(f"{tally.unreadable} unreadable skipped by --skip-unreadable")
-    if run.hidden:
-        extra.append(f"{run.hidden} hidden file(s)/folder(s) ignored")
-    err_console.print(
-        f"{summary['n']} input(s): {summary['clean']} clean, {summary['anomalous']} "
-        f"anomalous, {summary['errors']} error(s)"
-        + (f" ({'; '.join(extra)})" if extra else "")
-        + (f"; gate failed: {'; '.join(result.reasons)}" if result.failed else
-           ("; gate passed" if run.policy.active else "")), highlight=False)
-    if result.exit_code == EXIT_USAGE:
-        err_console.print("some inputs could not be scored (see the error rows); pass "
-                          "--skip-unreadable to accept unreadable ones", highlight=False)
-
-
 @app.command()
-@handle_errors
+@common.handle_errors
 def info(
-    model: ModelBundle = DEFAULT_MODEL,
-    fmt: StdoutFormat = OutputFormat.table,
+    model: common.ModelBundle = DEFAULT_MODEL,
+    fmt: common.StdoutFormat = common.OutputFormat.table,
 ) -> None:
     """Show a bundle: architecture, data, metrics and calibration.
 
@@ -452,25 +366,26 @@ def info(
     """
     from .. import reporting
     from ..detector import DensityDetector
+    from ..rendering import field_rows
 
     detector = DensityDetector.load(model, device="cpu")
     doc = reporting.info_document(detector, model)
-    rows = field_rows(doc) if fmt == OutputFormat.csv else [doc]
-    emit(fmt, doc, rows, ["field", "value"], lambda: reporting.info_table(doc))
+    rows = field_rows(doc) if fmt == common.OutputFormat.csv else [doc]
+    common.emit(fmt, doc, rows, ["field", "value"], reporting.info_table)
 
 
 @app.command()
-@handle_errors
+@common.handle_errors
 def sample(
-    model: ModelBundle = DEFAULT_MODEL,
+    model: common.ModelBundle = DEFAULT_MODEL,
     n: int = typer.Option(16, "-n", min=1, max=4096, help="Number of images to draw."),
     out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="PNG grid to write."),
     npz: Path | None = typer.Option(None, help="Also write the samples exactly as .npz."),
     temperature: float = typer.Option(1.0, min=0.01, help="Softmax temperature (<1: tamer)."),
     scale: int = typer.Option(0, min=0, help="Pixel zoom of the grid \\[default: fit ~256 px]."),
     seed: int = typer.Option(0, help="Random seed."),
-    device: Device = "auto",
-    overwrite: Overwrite = False,
+    device: common.Device = "auto",
+    overwrite: common.Overwrite = False,
 ) -> None:
     """Draw images from the model and save them as a PNG grid a person can look at.
 
@@ -478,33 +393,23 @@ def sample(
 
       pixeldefend sample --model models/digits -n 16 --out grid.png
     """
-    import numpy as np
     import torch
 
-    from ..data import image_grid, save_npz
+    from ..data import save_grid, save_npz
     from ..detector import DensityDetector
+    from ..models.decoder import sample as fast_sample
     from ..outputs import check_files, input_paths
-    from ..purify import sample as fast_sample
 
     check_files((out, "--out"), (npz, "--npz"), inputs=input_paths(model),
                 overwrite=overwrite)
     detector = DensityDetector.load(model, device=device)
-    generator = torch.Generator().manual_seed(seed)
-    with make_progress() as progress:  # the cached decoder reports once per image row
-        task = progress.add_task("sample", total=detector.spec.height, status="")
-        images = fast_sample(detector.model, n, generator=generator, temperature=temperature,
-                             batch_size=n, progress=lambda: progress.update(task, advance=1))
     spec = detector.spec
-    zoom = scale or max(1, 256 // (int(np.ceil(np.sqrt(n))) * (spec.width + 1)))
-    grid = image_grid(images, spec.levels, scale=zoom)
-    from PIL import Image
-
-    from ..atomic import atomic_path
-
-    with atomic_path(out, suffix=".png") as tmp:
-        Image.fromarray(grid).save(tmp, format="PNG")
+    with common.ProgressBar("sample", spec.height) as bar:  # the decoder reports per image row
+        images = fast_sample(detector.model, n, torch.Generator().manual_seed(seed),
+                             temperature=temperature, batch_size=n, progress=bar.advance)
+    save_grid(out, images, spec.levels, scale)
     if npz is not None:
         save_npz(npz, images, spec.levels)
     bpd = detector.anomaly_score(images, "bpd")
-    out_console.print(f"wrote {out} ({n} samples, mean {bpd.mean():.3f} bits/dim)",
+    common.out_console.print(f"wrote {out} ({n} samples, mean {bpd.mean():.3f} bits/dim)",
                       highlight=False)

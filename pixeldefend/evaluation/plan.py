@@ -75,7 +75,8 @@ class EvaluateSettings:
             if name not in METHODS:
                 raise UsageError(f"unknown attack {name!r}: choose from {', '.join(METHODS)}")
         if not self.attacks and not self.adaptive_names:
-            raise UsageError("nothing to evaluate: give --attacks or --adaptive-attack")
+            raise UsageError("nothing to evaluate: give attacks or adaptive_attack",
+                             param=("attacks", "adaptive_attack"))
         for d in self.defences:
             if d not in DEFENCES:
                 raise UsageError(f"unknown defence {d!r}: choose from {', '.join(DEFENCES)}")
@@ -87,11 +88,12 @@ class EvaluateSettings:
                                  f"{', '.join(ADAPTIVE_ATTACKS)}, all or none")
         self.suite.attacks = tuple(a for a in SUITE_ATTACKS if a in self.adaptive_names)
         if self.eps_defend is not None and any(int(e) != e or e < 1 for e in self.eps_defend):
-            raise UsageError("--eps-defend takes positive whole pixel levels, e.g. 16,32")
+            raise UsageError("eps_defend takes positive whole pixel levels, e.g. 16,32",
+                             param="eps_defend")
         if self.bpda_steps < 1 or self.eot < 1:
-            raise UsageError("--bpda-steps and --eot must be at least 1")
+            raise UsageError("bpda_steps and eot must be at least 1", param=("bpda_steps", "eot"))
         if self.bpda_n is not None and self.bpda_n < 1:
-            raise UsageError("--bpda-n must be at least 1")
+            raise UsageError("bpda_n must be at least 1", param="bpda_n")
         if self.batch_size < 1 or self.purify_batch < 1:
             raise UsageError("batch sizes must be at least 1")
         return self
@@ -221,12 +223,12 @@ def eps_budgets(settings: EvaluateSettings, levels: int) -> list[tuple[str, Eps]
                     parse_eps(text, levels, settings.eps_levels)) for text in settings.eps]
     for text, b in budgets:
         if b.ball < 1:
-            raise UsageError(f"--eps {text} is {b.levels:.3g} levels of {levels}-level images, "
+            raise UsageError(f"eps {text} is {b.levels:.3g} levels of {levels}-level images, "
                              "less than one: a quantised attack cannot change a pixel (use a "
-                             "larger --eps, or --eps-levels)")
+                             "larger eps, or eps_levels)", param=("eps", "eps_levels"))
     if len({b.ball for _, b in budgets}) != len(budgets):
-        raise UsageError("two --eps values give the same whole-level ball: "
-                         + ", ".join(f"{t} -> {b.ball}" for t, b in budgets))
+        raise UsageError("two eps values give the same whole-level ball: "
+                         + ", ".join(f"{t} -> {b.ball}" for t, b in budgets), param="eps")
     return budgets
 
 
@@ -239,7 +241,8 @@ def plan_columns(settings: EvaluateSettings, eps_defend: list[int],
             continue
         if spec.gated and threshold is None:
             raise UsageError(f"{spec.label} needs the model's bits/dim calibration: run "
-                             f"`pixeldefend calibrate`, or leave {name} out of --defences")
+                             f"`pixeldefend calibrate`, or leave {name} out of defences",
+                             param="defences")
         columns += [(name, e) for e in eps_defend] if spec.purifies else [(name, None)]
     return columns
 
@@ -250,12 +253,12 @@ def make_plan(settings: EvaluateSettings, levels: int, n: int, threshold: float 
     budgets = eps_budgets(settings, levels)
     eps_defend = list(settings.eps_defend or default_eps_defend_list(levels))
     if any(e >= levels for e in eps_defend):
-        raise UsageError(f"--eps-defend must be below {levels} levels")
+        raise UsageError(f"eps_defend must be below {levels} levels", param="eps_defend")
     bpda_balls = {b.ball for _, b in budgets}
     if settings.bpda_eps is not None:
         bpda_balls = {parse_eps(t, levels, settings.eps_levels).ball for t in settings.bpda_eps}
         if bpda_balls - {b.ball for _, b in budgets}:
-            raise UsageError("--bpda-eps must be among the --eps values")
+            raise UsageError("bpda_eps must be among the eps values", param=("bpda_eps", "eps"))
     alpha_of = {b.ball: settings.bpda_alpha or default_alpha(level_fraction(b.ball, levels),
                                                              settings.bpda_steps)
                 for _, b in budgets}

@@ -244,7 +244,7 @@ def _notes(plan: Plan, has_worst_case: bool) -> list[str]:
     s = plan.settings
     notes = [OBLIVIOUS_NOTE]
     if not s.adaptive_names:
-        notes.append("No adaptive attack was run (--adaptive-attack none): this table does "
+        notes.append("No adaptive attack was run (adaptive_attack none): this table does "
                      "not evaluate the defence.")
     else:
         notes.append(

@@ -47,6 +47,13 @@ def error_rate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, lev
     return float((pred != labels.cpu()).float().mean())
 
 
+def error_count(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, levels: int,
+                batch_size: int = 512) -> int:
+    """Misclassified images (the training loop adds the counts of every rank)."""
+    pred = predict_logits(model, images, levels, batch_size).argmax(1)
+    return int((pred != labels.cpu()).sum())
+
+
 def train_classifier(
     model: ResNetClassifier,
     images: torch.Tensor,
@@ -72,13 +79,15 @@ def train_classifier(
     def loss_fn(m: nn.Module, batch: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         x = random_shift(to_float(batch, levels), pad)
         assert y is not None
-        return F.cross_entropy(m(x), y)
+        return F.cross_entropy(m(x).float(), y)  # float32 softmax whatever the precision
 
-    def evaluate(m: nn.Module) -> float:
-        return error_rate(m, val_images, val_labels, levels)
+    def evaluate(m: nn.Module, block: range) -> tuple[float, int]:
+        part = slice(block.start, block.stop)
+        return float(error_count(m, val_images[part], val_labels[part], levels)), len(block)
 
     return run_training(model, loss_fn, images, labels, evaluate, settings, device,
-                        checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
+                        checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
+                        val_size=len(val_images))
 
 
 # ------------------------------------------------------------------ the whole pipeline
@@ -102,7 +111,7 @@ class ClassifierPlan:
 def plan_classifier(train_set: ImageSet, val_set: ImageSet, test_set: ImageSet | None, *,
                     preset: str = "small", epochs: int | None = None, batch_size: int = 128,
                     lr: float = 3e-3, shift: int | None = None,
-                    seed: int = 0) -> ClassifierPlan:
+                    seed: int = 0, precision: str = "fp32") -> ClassifierPlan:
     """A seeded network sized for the data and the training settings: `epochs` defaults
     to 40 under 10,000 training images, else 10; the learning rate decays to 5% by the
     last epoch; `shift` defaults to `default_shift`."""
@@ -119,7 +128,8 @@ def plan_classifier(train_set: ImageSet, val_set: ImageSet, test_set: ImageSet |
     epochs = epochs or (40 if len(train_set) < SMALL_SET else 10)
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr,
                              lr_decay=round(0.05 ** (1 / max(1, epochs - 1)), 6),
-                             weight_decay=1e-4, grad_clip=5.0, seed=seed)
+                             weight_decay=1e-4, grad_clip=5.0, seed=seed,
+                             precision=precision)
     torch.manual_seed(seed)
     shift = default_shift(spec.height, spec.width) if shift is None else shift
     return ClassifierPlan(ResNetClassifier(cfg), settings, shift, train_set, val_set,
@@ -163,3 +173,69 @@ def fit_classifier(plan: ClassifierPlan, data: str, device: torch.device, *,
                      "shift": plan.shift, "history": result.history,
                      "parameters": count_parameters(model)},
     }
+
+
+def classifier_checkpoint(out: Path) -> Path:
+    """Where training a classifier bundle `out` checkpoints (beside it)."""
+    return out.with_name(out.name + ".checkpoint")
+
+
+def default_classifier_out(data: str) -> Path:
+    """runs/<data name>-classifier (untracked: never the shipped models/)."""
+    from ..data import parse_builtin
+
+    parsed = parse_builtin(data)
+    name = parsed[0] if parsed else Path(data.rstrip("/")).stem or "model"
+    return Path("runs") / f"{name}-classifier"
+
+
+def train_classifier_bundle(data: str = "digits", out: Path | None = None, *,
+                            val: str | None = None, test: str | None = None,
+                            preset: str = "small", epochs: int | None = None,
+                            batch_size: int = 128, lr: float = 3e-3, shift: int | None = None,
+                            seed: int = 0, device: str = "auto", precision: str = "fp32",
+                            resume: bool = False, data_root: str | None = None,
+                            download: bool = False, overwrite: bool = False, log: Any = None,
+                            progress: Any = None) -> dict[str, Any] | None:
+    """The `classifier train` pipeline: check the output, split the data, train with
+    checkpoints, write the bundle; returns the bundle path, metrics and sizes. `log`
+    receives one line describing the run before training starts. Under torchrun every rank
+    trains and rank 0 alone writes; the other ranks return None."""
+    from ..data import classifier_splits
+    from ..defaults import CLASSIFIER_PRESETS
+    from ..device import resolve_device
+    from ..distributed import is_main_process
+    from ..errors import UsageError
+    from ..outputs import check_checkpoint_dir, input_paths, prepare_dir
+    from ..precision import check_precision
+    from ..train import CHECKPOINT_FILES, remove_checkpoint
+    from .classifier import save_classifier
+
+    if preset not in CLASSIFIER_PRESETS:
+        raise UsageError(f"preset must be one of {', '.join(CLASSIFIER_PRESETS)}, not "
+                         f"{preset!r}", param="preset")
+    out = out or default_classifier_out(data)
+    prepare_dir(out, command="classifier train", inputs=input_paths(data, val, test, data_root),
+                overwrite=overwrite, bundle=True)
+    checkpoint = classifier_checkpoint(out)
+    check_checkpoint_dir(checkpoint, CHECKPOINT_FILES)
+    splits = classifier_splits(data, val, test, seed, data_root, download)
+    dev = resolve_device(device)
+    plan = plan_classifier(*splits, preset=preset, epochs=epochs, batch_size=batch_size,
+                           lr=lr, shift=shift, seed=seed,
+                           precision=check_precision(precision, dev))
+    train_set, val_set, test_set = splits
+    if log is not None:
+        log(f"data {data}: {len(train_set)} train, {len(val_set)} validation"
+            f"{f', {len(test_set)} test' if test_set is not None else ''} images, "
+            f"{train_set.spec.describe()}, {plan.model.config.num_classes} classes; preset "
+            f"{preset} ({count_parameters(plan.model):,} parameters), {plan.settings.epochs} "
+            f"epochs, shifts of up to {plan.shift} px, on {dev}")
+    meta = fit_classifier(plan, data, dev, checkpoint_dir=checkpoint, resume=resume,
+                          progress=progress)
+    if not is_main_process():
+        return None
+    save_classifier(out, plan.model, meta)
+    remove_checkpoint(checkpoint)
+    return {"bundle": str(out), **meta["metrics"], "n_test": meta["data"]["n_test"],
+            "parameters": count_parameters(plan.model)}
