@@ -25,6 +25,11 @@ def test_bench_json_on_the_shipped_digits_model(runner, repo, monkeypatch):
     assert row["identical"] is True and not row["reference_extrapolated"]
     assert abs(row["speedup_fast_vs_reference"] - row["reference_s"] / row["fast_s"]) < 1e-9
     assert row["peak_memory_mb"] > 10
+    # exact purification against the one-pass approximation, timed in the same run
+    assert abs(row["fast_over_approx"] - row["fast_s"] / row["approx_s"]) < 1e-9
+    assert abs(row["fast_over_score"] - row["fast_s"] / row["score_best_s"]) < 1e-9
+    assert row["score_best_s"] <= row["score_s"]
+    assert 0.0 <= row["approx_mismatch"] <= 1.0
     assert doc["system"]["threads"] >= 1 and doc["settings"]["reference_budget_s"] is None
     # --format csv: one real row per case (the shape as CxHxW, no dict reprs)
     (csv_row,) = csv.DictReader(io.StringIO(rows_to_csv(bench_rows(doc), BENCH_COLUMNS)))

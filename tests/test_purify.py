@@ -29,12 +29,14 @@ from pixeldefend.errors import DataError, UsageError
 from pixeldefend.models.pixelcnn import PixelCNN, PixelCNNConfig
 from pixeldefend.purify import (
     PurifiedClassifier,
+    box_argmax,
     cached_logits,
     choose,
     float64_copy,
     purify,
     purify_fast,
     purify_reference,
+    purify_single_pass,
     sample,
     scaled,
 )
@@ -559,6 +561,64 @@ def test_defend_pipeline_from_python(detector, digits):
     assert anomalous == sum(r["verdict"] == "anomalous" for r in result.rows)
     with pytest.raises(UsageError):
         defend(detector, clf, [], fail_on="sometimes")
+
+
+# ------------------------------------------------- the single-pass approximation
+
+
+def test_box_argmax_is_choose_for_every_sub_pixel():
+    """The windowed, batched rule equals `choose`, planted exact ties included."""
+    g = torch.Generator().manual_seed(0)
+    levels = 12
+    logits = torch.randint(0, 4, (40, levels), generator=g).double()  # many exact ties
+    orig = torch.randint(0, levels, (40,), generator=g)
+    for eps in (0, 1, 3, 20):
+        assert torch.equal(box_argmax(logits, orig, eps), choose(logits, orig, eps)), eps
+    # levels along another axis, as in the model's (N, levels, C, H, W) output
+    stacked = logits.view(5, 8, levels).permute(0, 2, 1)
+    assert torch.equal(box_argmax(stacked, orig.view(5, 8), 2),
+                       choose(logits, orig, 2).view(5, 8))
+
+
+def test_single_pass_is_the_box_argmax_of_one_forward_pass(trained_digits, digits):
+    x = noisy(digits[2].images[:6], 17, 3)
+    out = purify_single_pass(trained_digits, x, 2)
+    with torch.no_grad():
+        logits = trained_digits(x)  # (N, levels, C, H, W), conditioned on the input
+    flat = logits.movedim(1, -1).reshape(-1, 17)
+    expected = choose(flat, x.reshape(-1), 2).view(x.shape)
+    assert out.dtype == torch.uint8 and torch.equal(out.long(), expected)
+    # inexact: later pixels see unpurified earlier pixels, so it is not PixelDefend
+    assert not torch.equal(out, purify_reference(trained_digits, x, 2))
+
+
+def test_single_pass_is_exact_when_conditionals_ignore_the_past():
+    """With context-free logits there is nothing to condition on: one pass is exact."""
+    model = random_model("tiny", 1, 3, 4, 11)
+    with torch.no_grad():
+        model.channel_out[0].weight.zero_()
+        model.channel_out[0].bias.copy_(torch.linspace(0, 1, 11) ** 2)
+    x = random_images(3, 1, 3, 4, 11)
+    assert torch.equal(purify_single_pass(model, x, 2), purify_reference(model, x, 2))
+
+
+def test_near_tie_below_the_tolerance_goes_to_the_reference_and_is_counted():
+    """A margin of 1e-9 (not a tie, but under the fast decoder's 1e-8 tolerance): every
+    such decision is recomputed by the reference's own float64 pass, counted, and the
+    strictly larger value wins (the tie rule would pick the closer one)."""
+    model = random_model("tiny", 1, 2, 3, 11)
+    with torch.no_grad():
+        model.channel_out[0].weight.zero_()
+        model.channel_out[0].bias.fill_(-1.0)
+        model.channel_out[0].bias[3] = 0.0
+        model.channel_out[0].bias[7] = 1e-9
+    x = torch.tensor([[4, 5, 4], [2, 9, 5]], dtype=torch.uint8)[None, None].repeat(2, 1, 1, 1)
+    stats: dict = {}
+    out = purify_fast(model, x, 3, stats=stats)
+    assert torch.equal(out, purify_reference(model, x, 3))
+    both = ((x.long() - 3).abs() <= 3) & ((x.long() - 7).abs() <= 3)  # 4, 5 see 3 and 7
+    assert torch.equal(out[both], torch.full_like(out[both], 7))
+    assert stats["fallbacks"] == int(both.sum())
 
 
 def test_purify_to_folder_and_write_samples_work_from_python(tiny_bundle, tmp_path):

@@ -19,9 +19,9 @@ def bench_cmd(
         "--model", "-m", help="Digits model bundle for the first case (a small random "
         "model stands in if it is missing).")] = DEFAULT_MODEL,
     batch_size: int = typer.Option(64, min=1, help="Images per batch in every case."),
-    quick: Annotated[bool, common.flag("--quick", help="One timing per figure and a 4 s "
+    quick: Annotated[bool, common.flag("--quick", help="A 4 s "
                                 "reference budget per case (unless --reference-budget is "
-                                "given): about a minute in all.")] = False,
+                                "given): a couple of minutes in all.")] = False,
     cases: str = typer.Option(",".join(CASE_NAMES), help="Comma-separated cases to run."),
     reference_budget: float | None = typer.Option(
         None, min=0.0, help="Seconds of reference purification per case before "

@@ -26,9 +26,12 @@ class CachedDecoder:
     """Runs a `PixelCNN` one sub-pixel at a time with cached activations.
 
     Per row i (once rows < i are final): the vertical stack of every layer over the whole
-    row, one matmul of unfolded patches each, plus each pixel's horizontal `base`. Per
-    pixel: the horizontal stack layer by layer over the cached columns j-k//2..j, all skip
-    connections at once, the trunk, then the channel head channel by channel.
+    row and all images at once, one matmul per conv tap on contiguous blocks, plus each
+    pixel's horizontal `base`. Per pixel, all images at once: the horizontal stack layer
+    by layer over the cached columns j-k//2..j, all skip connections in one matmul, the
+    trunk, then the channel head channel by channel. Row results go to buffers reused
+    from row to row; per-pixel results are written in place into preallocated ones, so
+    the loop's cost is its matmuls plus a fixed number of small kernel calls per pixel.
     """
 
     def __init__(self, model: PixelCNN, dtype: torch.dtype = torch.float64) -> None:
@@ -57,8 +60,13 @@ class CachedDecoder:
         # only decided pixels are ever read
         xin = torch.zeros((n, H + r0, W + 2 * r0, C + 1), device=dev, dtype=dt)
         xin[:, r0:, r0:r0 + W, C] = 1.0
-        # vertical stack inputs per layer, channels-last, padded: rows +r, cols +r each side
-        vbuf = [torch.zeros((n, H + r, W + 2 * r, f), device=dev, dtype=dt) for _ in range(nl)]
+        # vertical stack inputs per layer: the last r+1 rows only, in a ring (padded row
+        # b, i.e. image row b - r, lives in slot b % (r+1); the zeros are the padding above
+        # row 0), cols +r each side, laid out (column, image, channel): a conv tap over a
+        # row of all images is then one contiguous block (see `GatedLayerSteps.row`), and
+        # the working set stays in cache
+        vbuf = [torch.zeros((r + 1, W + 2 * r, n, f), device=dev, dtype=dt)
+                for _ in range(nl)]
         # horizontal stack inputs (minus accumulated biases) of the current row: cols +r;
         # the r padding columns stay zero
         hbuf = [torch.zeros((n, W + r, f), device=dev, dtype=dt) for _ in range(nl)]
@@ -70,15 +78,15 @@ class CachedDecoder:
             patches = None
             if i > 0:
                 patches = xin[:, i - 1:i + r0].unfold(2, k0, 1)  # (n, r0+1, W, C+1, k0)
-                patches = patches.permute(0, 2, 1, 4, 3).reshape(n * W, -1)
+                patches = patches.permute(2, 0, 1, 4, 3).reshape(W * n, -1)
             v, base0 = steps.input_row(patches, n)
-            vbuf[0][:, i + r, r:r + W] = v.view(n, W, f)
+            slots = [b % (r + 1) for b in range(i, i + r + 1)]  # padded rows i..i+r
+            vbuf[0][slots[-1], r:r + W] = v.view(W, n, f)
             bases = []
             for li, layer in enumerate(layers):
-                patches = vbuf[li][:, i:i + r + 1].unfold(2, k, 1)  # (n, r+1, W, f, k)
-                patches = patches.permute(0, 2, 1, 4, 3).reshape(n * W, -1)
-                v_next = vbuf[li + 1][:, i + r, r:r + W] if li + 1 < nl else None
-                bases.append(layer.row(patches, vbuf[li][:, i + r, r:r + W], v_next))
+                v_next = vbuf[li + 1][slots[-1], r:r + W] if li + 1 < nl else None
+                bases.append(layer.row([vbuf[li][s] for s in slots],
+                                       vbuf[li][slots[-1], r:r + W], v_next))
             tick("rows")
             # ---------------- horizontal stack and head, pixel by pixel
             xrow = xin[:, i + r0]  # (n, W + 2 r0, C + 1)
@@ -97,7 +105,7 @@ class CachedDecoder:
                     tick("head")
                     value = decide(c, i, j, logits, x)
                     x[:, c, i, j] = value
-                    xrow[:, j + r0, c] = steps.table[value]
+                    xrow[:, j + r0, c] = steps.table.index_select(0, value)
                     tick("decide")
             if on_row is not None:
                 on_row(i)

@@ -24,6 +24,7 @@ run one image row or one pixel at a time: `PixelCNN.steps()` arranges them as ma
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -146,10 +147,14 @@ class GatedLayerSteps:
 
     def __init__(self, layer: GatedLayer, h_bias: torch.Tensor, width: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        self.f, r = layer.conv_v.in_channels, layer.k // 2
+        self.f, self.k, r = layer.conv_v.in_channels, layer.k, layer.k // 2
         f = self.f
+        self.dtype, self.device = dtype, device
+        self._buffers: dict[str, torch.Tensor] = {}
         self.w_v, self.b_v = conv_matrix(layer.conv_v, dtype, device), \
             _vector(layer.conv_v.bias, dtype, device)
+        # conv_v per tap (row dr, column dc), in order t = dr * k + dc: (f, 2f) each
+        self.w_v_taps = list(self.w_v.split(f))
         self.w_vout = conv_matrix(layer.v_out, dtype, device)
         self.b_vout = _vector(layer.v_out.bias, dtype, device)
         self.w_vh = conv_matrix(layer.v_to_h, dtype, device)
@@ -159,37 +164,58 @@ class GatedLayerSteps:
         # conv_h over (h~ + h_bias) with zero padding = conv_h over h~ + a per-column
         # constant: h_bias times the taps that fall on real columns (j - r + t >= 0)
         per_tap = torch.stack([h_bias @ self.w_h[t * f:(t + 1) * f] for t in range(r + 1)])
-        self.corr = torch.stack([per_tap[max(0, r - j):].sum(0) for j in range(width)])
+        corr = torch.stack([per_tap[max(0, r - j):].sum(0) for j in range(width)])
+        self.corr_base = corr + self.b_base  # (W, 2f): all a row's base adds per column
         self.w_hout = conv_matrix(layer.h_out, dtype, device)
         self.b_hout = _vector(layer.h_out.bias, dtype, device)
         self.w_skip = conv_matrix(layer.h_skip, dtype, device)
         self.b_skip = _vector(layer.h_skip.bias, dtype, device)
 
-    def row(self, patches: torch.Tensor, v: torch.Tensor, v_next: torch.Tensor | None,
-            ) -> torch.Tensor:
-        """The vertical stack over one row. `patches` (n W, (r+1) k f): unfolded input
-        rows i-r..i; `v` (n, W, f): the input row i. Writes `v + v_out(gate(v_pre))` into
-        `v_next` (the next layer's input row; None for the last layer, which needs none)
-        and returns the row's per-pixel horizontal base (W, n, 2f): v_to_h(v_pre) and the
-        biases of conv_h."""
-        n, width, f = v.shape
-        v_pre = torch.addmm(self.b_v, patches, self.w_v)  # (n W, 2f)
+    def row(self, rows: Sequence[torch.Tensor], v: torch.Tensor,
+            v_next: torch.Tensor | None) -> torch.Tensor:
+        """The vertical stack over one row, all images at once. `rows`: the r+1 input rows
+        i-r..i, each (W+2r, n, f), padded and laid out (column, image, channel) so that
+        every tap of `conv_v` reads one contiguous (W n, f) block: one matmul per tap, no
+        unfolded copy. `v` (W, n, f): the input row i. Writes `v + v_out(gate(v_pre))`
+        into `v_next` (W, n, f; the next layer's input row; None for the last layer, which
+        needs none) and returns the row's per-pixel horizontal base (W, n, 2f):
+        v_to_h(v_pre) plus the biases of conv_h."""
+        width, n, f = v.shape
+        m = width * n
+        # results go to buffers reused row after row (a fresh large tensor per row costs
+        # page faults), biases are added after the matmuls (addmm would first copy a
+        # broadcast bias into its result, which costs more than the add); the returned
+        # base is valid until the next call
+        v_pre = torch.mm(rows[0][:width].reshape(m, f), self.w_v_taps[0],
+                         out=self._buffer("v_pre", (m, 2 * f)))
+        for t in range(1, len(self.w_v_taps)):
+            dr, dc = divmod(t, self.k)
+            v_pre.addmm_(rows[dr][dc:dc + width].reshape(m, f), self.w_v_taps[t])
+        v_pre += self.b_v
         if v_next is not None:
-            gv = torch.tanh(v_pre[:, :f]) * torch.sigmoid(v_pre[:, f:])
-            out = torch.addmm(self.b_vout, gv, self.w_vout).view(n, width, f)
-            torch.add(v, out, out=v_next)
-        base = torch.addmm(self.b_base, v_pre, self.w_vh).view(n, width, 2 * f)
-        return (base + self.corr).transpose(0, 1).contiguous()
+            gv = torch.tanh(v_pre[:, :f], out=self._buffer("gv", (m, f)))
+            gv.mul_(torch.sigmoid(v_pre[:, f:], out=self._buffer("sig", (m, f))))
+            out = torch.addmm(v.reshape(m, f), gv, self.w_vout, out=v_next.view(m, f))
+            out += self.b_vout
+        base = torch.mm(v_pre, self.w_vh, out=self._buffer("base", (m, 2 * f)))
+        return base.view(width, n, 2 * f).add_(self.corr_base.unsqueeze(1))
+
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or tuple(buf.shape) != shape:
+            buf = self._buffers[name] = torch.empty(shape, dtype=self.dtype,
+                                                    device=self.device)
+        return buf
 
     def pixel(self, window: torch.Tensor, base: torch.Tensor, g: torch.Tensor,
               h: torch.Tensor, h_next: torch.Tensor | None) -> None:
         """The horizontal stack at one pixel. `window` (n, (r+1) f): input columns j-r..j;
-        `base` (n, 2f): the row's base at j; `h` (n, f): the input at j. Writes the gated
-        unit into `g` (n, f; the skip connections read it) and `h + h_out(g)` into `h_next`
-        unless None."""
+        `base` (n, 2f): the row's base at j, overwritten (each pixel's base is used once);
+        `h` (n, f): the input at j. Writes the gated unit into `g` (n, f; the skip
+        connections read it) and `h + h_out(g)` into `h_next` unless None."""
         f = self.f
-        pre = torch.addmm(base, window, self.w_h)
-        torch.mul(torch.tanh(pre[:, :f]), torch.sigmoid(pre[:, f:]), out=g)
+        pre = base.addmm_(window, self.w_h)
+        torch.mul(pre[:, :f].tanh_(), pre[:, f:].sigmoid_(), out=g)
         if h_next is not None:
             torch.addmm(h, g, self.w_hout, out=h_next)
 
@@ -332,19 +358,20 @@ class PixelCNNSteps:
 
     def input_row(self, patches: torch.Tensor | None, n: int) -> tuple[torch.Tensor,
                                                                           torch.Tensor]:
-        """The first vertical conv over one row, down-shifted: `patches` (n W, (r0+1) k0
-        (C+1)) are the unfolded input rows i-1-r0..i-1 (None for row 0, which sees only
-        padding). Returns v (n W, f) and the row's horizontal base (W, n, f):
-        in_v_to_h(v) plus in_h's bias (not at column 0, which the right shift pads)."""
+        """The first vertical conv over one row, down-shifted: `patches` (W n, (r0+1) k0
+        (C+1)), ordered column-major over (column, image), are the unfolded input rows
+        i-1-r0..i-1 (None for row 0, which sees only padding). Returns v (W n, f) and the
+        row's horizontal base (W, n, f): in_v_to_h(v) plus in_h's bias (not at column 0,
+        which the right shift pads)."""
         cfg = self.config
         width, f = cfg.width, cfg.filters
         if patches is None:
-            v = torch.zeros((n * width, f), device=self.device, dtype=self.dtype)
+            v = torch.zeros((width * n, f), device=self.device, dtype=self.dtype)
         else:
             v = torch.addmm(self.b_in_v, patches, self.w_in_v)
-        base = torch.addmm(self.b_in_vh, v, self.w_in_vh).view(n, width, f)
-        base[:, 1:] += self.b_in_h
-        return v, base.transpose(0, 1).contiguous()
+        base = torch.addmm(self.b_in_vh, v, self.w_in_vh).view(width, n, f)
+        base[1:] += self.b_in_h
+        return v, base
 
     def input_pixel(self, window: torch.Tensor | None, base: torch.Tensor,
                     out: torch.Tensor) -> None:
@@ -365,4 +392,4 @@ class PixelCNNSteps:
         context and the network inputs of channels < c (`xs_prev`, (n, c))."""
         z = ctx if c == 0 else torch.addmm(ctx, xs_prev, self.w_cin[c])
         z = F.elu(torch.addmm(self.b_mid[c], F.elu(z), self.w_mid[c]))
-        return torch.addmm(self.b_out[c], z, self.w_out[c])
+        return torch.mm(z, self.w_out[c]).add_(self.b_out[c])  # cheaper than a broadcast copy
