@@ -484,6 +484,16 @@ def _scaling_worker(rank: int, world: int, tmp: str, settings: ScalingSettings) 
             torch.distributed.destroy_process_group()
 
 
+def parse_cases(text: str) -> tuple[str, ...]:
+    """'digits,28x28x1' -> the cases to run, in that order (at least one; known names)."""
+    chosen = tuple(c.strip() for c in text.split(",") if c.strip())
+    unknown = [c for c in chosen if c not in CASE_NAMES]
+    if unknown or not chosen:
+        raise UsageError(f"cases takes {', '.join(CASE_NAMES)}, not {', '.join(unknown)}",
+                         param="cases")
+    return chosen
+
+
 def parse_ranks(text: str) -> tuple[int, ...]:
     """'1,2' -> (1, 2); '' or '0' -> () (skip the scaling runs)."""
     try:

@@ -156,6 +156,57 @@ def summarise_purify(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+@dataclass
+class PurifyRun:
+    """What `purify_to_folder` did: the manifest (None on torchrun's other ranks, which
+    write nothing), its rows and the number of unreadable inputs over every rank."""
+
+    document: dict[str, Any] | None
+    rows: list[dict[str, Any]]
+    errors: int
+
+
+def purify_to_folder(paths: list[str], out: Path, model: Path, *,
+                     eps_defend: int | None = None, adaptive: bool = False, fast: bool = True,
+                     batch_size: int = DEFAULT_BATCH, device: str = "auto",
+                     resize: bool = False, grayscale: bool = False,
+                     data_root: str | None = None, overwrite: bool = False,
+                     shard: str | None = None, workers: int = 0,
+                     progress: Callable[[int], None] | None = None,
+                     on_total: Callable[[int], None] | None = None) -> PurifyRun:
+    """`pixeldefend purify`: purified copies of the inputs in `out` (same names, lossless
+    formats) plus out/manifest.json. `out` must be new or a folder pixeldefend made (then
+    `overwrite` clears it); `shard` ("I/N") or torchrun ranks split the inputs."""
+    from .atomic import write_json
+    from .outputs import PurifyOutputs, clear_dir, input_paths, prepare_dir
+    from .rendering import json_safe
+    from .sharding import join
+
+    out_dir = prepare_dir(out, command="purify", overwrite=overwrite,
+                          inputs=input_paths(paths, model, data_root))
+    sharding = join(device, shard)  # torchrun's ranks meet here, after the output checks
+    detector, eps = load_for_purify(model, sharding.device, eps_defend=eps_defend,
+                                    need_threshold=adaptive)
+    stream = open_stream(paths, detector, resize=resize, grayscale=grayscale,
+                         data_root=data_root, workers=workers, sharding=sharding)
+    plan = PurifyOutputs.plan(paths, out, detector.spec.levels)
+    if sharding.writes:
+        clear_dir(out_dir)  # ours (marker) and --overwrite: no stale copies of an earlier run
+        out_dir.mark()
+    if on_total is not None:
+        on_total(len(stream))
+    rows = purify_rows(detector, stream.batches(batch_size), eps, adaptive, fast=fast,
+                       keep=plan.add, progress=progress, sharding=sharding)
+    errors = sharding.agree(sum(r["error"] is not None for r in rows))  # rank 0 has all rows
+    if not sharding.writes:
+        return PurifyRun(None, rows, errors)
+    plan.flush()
+    doc = purify_document(model, detector, eps, adaptive, rows,
+                          implementation="fast" if fast else "reference", out=str(out))
+    write_json(out / "manifest.json", json_safe(doc))
+    return PurifyRun(doc, rows, errors)
+
+
 # -------------------------------------------------------------------------- defend
 
 
@@ -270,3 +321,50 @@ def defend_document(model: Path, classifier: str, detector: DensityDetector, eps
             "summary": result.summary,
             "gate": {"failed": result.gate_failed, "reasons": result.gate_reasons},
             "images": result.rows}
+
+
+@dataclass
+class DefendRun:
+    """What `defend_inputs` did: the result, its JSON document and whether this process
+    writes the output (False on torchrun's other ranks)."""
+
+    result: DefendResult
+    document: dict[str, Any]
+    writes: bool = True
+
+
+def defend_inputs(paths: list[str], classifier: str, model: Path, *,
+                  eps_defend: int | None = None, adaptive: bool = False,
+                  fail_on: str = "none", mean: list[float] | None = None,
+                  std: list[float] | None = None, batch_size: int = DEFAULT_BATCH,
+                  device: str = "auto", resize: bool = False, grayscale: bool = False,
+                  data_root: str | None = None, trust_code: bool = False,
+                  output: Path | None = None, overwrite: bool = False,
+                  shard: str | None = None, workers: int = 0,
+                  progress: Callable[[int], None] | None = None,
+                  on_total: Callable[[int], None] | None = None) -> DefendRun:
+    """`pixeldefend defend`: check `output` (before any work), load the bundle and the
+    classifier (`mean`/`std`: the normalisation it expects), then `defend` the inputs;
+    `shard` ("I/N") or torchrun ranks split them."""
+    from .models.loading import load_classifier
+    from .outputs import check_files, input_paths
+    from .sharding import join
+
+    check_files((output, "--output"), overwrite=overwrite,
+                inputs=input_paths(paths, model, classifier, data_root))
+    sharding = join(device, shard)  # torchrun's ranks meet here, after the output checks
+    detector, eps = load_for_purify(model, sharding.device, eps_defend=eps_defend,
+                                    need_threshold=adaptive or fail_on != "none")
+    loaded = load_classifier(classifier, device=sharding.device, mean=mean, std=std,
+                             input_shape=detector.spec.shape, trust_code=trust_code)
+    stream = open_stream(paths, detector, resize=resize, grayscale=grayscale,
+                         data_root=data_root, workers=workers)
+    classes = loaded.classes or stream.classes
+    sharding.split(stream)  # after the classes: every rank names them alike
+    if on_total is not None:
+        on_total(len(stream))
+    result = defend(detector, loaded, stream.batches(batch_size), eps, adaptive=adaptive,
+                    fail_on=fail_on, classes=classes, batch_size=batch_size,
+                    progress=progress, sharding=sharding)
+    doc = defend_document(model, classifier, detector, eps, adaptive, classes, result)
+    return DefendRun(result, doc, sharding.writes)

@@ -5,7 +5,7 @@ class PixelDefendError(Exception):
     """Base class: a problem the user can fix (bad input, bad usage, bad bundle).
 
     `param` names the Python parameter (or a tuple of them) the message refers to by
-    that name; the CLI shows it as its flag (`cli.common.cli_message`)."""
+    that name; the CLI shows it as its flag (`rendering.cli_message`)."""
 
     def __init__(self, message: str = "", param: str | tuple[str, ...] | None = None) -> None:
         super().__init__(message)

@@ -65,6 +65,18 @@ class GatePolicy:
         """Does a single anomalous image fail the gate?"""
         return self.fail_on_anomalous and not self.batch_test
 
+    @classmethod
+    def from_options(cls, fail_on: str = "none", **options: Any) -> GatePolicy:
+        """The policy `score` and `merge` take as options: `fail_on` is "none" or
+        "anomalous" (GATE_CHOICES); `options` the other fields."""
+        from .defaults import GATE_CHOICES
+        from .errors import UsageError
+
+        if fail_on not in GATE_CHOICES:
+            raise UsageError(f"fail_on must be one of {', '.join(GATE_CHOICES)}, not "
+                             f"{fail_on!r}", param="fail_on")
+        return cls(fail_on_anomalous=fail_on == "anomalous", **options)
+
 
 @dataclass
 class Tally:

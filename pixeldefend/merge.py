@@ -43,7 +43,7 @@ class MergedScores:
     """All shards' rows in order, the recomputed gate, and the JSON document (when the
     shards wrote JSON)."""
 
-    fmt: str
+    fmt: str  # the output format: as asked, else the shards'
     run: ScoreRun
     document: dict[str, Any] | None = None
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -79,9 +79,16 @@ def read_shard_output(path: Path) -> ShardOutput:
 
 def merge_score_outputs(paths: Sequence[str | Path], policy: GatePolicy | None = None, *,
                         model: str | Path | None = None, resamples: int = 1000,
-                        seed: int = 0) -> MergedScores:
+                        seed: int = 0, fmt: str | None = None, output: Path | None = None,
+                        overwrite: bool = False) -> MergedScores:
     """Concatenate the shards' rows (give them in shard order: 0/N, 1/N, ...) and decide
-    the gate over all of them. `model`: the bundle, needed by `policy.batch_test`."""
+    the gate over all of them. `model`: the bundle, needed by `policy.batch_test`; `fmt`:
+    the format to write (default: the shards'; table and json need JSON shards);
+    `output`: checked before anything is read (never a shard, `overwrite` to replace)."""
+    from .outputs import check_files, input_paths
+
+    check_files((output, "--output"), inputs=input_paths(*map(str, paths)),
+                overwrite=overwrite)
     policy = policy or GatePolicy()
     shards = [read_shard_output(Path(p)) for p in paths]
     if not shards:
@@ -90,7 +97,7 @@ def merge_score_outputs(paths: Sequence[str | Path], policy: GatePolicy | None =
     if len(formats) > 1:
         raise UsageError(f"shard outputs mix formats ({', '.join(sorted(formats))}): "
                          "merge outputs of one format")
-    fmt = formats.pop()
+    fmt = fmt or formats.pop()
     docs = [s.document for s in shards if s.document is not None]
     header = _common_header(docs, shards) if docs else None
     kind = header["score_kind"] if header else "score"
@@ -111,6 +118,8 @@ def merge_score_outputs(paths: Sequence[str | Path], policy: GatePolicy | None =
         if policy.batch_test:
             document["batch_test"] = run.batch_test
         document["gate"] = run.result.to_dict()
+    elif fmt in ("json", "table"):
+        raise UsageError(f"fmt {fmt} needs shard outputs in JSON", param="fmt")
     return MergedScores(fmt, run, document, run.rows)
 
 

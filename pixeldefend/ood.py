@@ -323,6 +323,42 @@ def evaluate_ood(detector: DensityDetector, in_set: ImageSet, out_sets: dict[str
     return report
 
 
+def run_ood_benchmark(model: Path, *, in_spec: str | None = None, out_sets: str = "",
+                      n: int = 1000, kinds: str | None = None, seed: int = 0,
+                      out: Path | None = None, batch_size: int = 256, device: str = "auto",
+                      data_root: str | None = None, download: bool = False,
+                      overwrite: bool = False, log: Callable[[str], None] = print,
+                      progress: Callable[[str, int], None] | None = None,
+                      on_total: Callable[[int], None] | None = None
+                      ) -> tuple[OODReport, list[Path]]:
+    """`pixeldefend evaluate-ood`: check `out` (before any work), load the bundle, build
+    the sets (`benchmark_sets`), score them with each of the comma-separated `kinds`
+    (default: every kind the bundle supports), compare, and write the report into `out`
+    (emptied first: a folder pixeldefend made). Returns the report and the files."""
+    from .outputs import clear_dir, input_paths, prepare_dir
+
+    out_dir = None if out is None else prepare_dir(
+        out, command="evaluate-ood", overwrite=overwrite,
+        inputs=input_paths(model, in_spec, [v.strip() for v in out_sets.split(",")], data_root))
+    detector = DensityDetector.load(model, device=device, batch_size=batch_size)
+    chosen = [k.strip() for k in (kinds or "").split(",") if k.strip()] or \
+        list(detector.available_kinds)
+    for kind in chosen:
+        detector.check_kind(kind)
+    in_set, sets = benchmark_sets(detector, in_spec, out_sets, n, seed, data_root, download,
+                                  model)
+    log(f"in: {in_set.source} ({len(in_set)} images); out: "
+        + ", ".join(f"{k} ({len(v)})" for k, v in sets.items()) + f"; scores: {', '.join(chosen)}")
+    if on_total is not None:
+        on_total(len(in_set) + sum(map(len, sets.values())))
+    report = evaluate_ood(detector, in_set, sets, chosen, model=str(model), progress=progress)
+    if out_dir is None:
+        return report, []
+    clear_dir(out_dir)
+    out_dir.mark()
+    return report, write_report(report, out)
+
+
 # --------------------------------------------------------------------------- report
 
 

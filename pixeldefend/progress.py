@@ -69,27 +69,31 @@ def _force_progress() -> bool:
 
 class ProgressBar:
     """One Rich bar on stderr; `advance` is the `progress(k)` callback the library's
-    pipelines take, `set_total` their `on_total(n)`."""
+    pipelines take, `set_total` their `on_total(n)`. The bar appears with the first
+    report, so a command that stops at a usage error draws no empty bar."""
 
     def __init__(self, label: str, total: float | None = None) -> None:
         self.progress, self.label, self.total = make_progress(), label, total
         self.task: TaskID | None = None
 
     def __enter__(self) -> ProgressBar:
-        self.progress.__enter__()
-        self.task = self.progress.add_task(self.label, total=self.total, status="")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
+        if self.task is not None:
+            self.progress.__exit__(*exc)
+
+    def _task(self) -> TaskID:
+        if self.task is None:
+            self.progress.__enter__()
+            self.task = self.progress.add_task(self.label, total=self.total, status="")
+        return self.task
 
     def advance(self, k: float = 1, status: str = "") -> None:
-        assert self.task is not None
-        self.progress.update(self.task, advance=k, status=status)
+        self.progress.update(self._task(), advance=k, status=status)
 
     def set_total(self, n: float) -> None:
-        assert self.task is not None
-        self.progress.update(self.task, total=n)
+        self.progress.update(self._task(), total=n)
 
 
 class RichTrainProgress:

@@ -11,17 +11,66 @@ import csv
 import io
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.console import Console
 from rich.table import Table
+
+from .progress import err_console
 
 if TYPE_CHECKING:
     from .ood import OODReport
 
 FORMATS = ("table", "json", "jsonl", "csv")
+
+
+# Library text names Python parameters (`fpr`, `resize=True`); the command line shows
+# them as flags (`--fpr`, `--resize`). The parameters whose flag is not `--` plus the
+# dashed name:
+FLAG_OF_PARAM = {"kind": "--score", "score_kind": "--score", "l2": "--l2",
+                 "factory_weights": "--classifier-weights", "in_spec": "--in",
+                 "fmt": "--format"}
+
+
+def option_flag(param: str) -> str:
+    """The flag that sets the library parameter `param` (`fpr` -> `--fpr`)."""
+    return FLAG_OF_PARAM.get(param, "--" + param.replace("_", "-"))
+
+
+def cli_text(text: str, params: str | tuple[str, ...] | None = ()) -> str:
+    """Library text as the command line says it: each Python parameter in `params`, and
+    every `name=True` (an on/off parameter), shown as its flag (`fpr` -> `--fpr`)."""
+    text = re.sub(r"(?<![\w-])([a-z][a-z0-9_]*)=True(?![\w-])",
+                  lambda m: option_flag(m[1]), text)
+    for param in (params,) if isinstance(params, str) else params or ():
+        text = re.sub(rf"(?<![\w-]){re.escape(param)}(?![\w-])",
+                      lambda _, f=option_flag(param): f, text)
+    return text
+
+
+def cli_message(exc: Exception) -> str:
+    """A library error's message, with the parameters it names (`param`, an output's
+    leading `label`) as flags."""
+    message, label = str(exc), getattr(exc, "label", None)
+    if label and not label.startswith("-") and message.startswith(label + " "):
+        message = option_flag(label) + message[len(label):]
+    return cli_text(message, getattr(exc, "param", None))
+
+
+def cli_strings(value: Any) -> Any:
+    """`cli_text` on every string of a result document or row (per-file errors, gate
+    reasons) before it is shown."""
+    if isinstance(value, str):
+        return cli_text(value)
+    if isinstance(value, dict):
+        return {k: cli_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [cli_strings(v) for v in value]
+    return value
 
 
 def json_safe(value: Any) -> Any:
@@ -418,3 +467,34 @@ def evaluation_renderables(results: dict[str, Any]) -> list[Table | str]:
             *(f"• {line}" for line in headline(results)),
             evaluation_table(detection_table(results), "detection by bits/dim"),
             *(line for line in sanity_lines(results) if not line.startswith("SANITY"))]
+
+
+# ------------------------------------------------------------- the CLI's stdout
+
+# results on a pipe or file are not squeezed into 80 columns
+out_console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+
+
+def emit(fmt: str, doc: dict[str, Any], rows: list[dict[str, Any]], columns: list[str],
+         table: Callable[[dict[str, Any]], Table | str], output: Path | None = None) -> None:
+    """The CLI's results in the chosen format (a FORMATS name) on stdout or, atomically,
+    in `output`; library text in them (per-file errors, gate reasons) names flags."""
+    fmt, doc, rows = getattr(fmt, "value", fmt), cli_strings(doc), cli_strings(rows)
+    if fmt == "table" and output is None:
+        out_console.print(table(doc))
+        return
+    write_result(render_text(fmt, doc, rows, columns, table), output)
+    if output is not None:
+        err_console.print(f"wrote {output}")
+
+
+class RowStream(RowWriter):
+    """`RowWriter` whose rows name flags (`cli_strings`) and which says what it wrote."""
+
+    def __init__(self, fmt: str, columns: list[str], output: Path | None) -> None:
+        super().__init__(getattr(fmt, "value", fmt), columns, output, prepare=cli_strings)
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        if self.output is not None and exc[0] is None:
+            err_console.print(f"wrote {self.output}", highlight=False)

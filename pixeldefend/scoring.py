@@ -99,6 +99,34 @@ def check_gate(detector: DensityDetector, kind: str | None, policy: GatePolicy,
     return kind, cal
 
 
+def prepare_score(inputs: Sequence[str], model: Path, *, output: Path | None = None,
+                  junit: Path | None = None, heatmaps: Path | None = None,
+                  overwrite: bool = False, device: str = "auto", shard: str | None = None,
+                  batch_size: int = 256, precision: str = "fp32"
+                  ) -> tuple[DensityDetector, Sharding]:
+    """Before `score_inputs`: check every output (never an input, never a file
+    pixeldefend did not make unless `overwrite` may replace it), join torchrun's ranks or
+    take `shard` ("I/N"), load the detector in `precision`, and give the process that
+    writes a fresh, marked `heatmaps` folder."""
+    from .detector import DensityDetector
+    from .outputs import check_files, clear_dir, input_paths, prepare_dir
+    from .precision import check_precision
+    from .sharding import join
+
+    paths = input_paths(list(inputs), model)
+    check_files((output, "--output"), (junit, "--junit"), inputs=paths, overwrite=overwrite)
+    heatmap_dir = None if heatmaps is None else prepare_dir(
+        heatmaps, command="score --heatmap", inputs=paths, overwrite=overwrite,
+        option="--heatmap")
+    sharding = join(device, shard)  # torchrun's ranks meet here, after every output check
+    detector = DensityDetector.load(model, device=sharding.device, batch_size=batch_size)
+    detector.precision = check_precision(precision, detector.device)
+    if heatmap_dir is not None and sharding.writes:
+        clear_dir(heatmap_dir)
+        heatmap_dir.mark()
+    return detector, sharding
+
+
 def score_inputs(detector: DensityDetector, inputs: Sequence[str],
                  policy: GatePolicy | None = None, *, kind: str | None = None,
                  model: Path | str = "the bundle", batch_size: int = 256,

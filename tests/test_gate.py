@@ -66,3 +66,16 @@ def test_junit_has_a_failure_or_error_exactly_when_the_exit_code_is_not_zero(
 def test_xml_safe_escapes_control_characters_and_undecodable_bytes():
     assert xml_safe("a\x1bb\udcffc\x00") == "a\\x1bb\\xffc\\x00"
     assert xml_safe("tab\tnewline\n ok é") == "tab\tnewline\n ok é"
+
+
+def test_policy_from_options_reads_fail_on_and_rejects_unknown_choices():
+    from pixeldefend.errors import UsageError
+    from pixeldefend.gate import GatePolicy
+
+    policy = GatePolicy.from_options("anomalous", max_anomalous_fraction=0.1,
+                                     skip_unreadable=True)
+    assert (policy.fail_on_anomalous, policy.max_anomalous_fraction,
+            policy.skip_unreadable, policy.batch_test) == (True, 0.1, True, False)
+    assert not GatePolicy.from_options().active
+    with pytest.raises(UsageError, match="fail_on must be one of"):
+        GatePolicy.from_options("anything")

@@ -619,3 +619,19 @@ def test_near_tie_below_the_tolerance_goes_to_the_reference_and_is_counted():
     both = ((x.long() - 3).abs() <= 3) & ((x.long() - 7).abs() <= 3)  # 4, 5 see 3 and 7
     assert torch.equal(out[both], torch.full_like(out[both], 7))
     assert stats["fallbacks"] == int(both.sum())
+
+
+def test_purify_to_folder_and_write_samples_work_from_python(tiny_bundle, tmp_path):
+    """The library functions behind `purify` and `sample`, without the CLI."""
+    import json
+
+    from pixeldefend.defend import purify_to_folder
+    from pixeldefend.sampling import write_samples
+
+    run = purify_to_folder(["digits:test[:3]"], tmp_path / "pur", tiny_bundle, eps_defend=1)
+    assert run.errors == 0 and run.document is not None and len(run.rows) == 3
+    manifest = json.loads((tmp_path / "pur" / "manifest.json").read_text())
+    assert manifest["summary"]["n"] == 3 and manifest["eps_defend"] == 1
+    bpd = write_samples(tiny_bundle, tmp_path / "grid.png", 2, npz=tmp_path / "s.npz")
+    assert (tmp_path / "grid.png").stat().st_size > 0 and (tmp_path / "s.npz").exists()
+    assert bpd > 0

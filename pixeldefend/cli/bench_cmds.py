@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from ..defaults import CASE_NAMES, DEFAULT_MODEL
-from ..errors import UsageError
 from . import common
 from .app import app
 
@@ -59,14 +58,11 @@ def bench_cmd(
 
       pixeldefend bench --cases 28x28x1 --batch-size 64 --format json -o bench.json
     """
-    from ..bench import BenchSettings, parse_ranks, run_bench, run_training_scaling
+    from ..bench import BenchSettings, parse_cases, parse_ranks, run_bench, run_training_scaling
     from ..outputs import check_files, input_paths
     from ..rendering import BENCH_COLUMNS, bench_rows, bench_table
 
-    chosen = tuple(c.strip() for c in cases.split(",") if c.strip())
-    unknown = [c for c in chosen if c not in CASE_NAMES]
-    if unknown or not chosen:
-        raise UsageError(f"--cases takes {', '.join(CASE_NAMES)}, not {', '.join(unknown)}")
+    chosen = parse_cases(cases)
     check_files((output, "--output"), inputs=input_paths(model), overwrite=overwrite)
     settings = BenchSettings(batch_size=batch_size, quick=quick, threads=threads,
                              reference_budget=reference_budget, train_step=train_step,

@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from ..defaults import DEFAULT_CLASSIFIER, GATE_CHOICES
 from ..errors import PixelDefendError, UsageError
@@ -25,12 +23,14 @@ from ..progress import ProgressBar as ProgressBar
 from ..progress import RichTrainProgress as RichTrainProgress
 from ..progress import err_console
 from ..ranks import follower_rank, leave_together, silence_stdout
-from ..rendering import RowWriter, render_text, write_result
+from ..rendering import RowStream as RowStream
+from ..rendering import cli_message as cli_message
+from ..rendering import cli_strings as cli_strings
+from ..rendering import cli_text as cli_text
+from ..rendering import emit as emit
+from ..rendering import out_console as out_console
 from ..scores import SCORES
 from ..threads import apply_threads
-
-# results on a pipe or file are not squeezed into 80 columns
-out_console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INTERRUPT = 0, 1, 2, 130
 
@@ -161,48 +161,6 @@ def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
     return typer.Exit(code)
 
 
-# library parameters whose flag is not `--` plus the dashed name
-FLAG_OF_PARAM = {"kind": "--score", "score_kind": "--score", "l2": "--l2",
-                 "factory_weights": "--classifier-weights", "in_spec": "--in"}
-
-
-def option_flag(param: str) -> str:
-    """The flag that sets the library parameter `param` (`fpr` -> `--fpr`)."""
-    return FLAG_OF_PARAM.get(param, "--" + param.replace("_", "-"))
-
-
-def cli_text(text: str, params: str | tuple[str, ...] | None = ()) -> str:
-    """Library text as the command line says it: each Python parameter in `params`, and
-    every `name=True` (an on/off parameter), shown as its flag (`fpr` -> `--fpr`)."""
-    text = re.sub(r"(?<![\w-])([a-z][a-z0-9_]*)=True(?![\w-])",
-                  lambda m: option_flag(m[1]), text)
-    for param in (params,) if isinstance(params, str) else params or ():
-        text = re.sub(rf"(?<![\w-]){re.escape(param)}(?![\w-])",
-                      lambda _, f=option_flag(param): f, text)
-    return text
-
-
-def cli_message(exc: PixelDefendError) -> str:
-    """A library error's message, with the parameters it names (`param`, an output's
-    leading `label`) as flags."""
-    message, label = str(exc), getattr(exc, "label", None)
-    if label and not label.startswith("-") and message.startswith(label + " "):
-        message = option_flag(label) + message[len(label):]
-    return cli_text(message, getattr(exc, "param", None))
-
-
-def cli_strings(value: Any) -> Any:
-    """`cli_text` on every string of a result document or row (per-file errors, gate
-    reasons) before it is shown."""
-    if isinstance(value, str):
-        return cli_text(value)
-    if isinstance(value, dict):
-        return {k: cli_strings(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [cli_strings(v) for v in value]
-    return value
-
-
 def warn(message: str) -> None:
     err_console.print(f"[yellow]warning[/]: {message}", highlight=False)
 
@@ -247,31 +205,6 @@ def handle_errors(func: F) -> F:
         return result
 
     return wrapper  # type: ignore[return-value]
-
-
-def emit(fmt: OutputFormat, doc: dict[str, Any], rows: list[dict[str, Any]], columns: list[str],
-         table: Callable[[dict[str, Any]], Table | str], output: Path | None = None) -> None:
-    """Write results in the chosen format to stdout or, atomically, to `output`; library
-    text in them (per-file errors, gate reasons) names flags, not parameters."""
-    doc, rows = cli_strings(doc), cli_strings(rows)
-    if fmt == OutputFormat.table and output is None:
-        out_console.print(table(doc))
-        return
-    write_result(render_text(fmt.value, doc, rows, columns, table), output)
-    if output is not None:
-        err_console.print(f"wrote {output}")
-
-
-class RowStream(RowWriter):
-    """`RowWriter` whose rows name flags (`cli_strings`) and which says what it wrote."""
-
-    def __init__(self, fmt: OutputFormat, columns: list[str], output: Path | None) -> None:
-        super().__init__(fmt.value, columns, output, prepare=cli_strings)
-
-    def __exit__(self, *exc: object) -> None:
-        super().__exit__(*exc)
-        if self.output is not None and exc[0] is None:
-            err_console.print(f"wrote {self.output}", highlight=False)
 
 
 def parse_numbers(text: str | None, option: str, convert: Callable[[str], Any] = float,

@@ -308,29 +308,16 @@ def score(
       pixeldefend score incoming/ --batch-test --fail-on anomalous  [dim]# whole-set gate[/]
     """
     from .. import reporting
-    from ..detector import DensityDetector
     from ..gate import GatePolicy
-    from ..outputs import check_files, clear_dir, input_paths, prepare_dir
-    from ..precision import check_precision
-    from ..scoring import score_inputs
-    from ..sharding import join
+    from ..scoring import prepare_score, score_inputs
 
-    inputs = input_paths(paths, model)
-    check_files((output, "--output"), (junit, "--junit"), inputs=inputs, overwrite=overwrite)
-    heatmap_dir = None if heatmap is None else prepare_dir(
-        heatmap, command="score --heatmap", inputs=inputs, overwrite=overwrite,
-        option="--heatmap")
-    sharding = join(device, shard)  # torchrun's ranks meet here, after every output check
-    detector = DensityDetector.load(model, device=sharding.device, batch_size=batch_size)
-    detector.precision = check_precision(common.PrecisionChoice(precision).value,
-                                         detector.device)
-    policy = GatePolicy(fail_on_anomalous=fail_on == common.GateChoice.anomalous,
-                        max_anomalous_fraction=max_anomalous_fraction, batch_test=batch_test,
-                        skip_unreadable=skip_unreadable)
+    detector, sharding = prepare_score(
+        paths, model, output=output, junit=junit, heatmaps=heatmap, overwrite=overwrite,
+        device=device, shard=shard, batch_size=batch_size,
+        precision=common.PrecisionChoice(precision).value)
+    policy = GatePolicy.from_options(fail_on.value, max_anomalous_fraction=max_anomalous_fraction,
+                                     batch_test=batch_test, skip_unreadable=skip_unreadable)
     streaming = fmt in (common.OutputFormat.jsonl, common.OutputFormat.csv)
-    if heatmap_dir is not None and sharding.writes:
-        clear_dir(heatmap_dir)
-        heatmap_dir.mark()
     with common.RowStream(fmt, reporting.SCORE_COLUMNS, output) if streaming and \
             sharding.writes else \
             contextlib.nullcontext() as rows_out, common.ProgressBar("score") as bar:
@@ -381,23 +368,15 @@ def merge(
       pixeldefend merge scores-0.jsonl scores-1.jsonl --fail-on anomalous -o scores.jsonl
     """
     from .. import reporting
-    from ..errors import UsageError
     from ..gate import GatePolicy
     from ..merge import merge_score_outputs
-    from ..outputs import check_files, input_paths
 
-    check_files((output, "--output"), inputs=input_paths(*map(str, paths)),
-                overwrite=overwrite)
-    policy = GatePolicy(fail_on_anomalous=fail_on == common.GateChoice.anomalous,
-                        max_anomalous_fraction=max_anomalous_fraction, batch_test=batch_test,
-                        skip_unreadable=skip_unreadable)
-    merged = merge_score_outputs(paths, policy, model=model, resamples=resamples, seed=seed)
-    fmt = fmt or common.OutputFormat(merged.fmt)
-    doc = merged.document
-    if doc is None and fmt in (common.OutputFormat.json, common.OutputFormat.table):
-        raise UsageError(f"--format {fmt.value} needs shard outputs in JSON")
-    common.emit(fmt, doc or {}, merged.rows, reporting.SCORE_COLUMNS, reporting.score_table,
-                output)
+    policy = GatePolicy.from_options(fail_on.value, max_anomalous_fraction=max_anomalous_fraction,
+                                     batch_test=batch_test, skip_unreadable=skip_unreadable)
+    merged = merge_score_outputs(paths, policy, model=model, resamples=resamples, seed=seed,
+                                 fmt=fmt and fmt.value, output=output, overwrite=overwrite)
+    common.emit(common.OutputFormat(merged.fmt), merged.document or {}, merged.rows,
+                reporting.SCORE_COLUMNS, reporting.score_table, output)
     for line in merged.run.summary_lines():
         common.log(common.cli_text(line))
     raise typer.Exit(merged.run.result.exit_code)
@@ -444,23 +423,11 @@ def sample(
 
       pixeldefend sample --model models/digits -n 16 --out grid.png
     """
-    import torch
+    from ..sampling import write_samples
 
-    from ..data import save_grid, save_npz
-    from ..detector import DensityDetector
-    from ..models.decoder import sample as fast_sample
-    from ..outputs import check_files, input_paths
-
-    check_files((out, "--out"), (npz, "--npz"), inputs=input_paths(model),
-                overwrite=overwrite)
-    detector = DensityDetector.load(model, device=device)
-    spec = detector.spec
-    with common.ProgressBar("sample", spec.height) as bar:  # the decoder reports per image row
-        images = fast_sample(detector.model, n, torch.Generator().manual_seed(seed),
-                             temperature=temperature, batch_size=n, progress=bar.advance)
-    save_grid(out, images, spec.levels, scale)
-    if npz is not None:
-        save_npz(npz, images, spec.levels)
-    bpd = detector.anomaly_score(images, "bpd")
-    common.out_console.print(f"wrote {out} ({n} samples, mean {bpd.mean():.3f} bits/dim)",
-                      highlight=False)
+    with common.ProgressBar("sample") as bar:
+        bpd = write_samples(model, out, n, npz=npz, temperature=temperature, scale=scale,
+                            seed=seed, device=device, overwrite=overwrite,
+                            progress=bar.advance, on_total=bar.set_total)
+    common.out_console.print(f"wrote {out} ({n} samples, mean {bpd:.3f} bits/dim)",
+                             highlight=False)

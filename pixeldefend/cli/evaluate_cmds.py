@@ -116,49 +116,31 @@ def evaluate(
     overwrite: common.Overwrite = False,
 ) -> None:
     from ..adaptive_report import sanity_lines
-    from ..evaluation import run_evaluation
-    from ..evaluation.pipeline import (
-        load_inputs,
-        open_report_dir,
-        settings_from_text,
-        suite_settings,
-    )
+    from ..evaluation.pipeline import evaluate_to_folder
     from ..progress import RichEvalProgress
     from ..rendering import evaluation_renderables, write_result
-    from ..report import results_json, write_report
+    from ..report import results_json
 
     if fmt not in (common.OutputFormat.table, common.OutputFormat.json):
         raise UsageError("--format must be table or json")
-    inputs = load_inputs(model, classifier, data, n, out=out, device=device,
-                         data_root=data_root, trust_code=trust_code, overwrite=overwrite,
-                         resume=resume)
-    common.report_skipped(inputs.skipped, summary=False)
-    spec, images = inputs.detector.spec, inputs.images
-    suite = suite_settings(temperature, adaptive_alpha, spec.levels, on_survivors,
-                           steps=adaptive_steps, restarts=restarts, queries=queries,
-                           passes=surrogate_passes, cw_steps=cw_steps, seed=seed,
-                           square_n=square_n, batch_size=purify_batch)
-    settings = settings_from_text(
-        inputs, attacks=attacks, eps=eps, eps_levels=eps_levels,
+    run = evaluate_to_folder(
+        model, classifier, data, n, out=out, device=device, data_root=data_root,
+        trust_code=trust_code, overwrite=overwrite, resume=resume, figures=figures,
+        suite=dict(temperature=temperature, adaptive_alpha=adaptive_alpha,
+                   on_survivors=on_survivors, steps=adaptive_steps, restarts=restarts,
+                   queries=queries, passes=surrogate_passes, cw_steps=cw_steps, seed=seed,
+                   square_n=square_n, batch_size=purify_batch),
+        attacks=attacks, eps=eps, eps_levels=eps_levels,
         eps_defend=common.parse_numbers(eps_defend, "--eps-defend", int, "16,32",
                                         "whole pixel levels"),
         defences=defences, adaptive_attack=adaptive_attack, bpda_steps=bpda_steps,
         bpda_n=bpda_n, bpda_eps=bpda_eps, bpda_alpha=bpda_alpha, eot=eot, seed=seed,
-        batch_size=batch_size, purify_batch=purify_batch, resume=resume, suite=suite,
-        sanity_n=sanity_n)
-    out = open_report_dir(inputs, out, overwrite=overwrite, resume=resume)
-    loaded = inputs.classifier
-    common.log(f"evaluate {len(images)} images of {images.source} ({spec.describe()}) with "
-               f"{inputs.model} and {loaded.source} on {inputs.detector.device}; report in {out}")
-    with RichEvalProgress() as progress:
-        evaluation = run_evaluation(inputs.detector, loaded, images, settings, out, progress,
-                                    inputs.sources(_command_line()), sharding=inputs.sharding)
-    if not inputs.sharding.writes:
+        batch_size=batch_size, purify_batch=purify_batch, sanity_n=sanity_n,
+        command=_command_line(), log=common.log, progress=RichEvalProgress,
+        on_skipped=lambda skipped: common.report_skipped(skipped, summary=False))
+    if run.evaluation is None:
         return
-    written = write_report(evaluation, inputs.detector, out, loaded.classes or images.classes,
-                           figures=figures)
-    common.log(f"wrote {', '.join(p.name for p in written)} to {out}")
-    results = evaluation.results
+    results = run.evaluation.results
     for line in sanity_lines(results):  # on stderr whatever the format: loud
         if line.startswith("SANITY"):
             common.log(f"[bold red]{line}[/]")
@@ -166,4 +148,4 @@ def evaluate(
         return write_result(results_json(results))
     for item in evaluation_renderables(results):
         common.out_console.print(item, highlight=False)
-    common.out_console.print(f"report: {out / 'report.html'}", highlight=False)
+    common.out_console.print(f"report: {run.out / 'report.html'}", highlight=False)

@@ -52,31 +52,16 @@ def evaluate_ood_cmd(
       pixeldefend evaluate-ood -m models/fashion-mnist --in fashion-mnist:test \\
         --out-sets digits,noise,constant,photos --out reports/ood
     """
-    from ..detector import DensityDetector
-    from ..ood import METRICS, benchmark_sets, evaluate_ood
-    from ..ood import write_report as write_ood_report
-    from ..outputs import clear_dir, input_paths, prepare_dir
+    from ..ood import METRICS, run_ood_benchmark
     from ..rendering import ood_table
 
-    out_dir = None if out is None else prepare_dir(
-        out, command="evaluate-ood", overwrite=overwrite,
-        inputs=input_paths(model, in_spec, [v.strip() for v in out_sets.split(",")], data_root))
-    detector = DensityDetector.load(model, device=device, batch_size=batch_size)
-    kinds = [k.strip() for k in (score or "").split(",") if k.strip()] or \
-        list(detector.available_kinds)
-    for kind in kinds:
-        detector.check_kind(kind)
-    in_set, sets = benchmark_sets(detector, in_spec, out_sets, n, seed, data_root, download,
-                                  model)
-    common.log(f"in: {in_set.source} ({len(in_set)} images); out: "
-        + ", ".join(f"{k} ({len(v)})" for k, v in sets.items()) + f"; scores: {', '.join(kinds)}")
-    with common.ProgressBar("score", len(in_set) + sum(map(len, sets.values()))) as bar:
-        report = evaluate_ood(detector, in_set, sets, kinds, model=str(model),
-                              progress=lambda name, k: bar.advance(k, name))
+    with common.ProgressBar("score") as bar:
+        report, files = run_ood_benchmark(
+            model, in_spec=in_spec, out_sets=out_sets, n=n, kinds=score, seed=seed, out=out,
+            batch_size=batch_size, device=device, data_root=data_root, download=download,
+            overwrite=overwrite, log=common.log, progress=lambda name, k: bar.advance(k, name),
+            on_total=bar.set_total)
     common.emit(fmt, report.to_dict(), report.rows(), ["out_set", "kind", *METRICS],
-         lambda _: ood_table(report))
-    if out_dir is not None:
-        clear_dir(out_dir)
-        out_dir.mark()
-        files = write_ood_report(report, out)
+                lambda _: ood_table(report))
+    if files:
         common.log(f"wrote {', '.join(str(f) for f in files)}")

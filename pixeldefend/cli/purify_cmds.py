@@ -11,9 +11,7 @@ from typing import Annotated
 
 import typer
 
-from ..atomic import write_json
 from ..defaults import DEFAULT_BATCH, DEFAULT_MODEL
-from ..rendering import json_safe
 from . import common
 from .app import app
 
@@ -63,36 +61,20 @@ def purify_cmd(
 
       pixeldefend purify digits:test --out pur/ --format json
     """
-    from ..defend import PURIFY_COLUMNS, load_for_purify, open_stream, purify_document, purify_rows
-    from ..outputs import PurifyOutputs, clear_dir, input_paths, prepare_dir
+    from ..defend import PURIFY_COLUMNS, purify_to_folder
     from ..rendering import purify_table
-    from ..sharding import join
 
-    out_dir = prepare_dir(out, command="purify", overwrite=overwrite,
-                          inputs=input_paths(paths, model, data_root))
-    sharding = join(device, shard)  # torchrun's ranks meet here, after the output checks
-    detector, eps = load_for_purify(model, sharding.device, eps_defend=eps_defend,
-                                    need_threshold=adaptive)
-    stream = open_stream(paths, detector, resize=resize, grayscale=grayscale,
-                         data_root=data_root, workers=workers, sharding=sharding)
-    plan = PurifyOutputs.plan(paths, out, detector.spec.levels)
-    if sharding.writes:
-        clear_dir(out_dir)  # ours (marker) and --overwrite: no stale copies of an earlier run
-        out_dir.mark()
-    with common.ProgressBar("purify", len(stream)) as bar:
-        rows = purify_rows(detector, stream.batches(batch_size), eps, adaptive,
-                           fast=not reference, keep=plan.add, progress=bar.advance,
-                           sharding=sharding)
-    errors = sharding.agree(sum(r["error"] is not None for r in rows))  # rank 0 has all rows
-    if not sharding.writes:
-        raise typer.Exit(common.EXIT_USAGE if errors else common.EXIT_OK)
-    plan.flush()
-    doc = purify_document(model, detector, eps, adaptive, rows,
-                          implementation="reference" if reference else "fast", out=str(out))
-    write_json(out / "manifest.json", json_safe(doc))
-    common.emit(fmt, doc, rows, PURIFY_COLUMNS, purify_table)
-    common.log(f"wrote {out} ({doc['summary']['purified']} purified, {errors} error(s))")
-    raise typer.Exit(common.EXIT_USAGE if errors else common.EXIT_OK)
+    with common.ProgressBar("purify") as bar:
+        run = purify_to_folder(
+            paths, out, model, eps_defend=eps_defend, adaptive=adaptive, fast=not reference,
+            batch_size=batch_size, device=device, resize=resize, grayscale=grayscale,
+            data_root=data_root, overwrite=overwrite, shard=shard, workers=workers,
+            progress=bar.advance, on_total=bar.set_total)
+    if run.document is not None:
+        common.emit(fmt, run.document, run.rows, PURIFY_COLUMNS, purify_table)
+        common.log(f"wrote {out} ({run.document['summary']['purified']} purified, "
+                   f"{run.errors} error(s))")
+    raise typer.Exit(common.EXIT_USAGE if run.errors else common.EXIT_OK)
 
 
 @app.command("defend")
@@ -138,33 +120,20 @@ def defend_cmd(
 
       pixeldefend defend digits:test -c models/digits-classifier --eps-defend 2 --format json
     """
-    from ..defend import DEFEND_COLUMNS, defend, defend_document, load_for_purify, open_stream
-    from ..models.loading import load_classifier
-    from ..outputs import check_files, input_paths
+    from ..defend import DEFEND_COLUMNS, defend_inputs
     from ..rendering import defend_line, defend_table
-    from ..sharding import join
 
-    check_files((output, "--output"), overwrite=overwrite,
-                inputs=input_paths(paths, model, classifier, data_root))
-    sharding = join(device, shard)  # torchrun's ranks meet here, after the output checks
-    detector, eps = load_for_purify(model, sharding.device, eps_defend=eps_defend,
-                                    need_threshold=adaptive or fail_on != common.GateChoice.none)
-    loaded = load_classifier(classifier, device=sharding.device,
-                             mean=common.parse_numbers(mean, "--mean"),
-                             std=common.parse_numbers(std, "--std"),
-                             input_shape=detector.spec.shape,
-                             trust_code=trust_code)
-    stream = open_stream(paths, detector, resize=resize, grayscale=grayscale,
-                         data_root=data_root, workers=workers)
-    classes = loaded.classes or stream.classes
-    sharding.split(stream)  # after the classes: every rank names them alike
-    with common.ProgressBar("defend", len(stream)) as bar:
-        result = defend(detector, loaded, stream.batches(batch_size), eps, adaptive=adaptive,
-                        fail_on=fail_on.value, classes=classes, batch_size=batch_size,
-                        progress=bar.advance, sharding=sharding)
-    doc = defend_document(model, classifier, detector, eps, adaptive, classes, result)
-    if sharding.writes:
-        common.emit(fmt, doc, result.rows, DEFEND_COLUMNS, defend_table, output)
+    with common.ProgressBar("defend") as bar:
+        run = defend_inputs(
+            paths, classifier, model, eps_defend=eps_defend, adaptive=adaptive,
+            fail_on=fail_on.value, mean=common.parse_numbers(mean, "--mean"),
+            std=common.parse_numbers(std, "--std"), batch_size=batch_size, device=device,
+            resize=resize, grayscale=grayscale, data_root=data_root, trust_code=trust_code,
+            output=output, overwrite=overwrite, shard=shard, workers=workers,
+            progress=bar.advance, on_total=bar.set_total)
+    result = run.result
+    if run.writes:
+        common.emit(fmt, run.document, result.rows, DEFEND_COLUMNS, defend_table, output)
     common.log(defend_line(result.summary, result.gate_failed))
     if result.summary["errors"]:
         raise typer.Exit(common.EXIT_USAGE)

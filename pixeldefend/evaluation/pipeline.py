@@ -143,3 +143,52 @@ def settings_from_text(inputs: EvaluationInputs, *, attacks: str, eps: str | Non
         bpda_alpha=None if bpda_alpha is None else parse_eps(bpda_alpha, levels).fraction,
         suite=suite, **options,
     ).checked()
+
+
+@dataclass
+class EvaluationRun:
+    """What `evaluate_to_folder` did: the evaluation (None on torchrun's other ranks,
+    which write nothing), its report folder and the files written there."""
+
+    evaluation: Any
+    out: Path
+    written: list[Path] = field(default_factory=list)
+
+
+def evaluate_to_folder(model: Path | None, classifier: str | None, data: str | None, n: int,
+                       *, out: Path | None = None, device: str = "auto",
+                       data_root: str | None = None, trust_code: bool = False,
+                       overwrite: bool = False, resume: bool = False, figures: bool = True,
+                       suite: dict[str, Any], command: str | None = None,
+                       log: Any = print, on_skipped: Any = None, progress: Any = None,
+                       **options: Any) -> EvaluationRun:
+    """`pixeldefend evaluate` from Python: load the inputs (`load_inputs`), check the
+    settings (`suite`: `suite_settings`' arguments; `options`: `settings_from_text`'s),
+    run or resume the evaluation in the report folder and write the report there.
+    `on_skipped(errors)` hears of unreadable files, `log` gets one line before and one
+    after; `progress()` makes the `EvalProgress` context the run reports to."""
+    import contextlib
+
+    from ..report import write_report
+    from .run import run_evaluation
+
+    inputs = load_inputs(model, classifier, data, n, out=out, device=device,
+                         data_root=data_root, trust_code=trust_code, overwrite=overwrite,
+                         resume=resume)
+    if on_skipped is not None:
+        on_skipped(inputs.skipped)
+    spec, images, loaded = inputs.detector.spec, inputs.images, inputs.classifier
+    settings = settings_from_text(inputs, **options, resume=resume,
+                                  suite=suite_settings(levels=spec.levels, **suite))
+    out = open_report_dir(inputs, out, overwrite=overwrite, resume=resume)
+    log(f"evaluate {len(images)} images of {images.source} ({spec.describe()}) with "
+        f"{inputs.model} and {loaded.source} on {inputs.detector.device}; report in {out}")
+    with progress() if progress is not None else contextlib.nullcontext() as reports:
+        evaluation = run_evaluation(inputs.detector, loaded, images, settings, out, reports,
+                                    inputs.sources(command), sharding=inputs.sharding)
+    if not inputs.sharding.writes:
+        return EvaluationRun(None, out)
+    written = write_report(evaluation, inputs.detector, out, loaded.classes or images.classes,
+                           figures=figures)
+    log(f"wrote {', '.join(p.name for p in written)} to {out}")
+    return EvaluationRun(evaluation, out, written)
