@@ -128,7 +128,7 @@ def _train_step_time(model: PixelCNN, images: torch.Tensor, repeat: int) -> floa
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
 
     def step() -> None:
-        loss = F.cross_entropy(m(images), images.long())
+        loss = m.nll(images).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

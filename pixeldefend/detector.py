@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import __version__
 from .bundle import (
@@ -140,8 +139,9 @@ class DensityDetector:
     def fit(self, images: ImagesLike, levels: int | None = None, *,
             val: ImagesLike | None = None, settings: TrainSettings | None = None,
             progress: TrainProgress | None = None, checkpoint_dir: Path | None = None,
-            resume: bool = False) -> DensityDetector:
-        """Train the PixelCNN by maximum likelihood; keep the best validation weights."""
+            resume: bool = False, max_seconds: float | None = None) -> DensityDetector:
+        """Train the PixelCNN by maximum likelihood; keep the best validation weights.
+        `max_seconds`: a wall-clock budget for training (see `train.run_training`)."""
         x = as_tensor(images)
         if levels is None:
             if not isinstance(images, ImageSet):
@@ -163,7 +163,7 @@ class DensityDetector:
         dims = x[0].numel()
 
         def loss_fn(m: torch.nn.Module, batch: torch.Tensor, _labels) -> torch.Tensor:
-            return F.cross_entropy(m(batch), batch.long())  # mean nats per sub-pixel
+            return m.nll(batch).mean()  # mean nats per sub-pixel
 
         def evaluate(m: torch.nn.Module) -> float:
             return float(bits_per_dim(m, val_x, self.batch_size).mean())
@@ -171,7 +171,7 @@ class DensityDetector:
         result: TrainResult = run_training(
             model, loss_fn, x, None, evaluate, settings, self.device,
             checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
-            train_metric=lambda nats: nats / LN2,
+            train_metric=lambda nats: nats / LN2, max_seconds=max_seconds,
         )
         model.eval()
         self.meta.update({
@@ -179,6 +179,8 @@ class DensityDetector:
                 "settings": settings.__dict__, "best_epoch": result.best_epoch,
                 "val_bits_per_dim": result.best_val, "n_train": int(len(x)),
                 "n_val": int(len(val_x)), "history": result.history, "dims": dims,
+                "seconds": round(result.seconds, 1),
+                "stopped_by_budget": result.stopped_by_budget,
             }
         })
         return self
@@ -222,7 +224,7 @@ class DensityDetector:
         def loss_fn(m: torch.nn.Module, batch: torch.Tensor, _labels) -> torch.Tensor:
             # global RNG: restored by --resume checkpoints, so a resumed run is identical
             noisy = mutate(batch, mutation_rate, levels)
-            return F.cross_entropy(m(noisy), noisy.long())
+            return m.nll(noisy).mean()
 
         def evaluate(m: torch.nn.Module) -> float:
             return float(bits_per_dim(m, val_x, self.batch_size).mean())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,6 +61,18 @@ class TrainResult:
     best_val: float
     history: list[dict[str, float]] = field(default_factory=list)
     epochs_run: int = 0
+    seconds: float = 0.0  # training time, summed over resumed runs
+    stopped_by_budget: bool = False
+
+
+def out_of_budget(elapsed: float, epoch_seconds: list[float], max_seconds: float | None
+                  ) -> bool:
+    """Would another epoch end past `max_seconds` of training? Judged by the slowest
+    epoch so far, so the budget is a limit, not a target (None: no budget)."""
+    if max_seconds is None:
+        return False
+    return elapsed >= max_seconds or (bool(epoch_seconds)
+                                      and elapsed + max(epoch_seconds) > max_seconds)
 
 
 # ------------------------------------------------------------------------ checkpoints
@@ -126,16 +139,22 @@ def run_training(
     resume: bool = False,
     progress: TrainProgress | None = None,
     train_metric: Callable[[float], float] = lambda loss: loss,
+    max_seconds: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> TrainResult:
     """Minimise `loss_fn` over (images, labels) with Adam; keep the weights with the lowest
-    `evaluate(model)` (validation metric, lower is better) and load them at the end."""
+    `evaluate(model)` (validation metric, lower is better) and load them at the end.
+
+    `max_seconds`: a wall-clock budget for training (by `clock`), counted over resumed
+    runs too: no epoch starts that would, at the pace of the slowest one so far, end past
+    it. Every finished epoch is checkpointed, so a budgeted run can be resumed later."""
     progress = progress or SilentProgress()
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr,
                                  weight_decay=settings.weight_decay)
     n = images.shape[0]
     batches = max(1, math.ceil(n / settings.batch_size))
-    first_epoch, history = 0, []
+    first_epoch, history, epoch_seconds = 0, [], []
     best_val, best_epoch = float("inf"), -1
     best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     torch.manual_seed(settings.seed)
@@ -150,11 +169,17 @@ def run_training(
                 param="resume")
         first_epoch = meta["epoch"] + 1
         history = meta["history"]
+        epoch_seconds = list(meta.get("epoch_seconds", []))
         best_val, best_epoch = meta["best_val"], meta["best_epoch"]
     progress.start(settings.epochs, batches, first_epoch)
+    stopped_by_budget = False
     for epoch in range(first_epoch, settings.epochs):
         if settings.patience and best_epoch >= 0 and epoch - best_epoch > settings.patience:
             break  # early stop: the best weights are already kept
+        if out_of_budget(sum(epoch_seconds), epoch_seconds, max_seconds):
+            stopped_by_budget = True
+            break
+        epoch_start = clock()
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * settings.lr_decay**epoch
         model.train()
@@ -180,16 +205,19 @@ def run_training(
             best_val, best_epoch = val, epoch
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         history.append({"epoch": epoch, "train": train_metric(total / count), "val": val})
+        epoch_seconds.append(clock() - epoch_start)
         progress.epoch(epoch, train_metric(total / count), val, improved)
         if checkpoint_dir is not None:
             save_checkpoint(checkpoint_dir, model, optimizer, best_state, {
                 "epoch": epoch, "history": history, "best_val": best_val,
                 "best_epoch": best_epoch, "settings": asdict(settings),
+                "epoch_seconds": epoch_seconds,
             })
     model.load_state_dict(best_state)
     model.eval()
     return TrainResult(best_epoch=best_epoch, best_val=best_val, history=history,
-                       epochs_run=len(history))
+                       epochs_run=len(history), seconds=sum(epoch_seconds),
+                       stopped_by_budget=stopped_by_budget)
 
 
 def remove_checkpoint(checkpoint_dir: Path | None) -> None:
