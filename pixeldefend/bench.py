@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .defaults import CASE_NAMES as CASE_NAMES
 from .defaults import DEFAULT_MODEL as DEFAULT_MODEL
@@ -33,6 +32,7 @@ from .purify import (
     reference_steps,
 )
 from .threads import default_threads
+from .train import backward_in_parts
 
 
 @dataclass
@@ -121,16 +121,17 @@ def _best(fn: Callable[[], Any], repeat: int) -> float:
 
 
 def _train_step_time(model: PixelCNN, images: torch.Tensor, repeat: int) -> float:
-    """One Adam step (forward, loss, backward, update) on a copy of the model."""
+    """One Adam step (forward, loss, backward, update) on a copy of the model, as
+    `train` runs it."""
     import copy
 
     m = copy.deepcopy(model).train()
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
 
     def step() -> None:
-        loss = m.nll(images).mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        backward_in_parts(m, lambda model, x, _y: model.nll(x).mean(), images, None,
+                          m.images_per_pass())
         opt.step()
 
     step()  # warm-up: allocates the optimiser state

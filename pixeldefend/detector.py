@@ -172,6 +172,7 @@ class DensityDetector:
             model, loss_fn, x, None, evaluate, settings, self.device,
             checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
             train_metric=lambda nats: nats / LN2, max_seconds=max_seconds,
+            micro_batch=model.images_per_pass(),
         )
         model.eval()
         self.meta.update({
@@ -232,7 +233,7 @@ class DensityDetector:
         result = run_training(
             background, loss_fn, x, None, evaluate, settings, self.device,
             checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
-            train_metric=lambda nats: nats / LN2,
+            train_metric=lambda nats: nats / LN2, micro_batch=background.images_per_pass(),
         )
         self.background = background.eval()
         self.background_meta = {

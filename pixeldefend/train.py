@@ -141,13 +141,15 @@ def run_training(
     train_metric: Callable[[float], float] = lambda loss: loss,
     max_seconds: float | None = None,
     clock: Callable[[], float] = time.monotonic,
+    micro_batch: int | None = None,
 ) -> TrainResult:
     """Minimise `loss_fn` over (images, labels) with Adam; keep the weights with the lowest
     `evaluate(model)` (validation metric, lower is better) and load them at the end.
 
     `max_seconds`: a wall-clock budget for training (by `clock`), counted over resumed
     runs too: no epoch starts that would, at the pace of the slowest one so far, end past
-    it. Every finished epoch is checkpointed, so a budgeted run can be resumed later."""
+    it. Every finished epoch is checkpointed, so a budgeted run can be resumed later.
+    `micro_batch`: see `backward_in_parts` (None: whole batches; not for batch norm)."""
     progress = progress or SilentProgress()
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr,
@@ -189,13 +191,12 @@ def run_training(
             index = order[b * settings.batch_size : (b + 1) * settings.batch_size]
             x = images[index].to(device)
             y = None if labels is None else labels[index].to(device)
-            loss = loss_fn(model, x, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = backward_in_parts(model, loss_fn, x, y, micro_batch)
             if settings.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimizer.step()
-            total += loss.item() * x.shape[0]
+            total += loss * x.shape[0]
             count += x.shape[0]
             progress.batch(train_metric(total / count))
         model.eval()
@@ -218,6 +219,25 @@ def run_training(
     return TrainResult(best_epoch=best_epoch, best_val=best_val, history=history,
                        epochs_run=len(history), seconds=sum(epoch_seconds),
                        stopped_by_budget=stopped_by_budget)
+
+
+def backward_in_parts(model: nn.Module, loss_fn: Callable, x: torch.Tensor,
+                      y: torch.Tensor | None, micro_batch: int | None) -> float:
+    """Backpropagate `loss_fn`'s batch mean `micro_batch` images at a time (the same
+    gradient up to rounding, for a loss that is a mean over images): smaller passes keep
+    their activations in the CPU's cache, which makes the step faster. Returns the loss."""
+    n = x.shape[0]
+    if not micro_batch or micro_batch >= n:
+        loss = loss_fn(model, x, y)
+        loss.backward()
+        return loss.item()
+    total = 0.0
+    for s in range(0, n, micro_batch):
+        part = loss_fn(model, x[s:s + micro_batch], None if y is None else y[s:s + micro_batch])
+        part = part * (x[s:s + micro_batch].shape[0] / n)
+        part.backward()
+        total += part.item()
+    return total
 
 
 def remove_checkpoint(checkpoint_dir: Path | None) -> None:
