@@ -31,6 +31,7 @@ from .purify import (
     purify_reference,
     reference_steps,
 )
+from .roofline import matmul_gflops, roofline
 from .threads import default_threads
 from .train import backward_in_parts
 
@@ -161,6 +162,8 @@ def run_case(case: BenchCase, settings: BenchSettings,
     repeat = 1 if settings.quick else 2
     with torch.inference_mode():
         model(images[:2])  # warm-up
+    log(f"{case.name}: matmul rate")
+    matmul = matmul_gflops(repeat=SCORING_REPEAT)
     log(f"{case.name}: scoring pass")
     # one scoring pass takes milliseconds, so one sample is mostly noise on a busy machine:
     # best of a few, the same number for both lines so their ratio is fair
@@ -217,6 +220,7 @@ def run_case(case: BenchCase, settings: BenchSettings,
         "identical": identical,
         "fast_top_ops": top_ops,
         "peak_memory_mb": peak_memory_mb(images.device),
+        **roofline(model, images, matmul, score_s, train_s, fast_s),
     }
 
 
@@ -291,6 +295,10 @@ def run_bench(settings: BenchSettings,
             "score: one bits/dim forward pass in float32 on the same batch",
             "dose: the default anomaly score (model pass with entropies, WebP codec, "
             "statistics, density) on the same batch",
+            "roofline: GFLOP/s = FLOPs of the plain network (torch's FLOP counter: one "
+            "forward pass for scoring and purification, forward + backward for a training "
+            "step) / time; vs matmul = that rate / this thread's float32 1024x1024 matmul "
+            "rate, measured in the same case",
         ],
         "results": results,
     }

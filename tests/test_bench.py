@@ -26,6 +26,11 @@ def test_bench_json_on_the_shipped_digits_model(runner, repo, monkeypatch):
     assert row["identical"] is True and not row["reference_extrapolated"]
     assert abs(row["speedup_fast_vs_reference"] - row["reference_s"] / row["fast_s"]) < 1e-9
     assert row["peak_memory_mb"] > 10
+    # roofline: rates from the FLOP counter, shares of the same run's matmul rate
+    assert row["matmul_gflops"] > 0 and row["train_gflops"] is None
+    assert abs(row["score_vs_matmul"] - row["score_gflops"] / row["matmul_gflops"]) < 1e-9
+    assert abs(row["score_gflops"] * row["score_s"] / 64
+               - row["forward_gflop_per_image"]) < 1e-9
     assert doc["system"]["threads"] >= 1 and doc["settings"]["reference_budget_s"] is None
     # --format csv: one real row per case (the shape as CxHxW, no dict reprs)
     (csv_row,) = csv.DictReader(io.StringIO(rows_to_csv(bench_rows(doc), BENCH_COLUMNS)))

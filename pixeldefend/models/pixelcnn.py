@@ -409,6 +409,11 @@ class PixelCNN(nn.Module):
         z = ctx if c == 0 else dense(xs_prev, self.channel_in[c], ctx)
         return F.elu(dense(F.elu(z), self.channel_mid[c]))
 
+    def channel_logits_rows(self, ctx: torch.Tensor, xs_prev: torch.Tensor | None,
+                            c: int) -> torch.Tensor:
+        """`channel_logits` on channels-last rows: logits (M, levels), levels contiguous."""
+        return dense(self.channel_features_rows(ctx, xs_prev, c), self.channel_out[c])
+
     def channel_rows(self, xs: torch.Tensor) -> list[torch.Tensor]:
         """Per channel c, the input (N H W, head) of `channel_out[c]`, from scaled inputs
         (N, C, H, W)."""
@@ -422,7 +427,10 @@ class PixelCNN(nn.Module):
         """Logits of scaled inputs (N, C, H, W), channels-last: (N, H, W, C, levels), the
         levels contiguous (what log-softmax wants)."""
         n, c, h, w = xs.shape
-        logits = [dense(z, self.channel_out[ch]) for ch, z in enumerate(self.channel_rows(xs))]
+        ctx = self.context_rows(xs)
+        xs_rows = xs.permute(0, 2, 3, 1).reshape(-1, c)
+        logits = [self.channel_logits_rows(ctx, xs_rows[:, :ch] if ch else None, ch)
+                  for ch in range(c)]
         out = logits[0].unsqueeze(1) if c == 1 else torch.stack(logits, dim=1)
         return out.view(n, h, w, c, self.config.levels)
 
