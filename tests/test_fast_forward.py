@@ -74,6 +74,11 @@ def test_fused_training_gradients_equal_reference(monkeypatch):
     b = torch.randn(7, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, 7, (23,))
     assert torch.autograd.gradcheck(lambda z, w, b: head(z, w, b, t), (z, w, b))
+    pre = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(pixelcnn._SigmoidGate.apply, (pre,))
+    a, b_half = pre.detach().chunk(2, dim=-1)
+    expected = torch.tanh(a / -2.0) * torch.sigmoid(b_half)
+    assert (pixelcnn._SigmoidGate.apply(pre.detach()) - expected).abs().max() < 1e-15
     assert abs(fast.item() - ref.item()) < 1e-12
     for a, r in zip(g_fast, g_ref, strict=True):
         assert (a is None) == (r is None)  # the last layer's v_out, h_out feed nothing
