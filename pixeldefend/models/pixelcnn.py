@@ -20,6 +20,15 @@ All convolutions are unpadded `nn.Conv2d` with explicit `F.pad`, so the same wei
 run one image row or one pixel at a time: `PixelCNN.steps()` arranges them as matrices
 (`PixelCNNSteps`, `GatedLayerSteps`, written beside the forward passes they mirror), and
 `models.decoder.CachedDecoder` runs those steps in autoregressive order.
+
+The same parameters run two ways. `reference_logits` (with `GatedLayer.forward`,
+`context`, `channel_logits`) is the plain NCHW definition, one module call per conv.
+`forward`, `logits_from_scaled` and `nll` take the fast path (`*_rows` methods): features
+channels-last (N, H, W, C), where oneDNN's convolutions run several times faster and
+every 1x1 conv is one matmul that also adds its residual; gates as one sigmoid with the
+tanh half's scale folded into run-time copies of the weights; the last head conv fused
+with the cross-entropy in cache-sized chunks. tests/test_fast_forward.py holds the two
+to float tolerance (logits, NLL, gradients); a change to one must be made in the other.
 """
 
 from __future__ import annotations
