@@ -31,7 +31,7 @@ from .purify import (
     purify_reference,
     reference_steps,
 )
-from .roofline import matmul_gflops, roofline
+from .roofline import matmul_gflops, plain_path_times, roofline
 from .threads import default_threads
 from .train import backward_in_parts
 
@@ -221,7 +221,18 @@ def run_case(case: BenchCase, settings: BenchSettings,
         "fast_top_ops": top_ops,
         "peak_memory_mb": peak_memory_mb(images.device),
         **roofline(model, images, matmul, score_s, train_s, fast_s),
+        **_speedup_vs_plain(model, images, scoring_repeat, score_s, train_s),
     }
+
+
+def _speedup_vs_plain(model: PixelCNN, images: torch.Tensor, repeat: int, score_s: float,
+                      train_s: float | None) -> dict[str, float | None]:
+    """The plain NCHW forward path timed in the same run, and the fast path's speed-up."""
+    plain = plain_path_times(model, images, repeat, train_s is not None)
+    train_plain = plain["train_step_plain_s"]
+    return {**plain, "score_speedup_vs_plain": plain["score_plain_s"] / score_s,
+            "train_speedup_vs_plain": None if train_plain is None or train_s is None
+            else train_plain / train_s}
 
 
 def _dose_scorer(model: PixelCNN, images: torch.Tensor) -> Callable[[], Any]:
@@ -299,6 +310,9 @@ def run_bench(settings: BenchSettings,
             "forward pass for scoring and purification, forward + backward for a training "
             "step) / time; vs matmul = that rate / this thread's float32 1024x1024 matmul "
             "rate, measured in the same case",
+            "vs plain: speed-up of the fast forward path over the plain NCHW one "
+            "(reference_logits + cross-entropy, as before the fast path), both timed in "
+            "the same case",
         ],
         "results": results,
     }

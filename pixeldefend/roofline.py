@@ -46,6 +46,39 @@ def train_step_flops(model: PixelCNN, images: torch.Tensor) -> int:
     return count_flops(lambda: _reference_loss(m, images).backward())
 
 
+def _best_of(fn: Callable[[], Any], repeat: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(max(1, repeat)):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def plain_path_times(model: PixelCNN, images: torch.Tensor, repeat: int,
+                     train_step: bool = True) -> dict[str, float | None]:
+    """Seconds of scoring and of one Adam step on the plain NCHW path (`reference_logits`
+    + cross-entropy over the whole batch: how the forward pass ran before the fast one),
+    timed in the same run as the fast path, so its speed-up is measured under the same
+    load on the machine."""
+    with torch.inference_mode():
+        score = _best_of(lambda: F.cross_entropy(
+            model.reference_logits(model.scale(images)), images.long(), reduction="none"),
+            repeat)
+    if not train_step:
+        return {"score_plain_s": score, "train_step_plain_s": None}
+    m = copy.deepcopy(model).train()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        _reference_loss(m, images).backward()
+        opt.step()
+
+    return {"score_plain_s": score, "train_step_plain_s": _best_of(step, 1)}
+
+
 def matmul_gflops(repeat: int = 5, size: int = MATMUL_SIZE) -> float:
     """The float32 matrix-multiply rate of this thread, best of `repeat`."""
     g = torch.Generator().manual_seed(0)
