@@ -316,3 +316,110 @@ def run_bench(settings: BenchSettings,
         ],
         "results": results,
     }
+
+
+# ------------------------------------------------------------ data-parallel training
+
+
+@dataclass
+class ScalingSettings:
+    """A short data-parallel training run per world size, on random images (the cost of
+    a step does not depend on their content)."""
+
+    ranks: tuple[int, ...] = (1, 2)
+    batch_size: int = 64  # the global batch, split across ranks (train.py)
+    steps: int = 8  # timed steps per world size, after `warmup` untimed ones
+    warmup: int = 2
+    threads: int = 1  # intra-op threads per rank
+    preset: str = "small"
+    shape: tuple[int, int, int] = (1, 28, 28)
+    levels: int = 256
+    seed: int = 0
+
+
+def training_scaling(settings: ScalingSettings,
+                     log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Training throughput (images/s) with 1, 2, ... ranks, each a process group of its
+    own (gloo on the CPU, nccl when there is a GPU per rank) running the real training
+    loop (`train.run_training`, DistributedDataParallel above one rank), and the scaling
+    efficiency: throughput with N ranks / (N x throughput with 1)."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    rows = []
+    for world in settings.ranks:
+        log(f"training with {world} rank(s)")
+        with tempfile.TemporaryDirectory(prefix="pixeldefend-bench-") as tmp:
+            result = Path(tmp) / "result.txt"
+            mp.start_processes(_scaling_worker, args=(world, tmp, settings), nprocs=world,
+                               join=True, start_method="spawn")
+            seconds = float(result.read_text())
+        images = settings.steps * settings.batch_size
+        rows.append({"ranks": world, "images_per_s": images / seconds,
+                     "step_s": seconds / settings.steps})
+    base = next((r["images_per_s"] for r in rows if r["ranks"] == 1), None)
+    for row in rows:
+        row["efficiency"] = None if base is None else row["images_per_s"] / (row["ranks"] * base)
+    backend = "nccl" if _scaling_device(max(settings.ranks), 0).type == "cuda" else "gloo"
+    return {"backend": backend, "batch_size": settings.batch_size, "steps": settings.steps,
+            "threads_per_rank": settings.threads, "preset": settings.preset,
+            "shape": list(settings.shape), "levels": settings.levels, "rows": rows}
+
+
+def _scaling_device(world: int, rank: int) -> torch.device:
+    """A GPU per rank when there are enough, else the CPU."""
+    if torch.cuda.is_available() and torch.cuda.device_count() >= world:
+        return torch.device("cuda", rank)
+    return torch.device("cpu")
+
+
+class _StepClock:
+    """Training progress that only notes when each optimisation step ended."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def start(self, total_epochs: int, batches_per_epoch: int, first_epoch: int) -> None:
+        pass
+
+    def batch(self, loss: float) -> None:
+        self.times.append(time.perf_counter())
+
+    def epoch(self, epoch: int, train_metric: float, val_metric: float, best: bool) -> None:
+        pass
+
+
+def _scaling_worker(rank: int, world: int, tmp: str, settings: ScalingSettings) -> None:
+    """One rank of a `training_scaling` run; rank 0 writes the timed seconds to tmp."""
+    from .distributed import Dist
+    from .train import TrainSettings, run_training
+
+    torch.set_num_threads(settings.threads)
+    device = _scaling_device(world, rank)
+    if world > 1:
+        torch.distributed.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", init_method=f"file://{tmp}/store",
+            rank=rank, world_size=world)
+    try:
+        torch.manual_seed(settings.seed)
+        model = PixelCNN(PixelCNNConfig.from_preset(settings.preset, *settings.shape,
+                                                    settings.levels))
+        n = settings.batch_size * (settings.warmup + settings.steps)
+        images = torch.randint(0, settings.levels, (n, *settings.shape), dtype=torch.uint8,
+                               generator=torch.Generator().manual_seed(settings.seed))
+
+        def loss_fn(m: torch.nn.Module, x: torch.Tensor, _y: Any) -> torch.Tensor:
+            return m(x, nll=True).mean()  # as train runs it (fused head, float32 softmax)
+
+        clock = _StepClock()
+        run_training(model, loss_fn, images, None, lambda m, block: (0.0, len(block)),
+                     TrainSettings(epochs=1, batch_size=settings.batch_size, seed=settings.seed),
+                     device, progress=clock, val_size=0, micro_batch=model.images_per_pass(),
+                     dist=Dist(rank=rank, world=world, local_rank=rank, device=device))
+        if rank == 0:
+            seconds = clock.times[-1] - clock.times[settings.warmup - 1]
+            (Path(tmp) / "result.txt").write_text(repr(seconds))
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()

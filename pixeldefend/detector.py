@@ -91,6 +91,8 @@ class DensityDetector:
         self.calibrations: dict[str, Calibration] = {}
         self.default_kind = "bpd"
         self.meta: dict[str, Any] = {}
+        # the scoring pass's forward precision (precision.py); calibration is always fp32
+        self.precision = "fp32"
 
     # --------------------------------------------------------------------- properties
 
@@ -163,16 +165,15 @@ class DensityDetector:
         dims = x[0].numel()
 
         def loss_fn(m: torch.nn.Module, batch: torch.Tensor, _labels) -> torch.Tensor:
-            return m.nll(batch).mean()  # mean nats per sub-pixel
-
-        def evaluate(m: torch.nn.Module) -> float:
-            return float(bits_per_dim(m, val_x, self.batch_size).mean())
+            # mean nats per sub-pixel: the fast fused path (through DDP's forward too),
+            # its softmax in float32 whatever the precision
+            return m(batch, nll=True).mean()
 
         result: TrainResult = run_training(
-            model, loss_fn, x, None, evaluate, settings, self.device,
+            model, loss_fn, x, None, self._bpd_sum(val_x), settings, self.device,
             checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
-            train_metric=lambda nats: nats / LN2, max_seconds=max_seconds,
-            micro_batch=model.images_per_pass(),
+            train_metric=lambda nats: nats / LN2, val_size=len(val_x),
+            max_seconds=max_seconds, micro_batch=model.images_per_pass(),
         )
         model.eval()
         self.meta.update({
@@ -225,15 +226,13 @@ class DensityDetector:
         def loss_fn(m: torch.nn.Module, batch: torch.Tensor, _labels) -> torch.Tensor:
             # global RNG: restored by --resume checkpoints, so a resumed run is identical
             noisy = mutate(batch, mutation_rate, levels)
-            return m.nll(noisy).mean()
-
-        def evaluate(m: torch.nn.Module) -> float:
-            return float(bits_per_dim(m, val_x, self.batch_size).mean())
+            return m(noisy, nll=True).mean()
 
         result = run_training(
-            background, loss_fn, x, None, evaluate, settings, self.device,
+            background, loss_fn, x, None, self._bpd_sum(val_x), settings, self.device,
             checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
-            train_metric=lambda nats: nats / LN2, micro_batch=background.images_per_pass(),
+            train_metric=lambda nats: nats / LN2, val_size=len(val_x),
+            micro_batch=background.images_per_pass(),
         )
         self.background = background.eval()
         self.background_meta = {
@@ -247,12 +246,23 @@ class DensityDetector:
         }
         return self
 
+    def _bpd_sum(self, val_x: torch.Tensor) -> Callable[[torch.nn.Module, range],
+                                                         tuple[float, int]]:
+        """Validation for the training loop: summed bits/dim of a block of `val_x`."""
+
+        def evaluate(m: torch.nn.Module, block: range) -> tuple[float, int]:
+            bpd = bits_per_dim(m, val_x[block.start : block.stop], self.batch_size)
+            return float(bpd.sum()), len(bpd)
+
+        return evaluate
+
     # ----------------------------------------------------------------------- scoring
 
     def nll_map(self, images: ImagesLike, progress: Callable[[int], None] | None = None
                 ) -> torch.Tensor:
         """Per-sub-pixel NLL in nats (N, C, H, W): where an image looks wrong."""
-        return nll_map(self._require_model(), self._check(images), self.batch_size, progress)
+        return nll_map(self._require_model(), self._check(images), self.batch_size, progress,
+                       self.precision)
 
     def check_kind(self, kind: str) -> str:
         """`kind` if this detector can compute it, else a UsageError that says why not."""
@@ -294,7 +304,7 @@ class DensityDetector:
                    ) -> ModelPass:
         """Per-pixel NLL, predictive entropy and feature norms from one model pass."""
         return model_pass(self._require_model(), self._check(images), self.batch_size,
-                          progress)
+                          progress, self.precision)
 
     def compute_scores(self, images: ImagesLike, kinds: Sequence[str] | None = None,
                        progress: Callable[[int], None] | None = None,
@@ -391,7 +401,16 @@ class DensityDetector:
                       kinds: Sequence[str] | None = None, data: str = "",
                       conservative: bool = False) -> dict[str, Calibration]:
         """Calibrate several kinds (default: all available) from one pass; keeps the
-        default kind. Typicality is measured from these images' own mean bits/dim."""
+        default kind. Typicality is measured from these images' own mean bits/dim.
+        Always scored in fp32, whatever `self.precision`: thresholds are exact."""
+        scoring_precision, self.precision = self.precision, "fp32"
+        try:
+            return self._calibrate_all(images, fpr, kinds, data, conservative)
+        finally:
+            self.precision = scoring_precision
+
+    def _calibrate_all(self, images: ImagesLike, fpr: float, kinds: Sequence[str] | None,
+                       data: str, conservative: bool) -> dict[str, Calibration]:
         if not 0.0 < fpr < 1.0:
             raise UsageError(f"fpr must be between 0 and 1 (exclusive), got {fpr}",
                              param="fpr")

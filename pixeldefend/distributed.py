@@ -125,3 +125,9 @@ def shutdown() -> None:
     """Leave the process group (torchrun expects each rank to exit cleanly)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    """Rank 0 of torchrun's job, or the only process; asks the environment, so it needs no
+    initialised process group (the CLI decides early whether to print)."""
+    return not launched_by_torchrun() or int(os.environ["RANK"]) == 0

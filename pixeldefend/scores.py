@@ -233,10 +233,11 @@ class ScorePass:
         model = detector._require_model()
         self.run = None
         if full_pass:  # the statistics pass also gives the NLL
-            self.run = model_pass(model, x, detector.batch_size, progress)
+            self.run = model_pass(model, x, detector.batch_size, progress, detector.precision)
             self.nll = self.run.nll.double().flatten(1).sum(1).numpy()
         else:
-            self.nll = nll_nats(model, x, detector.batch_size, progress).numpy()
+            self.nll = nll_nats(model, x, detector.batch_size, progress,
+                                detector.precision).numpy()
         self.bpd = self.nll / (x[0].numel() * LN2) if len(x) else np.zeros(0)
 
     def reference(self, kind: str) -> Any:
@@ -253,7 +254,8 @@ class ScorePass:
 
         if "background_bpd" not in self.cache:
             self.cache["background_bpd"] = bits_per_dim(
-                self.detector.background, self.x, self.detector.batch_size).numpy()
+                self.detector.background, self.x, self.detector.batch_size,
+                precision=self.detector.precision).numpy()
         return self.cache["background_bpd"]
 
     def dose_statistics(self) -> np.ndarray:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .density import LN2
 from .models.pixelcnn import PixelCNN
+from .precision import autocast
 
 
 @dataclass
@@ -51,11 +52,13 @@ class ModelPass:
 
 @torch.no_grad()
 def model_pass(model: PixelCNN, images: torch.Tensor, batch_size: int = 256,
-               progress: Callable[[int], None] | None = None) -> ModelPass:
+               progress: Callable[[int], None] | None = None,
+               precision: str = "fp32") -> ModelPass:
     """Per-pixel NLL and entropy plus feature norms, one forward pass per batch.
 
     The same logits as `density.nll_map`, in the model's fast channels-last layout (the
-    levels contiguous) and a few images per pass (`PixelCNN.images_per_pass`).
+    levels contiguous) and a few images per pass (`PixelCNN.images_per_pass`); with
+    `precision` bf16/fp16 the network runs under autocast and the rest in float32.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -66,13 +69,16 @@ def model_pass(model: PixelCNN, images: torch.Tensor, batch_size: int = 256,
         chunk = images[start : start + step].to(device)
         n, c, h, w = chunk.shape
         xs = model.scale(chunk)
-        ctx = model.context_rows(xs)  # (n H W, head)
-        xs_rows = xs.permute(0, 2, 3, 1).reshape(-1, c)
+        with autocast(device, precision):
+            ctx = model.context_rows(xs)  # (n H W, head)
+            xs_rows = xs.permute(0, 2, 3, 1).reshape(-1, c)
+            logits = [model.channel_logits_rows(ctx, xs_rows[:, :ch] if ch else None, ch)
+                      for ch in range(c)]
+        ctx = ctx.float()
         target = chunk.permute(0, 2, 3, 1).reshape(-1, c).long()
         pixel_nll, pixel_ent = [], []
         for ch in range(c):
-            logp = F.log_softmax(
-                model.channel_logits_rows(ctx, xs_rows[:, :ch] if ch else None, ch), dim=-1)
+            logp = F.log_softmax(logits[ch].float(), dim=-1)
             pixel_nll.append(-logp.gather(1, target[:, ch, None]).squeeze(1))
             pixel_ent.append(-(logp.exp() * logp).sum(1))
         nll.append(_to_images(pixel_nll, n, h, w))

@@ -91,7 +91,9 @@ def default_threads() -> ThreadChoice:
         cores = min(cores, limit)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     threads = choose_threads(cores, load, os.cpu_count() or len(cpus))
-    return ThreadChoice(threads, cores, load)
+    # torchrun's ranks on this machine share its cores (LOCAL_WORLD_SIZE of them)
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return ThreadChoice(max(1, threads // ranks_here), cores, load)
 
 
 

@@ -6,6 +6,11 @@ calibration of every score kind and the bundle's metadata. Usable from Python:
 
 `log` and `warn` receive one-line messages; `progress(label)` ("train", "background")
 opens a context that receives the training loop's reports (`train.TrainProgress`).
+
+Under `torchrun` every rank trains (DistributedDataParallel, see `train.py`); rank 0 alone
+then calibrates, measures test bits/dim and writes the bundle, from the same weights and
+the same images as one process would, so the bundle does not depend on the number of
+ranks. The other ranks return without writing (`TrainResult.wrote_bundle` False).
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ class TrainJob:
     background_epochs: int | None = None
     background_l2: float = DEFAULT_BACKGROUND_L2
     device: str = "auto"
+    precision: str = "fp32"  # training's forward pass (precision.py); calibration is fp32
     resume: bool = False
     data_root: str | None = None
     download: bool = False
@@ -106,6 +112,7 @@ class TrainResult:
     data: TrainingData
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0  # main model only
+    wrote_bundle: bool = True  # False on torchrun's ranks other than 0
 
 
 def default_out(data: str) -> Path:
@@ -141,8 +148,12 @@ def check_calibration_size(n: int, fpr: float, conservative: bool) -> None:
 
 def check_job(job: TrainJob) -> None:
     """Usage errors before anything is read or written."""
+    from .device import resolve_device
+    from .precision import check_precision
+
     check_preset(job.preset)
     check_fpr(job.fpr)
+    check_precision(job.precision, resolve_device(job.device))
     if job.score_kind not in SCORE_KINDS:
         raise UsageError(f"score_kind must be one of {', '.join(SCORE_KINDS)}, not "
                          f"{job.score_kind!r}", param="score_kind")
@@ -227,12 +238,14 @@ def train_bundle(job: TrainJob, data: TrainingData | None = None, *, log: Log = 
                  warn: Log = _quiet, progress: ProgressFactory | None = None) -> TrainResult:
     """Train, calibrate every score kind and write the bundle to `job.bundle`."""
     from .detector import DensityDetector
+    from .distributed import is_main_process
     from .train import TrainSettings, remove_checkpoint
 
     data = data or prepare_job(job, log)
     detector = DensityDetector(preset=job.preset, device=job.device, dropout=job.dropout)
     settings = TrainSettings(epochs=job.epochs, batch_size=job.batch_size, lr=job.lr,
-                             lr_decay=job.lr_decay, seed=job.seed, patience=job.patience)
+                             lr_decay=job.lr_decay, seed=job.seed, patience=job.patience,
+                             precision=job.precision)
     budget = None if job.max_minutes is None else 60.0 * job.max_minutes
     log(f"device {detector.device}, preset {job.preset}, checkpoint {job.checkpoint}"
         + ("" if budget is None else f", budget {job.max_minutes:g} min of training"))
@@ -247,11 +260,14 @@ def train_bundle(job: TrainJob, data: TrainingData | None = None, *, log: Log = 
     if job.background:
         bg_settings = TrainSettings(epochs=job.background_epochs or job.epochs,
                                     batch_size=job.batch_size, lr=job.lr, seed=job.seed,
-                                    patience=job.patience, weight_decay=job.background_l2)
+                                    patience=job.patience, weight_decay=job.background_l2,
+                                    precision=job.precision)
         train_background(detector, data.train, data.val, mutation_rate=job.mutation_rate,
                          preset=job.background_preset, settings=bg_settings,
                          checkpoint=job.background_checkpoint, resume=job.resume, log=log,
                          progress=progress)
+    if not is_main_process():  # rank 0 calibrates and writes, from the same weights
+        return TrainResult(detector, data, seconds=seconds, wrote_bundle=False)
     detector.calibrate_all(data.calib, fpr=job.fpr, data=data.calib.source,
                            conservative=job.conservative_threshold)
     detector.default_kind = job.score_kind
@@ -274,7 +290,7 @@ def add_background_model(model: Path, *, data: str | None = None,
                          batch_size: int = 64, lr: float = 2e-3,
                          l2: float = DEFAULT_BACKGROUND_L2, max_images: int | None = None,
                          fpr: float | None = None, seed: int | None = None,
-                         device: str = "auto", resume: bool = False,
+                         device: str = "auto", precision: str = "fp32", resume: bool = False,
                          data_root: str | None = None, download: bool = False,
                          log: Log = _quiet,
                          progress: ProgressFactory | None = None) -> TrainResult:
@@ -282,12 +298,15 @@ def add_background_model(model: Path, *, data: str | None = None,
     default to the bundle's), recalibrate every kind and rewrite the bundle."""
     from .data import resolve, training_splits
     from .detector import DensityDetector
+    from .distributed import is_main_process
     from .outputs import check_checkpoint_dir, prepare_dir
+    from .precision import check_precision
     from .train import CHECKPOINT_FILES, TrainSettings, remove_checkpoint
 
     prepare_dir(model, command="train-background", bundle=True, overwrite=True,
                 option="--model")  # the bundle is rewritten whole: it may hold nothing else
     detector = DensityDetector.load(model, device=device)
+    check_precision(precision, detector.device)
     data = data or (detector.meta.get("data") or {}).get("spec")
     if not data:
         raise UsageError(f"{model} does not record its training data: pass data", param="data")
@@ -304,19 +323,21 @@ def add_background_model(model: Path, *, data: str | None = None,
     checkpoint = model.with_name(model.name + ".background.checkpoint")
     check_checkpoint_dir(checkpoint, CHECKPOINT_FILES)
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                             patience=patience, weight_decay=l2)
+                             patience=patience, weight_decay=l2, precision=precision)
     start = time.perf_counter()
     train_background(detector, train_set, sets["val"], mutation_rate=mutation_rate,
                      preset=preset, settings=settings, checkpoint=checkpoint, resume=resume,
                      log=log, progress=progress)
     seconds = time.perf_counter() - start
+    trained = TrainingData(train_set, sets["val"], sets["calib"], None, True)
+    if not is_main_process():  # rank 0 recalibrates and rewrites the bundle
+        return TrainResult(detector, trained, seconds=seconds, wrote_bundle=False)
     detector.background_meta["train_seconds"] = round(seconds, 1)
     detector.background_meta["data"] = {"train": train_set.source, "n_train": len(train_set)}
     detector.calibrate_all(sets["calib"], fpr=fpr, data=sets["calib"].source)
     detector.save(model)
     remove_checkpoint(checkpoint)
-    return TrainResult(detector, TrainingData(train_set, sets["val"], sets["calib"], None, True),
-                       seconds=seconds)
+    return TrainResult(detector, trained, seconds=seconds)
 
 
 @dataclass

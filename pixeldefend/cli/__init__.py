@@ -7,6 +7,7 @@ below is the order `pixeldefend --help` lists them in.
 from __future__ import annotations
 
 import importlib
+import sys
 
 from .app import app
 
@@ -23,7 +24,13 @@ for _module in COMMAND_MODULES:
 
 
 def main() -> None:
-    app()
+    try:
+        app(prog_name="pixeldefend")
+    finally:
+        if "torch" in sys.modules:  # `--help` and usage errors never load it
+            from ..distributed import shutdown
+
+            shutdown()  # under torchrun: leave the process group cleanly (else a no-op)
 
 
 __all__ = ["app", "main"]

@@ -21,6 +21,8 @@ from .common import (
     Grayscale,
     OutputFormat,
     Overwrite,
+    Precision,
+    PrecisionChoice,
     RichTrainProgress,
     TrustCode,
     emit,
@@ -83,6 +85,7 @@ def classifier_train(
     test: str | None = typer.Option(None, help="Test images \\[default: the data's test split]."),
     seed: int = typer.Option(0, help="Seed for weights, shuffling, augmentation and splits."),
     device: Device = "auto",
+    precision: Precision = PrecisionChoice.fp32,
     resume: Annotated[bool, flag("--resume", help="Continue an interrupted run from its "
                                                   "last checkpoint.")] = False,
     data_root: DataRoot = None,
@@ -109,9 +112,11 @@ def classifier_train(
     """
     from ..data import classifier_splits
     from ..device import resolve_device
+    from ..distributed import is_main_process
     from ..models.classifier import count_parameters, save_classifier
     from ..models.classifier_training import fit_classifier, plan_classifier
     from ..outputs import check_checkpoint_dir, input_paths, prepare_dir
+    from ..precision import check_precision
     from ..train import CHECKPOINT_FILES, remove_checkpoint
 
     if preset not in PRESETS:
@@ -122,16 +127,19 @@ def classifier_train(
     checkpoint = out.with_name(out.name + ".checkpoint")
     check_checkpoint_dir(checkpoint, CHECKPOINT_FILES)
     splits = classifier_splits(data, val, test, seed, data_root, download)
-    plan = plan_classifier(*splits, preset=preset, epochs=epochs, batch_size=batch_size,
-                           lr=lr, shift=shift, seed=seed)
     dev = resolve_device(device)
+    plan = plan_classifier(*splits, preset=preset, epochs=epochs, batch_size=batch_size,
+                           lr=lr, shift=shift, seed=seed,
+                           precision=check_precision(PrecisionChoice(precision).value, dev))
     train_set, val_set, test_set = splits
-    err_console.print(
-        f"data {data}: {len(train_set)} train, {len(val_set)} validation"
-        f"{f', {len(test_set)} test' if test_set is not None else ''} images, "
-        f"{train_set.spec.describe()}, {plan.model.config.num_classes} classes; preset "
-        f"{preset} ({count_parameters(plan.model):,} parameters), {plan.settings.epochs} "
-        f"epochs, shifts of up to {plan.shift} px, on {dev}", highlight=False)
+    speak = is_main_process()  # under torchrun rank 0 alone prints and writes
+    if speak:
+        err_console.print(
+            f"data {data}: {len(train_set)} train, {len(val_set)} validation"
+            f"{f', {len(test_set)} test' if test_set is not None else ''} images, "
+            f"{train_set.spec.describe()}, {plan.model.config.num_classes} classes; preset "
+            f"{preset} ({count_parameters(plan.model):,} parameters), {plan.settings.epochs} "
+            f"epochs, shifts of up to {plan.shift} px, on {dev}", highlight=False)
     try:
         with ClassifierProgress() as progress:
             meta = fit_classifier(plan, data, dev, checkpoint_dir=checkpoint, resume=resume,
@@ -140,6 +148,8 @@ def classifier_train(
         err_console.print(f"[yellow]interrupted[/]: continue with the same command plus "
                           f"--resume (checkpoint in {checkpoint})")
         raise
+    if not speak:
+        return
     save_classifier(out, plan.model, meta)
     remove_checkpoint(checkpoint)
     err_console.print(f"wrote bundle {out}", highlight=False)

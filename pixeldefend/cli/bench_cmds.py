@@ -89,8 +89,38 @@ def _bench_table(doc: dict[str, Any]) -> Table:
         if r.get("fast_top_ops"):
             notes.append(f"{r['case']} fast, top ops: " + ", ".join(
                 f"{o['op'].removeprefix('aten::')} {o['share']:.0%}" for o in r["fast_top_ops"]))
+    notes += scaling_notes(doc)
     table.caption = "\n".join(notes)
     return table
+
+
+def scaling_notes(doc: dict[str, Any]) -> list[str]:
+    """Data-parallel training throughput per number of ranks, as caption lines."""
+    scaling = doc.get("training_scaling")
+    if not scaling:
+        return []
+    c, h, w = scaling["shape"]
+    lines = [f"data-parallel training ({scaling['backend']}, {scaling['preset']} preset "
+             f"{c}x{h}x{w}, global batch {scaling['batch_size']}, "
+             f"{scaling['threads_per_rank']} thread(s) per rank, {scaling['steps']} steps):"]
+    for row in scaling["rows"]:
+        efficiency = "" if row["efficiency"] is None else \
+            f", scaling efficiency {row['efficiency']:.0%}"
+        lines.append(f"  {row['ranks']} rank(s): {_rate(row['images_per_s'])} images/s "
+                     f"({row['step_s']:.3f} s/step{efficiency})")
+    return lines
+
+
+def parse_ranks(text: str) -> tuple[int, ...]:
+    """--train-ranks '1,2' -> (1, 2); '' or '0' -> () (skip the scaling runs)."""
+    try:
+        ranks = tuple(int(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise UsageError(f"--train-ranks takes comma-separated rank counts, e.g. 1,2, not "
+                         f"{text!r}") from None
+    if any(r < 0 for r in ranks):
+        raise UsageError("--train-ranks: rank counts must be positive")
+    return tuple(r for r in ranks if r > 0)
 
 
 @app.command("bench")
@@ -114,6 +144,10 @@ def bench_cmd(
                                              help="Also time one training step.")] = True,
     profile: Annotated[bool, flag("--profile", help="Also profile fast purification per "
                                   "torch operator (one extra run per case).")] = False,
+    train_ranks: str = typer.Option(
+        "1,2", help="Also time data-parallel training with each of these numbers of ranks "
+        "(processes; gloo on the CPU, a GPU each when there are enough) and report the "
+        "scaling efficiency; '' skips it, as does --no-train-step."),
     fmt: Format = OutputFormat.table,
     output: Path | None = typer.Option(None, "--output", "-o", help="Write results here."),
     overwrite: Overwrite = False,
@@ -124,7 +158,9 @@ def bench_cmd(
     random weights). The reference purification (one full forward pass per sub-pixel)
     is timed on its first sub-pixels and extrapolated when the whole run would exceed
     --reference-budget; such figures are marked. "fast ÷ score time" is the cost of fast
-    purification in scoring passes of the same batch (1 would be the floor).
+    purification in scoring passes of the same batch (1 would be the floor). With the
+    training step it also times data-parallel training with --train-ranks processes
+    (the same loop as `torchrun ... train`) and reports images/s and scaling efficiency.
 
     [bold]Examples[/]
 
@@ -133,6 +169,8 @@ def bench_cmd(
       pixeldefend bench --quick --threads 1
 
       pixeldefend bench --cases 28x28x1 --batch-size 64 --format json -o bench.json
+
+      pixeldefend bench --cases digits --train-ranks 1,2,4  [dim]# data-parallel scaling[/]
     """
     from ..bench import BenchSettings, run_bench
     from ..outputs import check_files, input_paths
@@ -145,8 +183,20 @@ def bench_cmd(
     settings = BenchSettings(batch_size=batch_size, quick=quick, threads=threads,
                              reference_budget=reference_budget, train_step=train_step,
                              cases=chosen, model=model, profile=profile)
+    ranks = parse_ranks(train_ranks)
     doc = run_bench(settings, log=lambda msg: err_console.print(f"[dim]{msg}[/]"))
+    if train_step and ranks:
+        doc["training_scaling"] = run_training_scaling(ranks, batch_size, quick, threads)
     emit(fmt, doc, bench_rows(doc), BENCH_COLUMNS, lambda: _bench_table(doc), output)
+
+
+def run_training_scaling(ranks: tuple[int, ...], batch_size: int, quick: bool,
+                         threads: int | None) -> dict[str, Any]:
+    from ..bench import ScalingSettings, training_scaling
+
+    settings = ScalingSettings(ranks=ranks, batch_size=batch_size, threads=threads or 1,
+                               steps=4 if quick else 8, warmup=1 if quick else 2)
+    return training_scaling(settings, log=lambda msg: err_console.print(f"[dim]{msg}[/]"))
 
 
 def bench_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:

@@ -90,6 +90,19 @@ Overwrite = Annotated[bool, flag("--overwrite", help=OVERWRITE_HELP)]
 TrustCode = Annotated[bool, flag("--trust-code", help=TRUST_CODE_HELP)]
 
 
+class PrecisionChoice(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+PRECISION_HELP = (
+    "Precision of the network's forward pass: fp32 (exact), bf16 or fp16 (mixed precision, "
+    "torch.autocast; fp16 needs CUDA and scales the loss). Losses and scores are computed "
+    "in float32 from the logits whatever is chosen; calibration always runs in fp32.")
+Precision = Annotated[PrecisionChoice, typer.Option("--precision", help=PRECISION_HELP)]
+
+
 # choices Typer lists in --help and checks: --score, --fail-on
 ScoreChoice = Enum("ScoreChoice", {k: k for k in SCORE_KINDS}, type=str)  # type: ignore[misc]
 GateChoice = Enum("GateChoice", {c: c for c in GATE_CHOICES}, type=str)  # type: ignore[misc]

@@ -25,6 +25,8 @@ from .common import (
     ModelBundle,
     OutputFormat,
     Overwrite,
+    Precision,
+    PrecisionChoice,
     Resize,
     RichTrainProgress,
     RowStream,
@@ -65,6 +67,10 @@ def warn(message: str) -> None:
 
 def log(message: str) -> None:
     err_console.print(message, highlight=False)
+
+
+def _quiet(_message: str) -> None:
+    """The log of torchrun's ranks other than 0: one rank speaks for the job."""
 
 
 def report_skipped(errors: list[tuple[str, str]]) -> None:
@@ -160,6 +166,7 @@ def train(
                                         help="L2 penalty (Adam weight decay) on the "
                                              "background model, as in Ren et al."),
     device: Device = "auto",
+    precision: Precision = PrecisionChoice.fp32,
     resume: Resume = False,
     data_root: DataRoot = None,
     download: Download = False,
@@ -183,7 +190,11 @@ def train(
       pixeldefend train --data fashion-mnist --resume    [dim]# after an interruption[/]
 
       pixeldefend train --background --score llr         [dim]# + background model[/]
+
+      torchrun --nproc-per-node 4 -m pixeldefend train --data cifar10 --batch-size 256
+      [dim]# data-parallel: --batch-size is the global batch (README "Scaling out")[/]
     """
+    from ..distributed import is_main_process
     from ..training_pipeline import TrainJob, prepare_job, train_bundle
 
     job = TrainJob(
@@ -194,14 +205,20 @@ def train(
         score_kind=ScoreChoice(score_kind).value, background=background,
         mutation_rate=mutation_rate, background_preset=background_preset,
         background_epochs=background_epochs, background_l2=background_l2, device=device,
-        resume=resume, data_root=data_root, download=download, overwrite=overwrite)
-    training = prepare_job(job, log)
-    report_skipped(training.skipped)
+        precision=PrecisionChoice(precision).value, resume=resume, data_root=data_root,
+        download=download, overwrite=overwrite)
+    speak = is_main_process()
+    training = prepare_job(job, log if speak else _quiet)
+    if speak:
+        report_skipped(training.skipped)
     try:
-        result = train_bundle(job, training, log=log, warn=warn, progress=RichTrainProgress)
+        result = train_bundle(job, training, log=log if speak else _quiet,
+                              warn=warn if speak else _quiet, progress=RichTrainProgress)
     except KeyboardInterrupt:
         interrupted(job.checkpoint)
         raise
+    if not result.wrote_bundle:
+        return
     err_console.print(f"wrote bundle {job.bundle}", highlight=False)
     detector, metrics, calib = result.detector, result.metrics, training.calib
     cal = detector.calibrations["bpd"]
@@ -235,6 +252,7 @@ def train_background(
     seed: int | None = typer.Option(None, help="Seed for weights, mutations and splits "
                                                "\\[default: the main model's]."),
     device: Device = "auto",
+    precision: Precision = PrecisionChoice.fp32,
     resume: Resume = False,
     data_root: DataRoot = None,
     download: Download = False,
@@ -253,17 +271,21 @@ def train_background(
 
       pixeldefend train-background --model models/fashion-mnist --max-images 10000 --epochs 3
     """
+    from ..distributed import is_main_process
     from ..training_pipeline import add_background_model
 
     try:
         result = add_background_model(
             model, data=data, mutation_rate=mutation_rate, preset=preset, epochs=epochs,
             patience=patience, batch_size=batch_size, lr=lr, l2=l2, max_images=max_images,
-            fpr=fpr, seed=seed, device=device, resume=resume, data_root=data_root,
-            download=download, log=log, progress=RichTrainProgress)
+            fpr=fpr, seed=seed, device=device, precision=PrecisionChoice(precision).value,
+            resume=resume, data_root=data_root, download=download,
+            log=log if is_main_process() else _quiet, progress=RichTrainProgress)
     except KeyboardInterrupt:
         interrupted(model.with_name(model.name + ".background.checkpoint"))
         raise
+    if not result.wrote_bundle:
+        return
     err_console.print(f"wrote bundle {model} (background model added, {result.seconds:.0f} s)",
                       highlight=False)
     calib = result.data.calib
@@ -356,6 +378,7 @@ def score(
         "its per-pixel NLL heat map into this folder (<input name>.heatmap.png)."),
     batch_size: int = typer.Option(256, min=1),
     device: Device = "auto",
+    precision: Precision = PrecisionChoice.fp32,
     threads: Threads = None,
     resize: Resize = False,
     grayscale: Grayscale = False,
@@ -387,6 +410,7 @@ def score(
     from ..detector import DensityDetector
     from ..gate import GatePolicy
     from ..outputs import check_files, clear_dir, input_paths, prepare_dir
+    from ..precision import check_precision
     from ..scoring import score_inputs
 
     inputs = input_paths(paths, model)
@@ -395,6 +419,7 @@ def score(
         heatmap, command="score --heatmap", inputs=inputs, overwrite=overwrite,
         option="--heatmap")
     detector = DensityDetector.load(model, device=device, batch_size=batch_size)
+    detector.precision = check_precision(PrecisionChoice(precision).value, detector.device)
     policy = GatePolicy(fail_on_anomalous=fail_on == GateChoice.anomalous,
                         max_anomalous_fraction=max_anomalous_fraction, batch_test=batch_test,
                         skip_unreadable=skip_unreadable)

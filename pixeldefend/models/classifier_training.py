@@ -47,6 +47,13 @@ def error_rate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, lev
     return float((pred != labels.cpu()).float().mean())
 
 
+def error_count(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, levels: int,
+                batch_size: int = 512) -> int:
+    """Misclassified images (the training loop adds the counts of every rank)."""
+    pred = predict_logits(model, images, levels, batch_size).argmax(1)
+    return int((pred != labels.cpu()).sum())
+
+
 def train_classifier(
     model: ResNetClassifier,
     images: torch.Tensor,
@@ -72,13 +79,15 @@ def train_classifier(
     def loss_fn(m: nn.Module, batch: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         x = random_shift(to_float(batch, levels), pad)
         assert y is not None
-        return F.cross_entropy(m(x), y)
+        return F.cross_entropy(m(x).float(), y)  # float32 softmax whatever the precision
 
-    def evaluate(m: nn.Module) -> float:
-        return error_rate(m, val_images, val_labels, levels)
+    def evaluate(m: nn.Module, block: range) -> tuple[float, int]:
+        part = slice(block.start, block.stop)
+        return float(error_count(m, val_images[part], val_labels[part], levels)), len(block)
 
     return run_training(model, loss_fn, images, labels, evaluate, settings, device,
-                        checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
+                        checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
+                        val_size=len(val_images))
 
 
 # ------------------------------------------------------------------ the whole pipeline
@@ -102,7 +111,7 @@ class ClassifierPlan:
 def plan_classifier(train_set: ImageSet, val_set: ImageSet, test_set: ImageSet | None, *,
                     preset: str = "small", epochs: int | None = None, batch_size: int = 128,
                     lr: float = 3e-3, shift: int | None = None,
-                    seed: int = 0) -> ClassifierPlan:
+                    seed: int = 0, precision: str = "fp32") -> ClassifierPlan:
     """A seeded network sized for the data and the training settings: `epochs` defaults
     to 40 under 10,000 training images, else 10; the learning rate decays to 5% by the
     last epoch; `shift` defaults to `default_shift`."""
@@ -119,7 +128,8 @@ def plan_classifier(train_set: ImageSet, val_set: ImageSet, test_set: ImageSet |
     epochs = epochs or (40 if len(train_set) < SMALL_SET else 10)
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr,
                              lr_decay=round(0.05 ** (1 / max(1, epochs - 1)), 6),
-                             weight_decay=1e-4, grad_clip=5.0, seed=seed)
+                             weight_decay=1e-4, grad_clip=5.0, seed=seed,
+                             precision=precision)
     torch.manual_seed(seed)
     shift = default_shift(spec.height, spec.width) if shift is None else shift
     return ClassifierPlan(ResNetClassifier(cfg), settings, shift, train_set, val_set,

@@ -197,8 +197,11 @@ class _HeadNLL(torch.autograd.Function):
 def head_nll(z: torch.Tensor, conv: nn.Conv2d, target: torch.Tensor) -> torch.Tensor:
     """NLL in nats of integer `target` (M,) under the logits `conv` (1x1, levels outputs)
     makes of channels-last rows z (M, K): `_HeadNLL`."""
-    return _HeadNLL.apply(z, conv.weight.view(conv.out_channels, -1), conv.bias,
-                          target.long())
+    # in float32 at least, also under autocast: the softmax decides the reported NLL
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    with torch.autocast(z.device.type, enabled=False):
+        return _HeadNLL.apply(z.to(dtype), conv.weight.view(conv.out_channels, -1).to(dtype),
+                              conv.bias.to(dtype), target.long())
 
 
 def scaled(x: torch.Tensor, levels: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -447,8 +450,11 @@ class PixelCNN(nn.Module):
 
     # ------------------------------------------------------------------------ full
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits_from_scaled(self.scale(x))
+    def forward(self, x: torch.Tensor, nll: bool = False) -> torch.Tensor:
+        """Logits (N, levels, C, H, W) of integer images, or with `nll` their per-sub-pixel
+        NLL (`nll()`: the fused fast path; training calls it this way, so that it also
+        runs through DistributedDataParallel, which wraps only `forward`)."""
+        return self.nll(x) if nll else self.logits_from_scaled(self.scale(x))
 
     def logits_from_scaled(self, xs: torch.Tensor) -> torch.Tensor:
         """Forward pass on scaled float inputs (N, C, H, W) -> logits (N, levels, C, H, W)
