@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .defaults import CASE_NAMES as CASE_NAMES
 from .defaults import DEFAULT_MODEL as DEFAULT_MODEL
@@ -34,7 +33,9 @@ from .purify import (
     purify_single_pass,
     reference_steps,
 )
+from .roofline import matmul_gflops, plain_path_times, roofline
 from .threads import default_threads
+from .train import backward_in_parts
 
 
 @dataclass
@@ -123,16 +124,17 @@ def _best(fn: Callable[[], Any], repeat: int) -> float:
 
 
 def _train_step_time(model: PixelCNN, images: torch.Tensor, repeat: int) -> float:
-    """One Adam step (forward, loss, backward, update) on a copy of the model."""
+    """One Adam step (forward, loss, backward, update) on a copy of the model, as
+    `train` runs it."""
     import copy
 
     m = copy.deepcopy(model).train()
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
 
     def step() -> None:
-        loss = F.cross_entropy(m(images), images.long())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        backward_in_parts(m, lambda model, x, _y: model.nll(x).mean(), images, None,
+                          m.images_per_pass())
         opt.step()
 
     step()  # warm-up: allocates the optimiser state
@@ -162,6 +164,8 @@ def run_case(case: BenchCase, settings: BenchSettings,
     repeat = 1 if settings.quick else 2
     with torch.inference_mode():
         model(images[:2])  # warm-up
+    log(f"{case.name}: matmul rate")
+    matmul = matmul_gflops(repeat=SCORING_REPEAT)
     log(f"{case.name}: scoring pass")
     # one scoring pass takes milliseconds, so one sample is mostly noise on a busy machine:
     # best of a few, the same number for both lines so their ratio is fair
@@ -216,6 +220,8 @@ def run_case(case: BenchCase, settings: BenchSettings,
         "identical": identical,
         "fast_top_ops": top_ops,
         "peak_memory_mb": peak_memory_mb(images.device),
+        **roofline(model, images, matmul, score_s, train_s, fast_s),
+        **_speedup_vs_plain(model, images, scoring_repeat, score_s, train_s),
     }
 
 
@@ -251,6 +257,16 @@ def _purification_costs(model: PixelCNN, images: torch.Tensor, eps: int, repeat:
         "fast_over_approx": best["fast"] / best["approx"],
         "approx_mismatch": float((approx_out != best["out"]).double().mean()),
     }
+
+
+def _speedup_vs_plain(model: PixelCNN, images: torch.Tensor, repeat: int, score_s: float,
+                      train_s: float | None) -> dict[str, float | None]:
+    """The plain NCHW forward path timed in the same run, and the fast path's speed-up."""
+    plain = plain_path_times(model, images, repeat, train_s is not None)
+    train_plain = plain["train_step_plain_s"]
+    return {**plain, "score_speedup_vs_plain": plain["score_plain_s"] / score_s,
+            "train_speedup_vs_plain": None if train_plain is None or train_s is None
+            else train_plain / train_s}
 
 
 def _dose_scorer(model: PixelCNN, images: torch.Tensor) -> Callable[[], Any]:
@@ -327,6 +343,13 @@ def run_bench(settings: BenchSettings,
             "score: one bits/dim forward pass in float32 on the same batch",
             "dose: the default anomaly score (model pass with entropies, WebP codec, "
             "statistics, density) on the same batch",
+            "roofline: GFLOP/s = FLOPs of the plain network (torch's FLOP counter: one "
+            "forward pass for scoring and purification, forward + backward for a training "
+            "step) / time; vs matmul = that rate / this thread's float32 1024x1024 matmul "
+            "rate, measured in the same case",
+            "vs plain: speed-up of the fast forward path over the plain NCHW one "
+            "(reference_logits + cross-entropy, as before the fast path), both timed in "
+            "the same case",
         ],
         "results": results,
     }
@@ -469,12 +492,12 @@ def _scaling_worker(rank: int, world: int, tmp: str, settings: ScalingSettings) 
                                generator=torch.Generator().manual_seed(settings.seed))
 
         def loss_fn(m: torch.nn.Module, x: torch.Tensor, _y: Any) -> torch.Tensor:
-            return F.cross_entropy(m(x).float(), x.long())
+            return m(x, nll=True).mean()  # as train runs it (fused head, float32 softmax)
 
         clock = _StepClock()
         run_training(model, loss_fn, images, None, lambda m, block: (0.0, len(block)),
                      TrainSettings(epochs=1, batch_size=settings.batch_size, seed=settings.seed),
-                     device, progress=clock, val_size=0,
+                     device, progress=clock, val_size=0, micro_batch=model.images_per_pass(),
                      dist=Dist(rank=rank, world=world, local_rank=rank, device=device))
         if rank == 0:
             seconds = clock.times[-1] - clock.times[settings.warmup - 1]

@@ -356,7 +356,26 @@ BENCH_COLUMNS = ["case", "shape", "levels", "batch", "eps_defend", "score_images
                  "fast_images_per_s", "reference_images_per_s", "reference_extrapolated",
                  "speedup_fast_vs_reference", "fast_over_score", "approx_images_per_s",
                  "fast_over_approx", "approx_mismatch", "train_step_s", "identical",
-                 "peak_memory_mb"]
+                 "peak_memory_mb", "matmul_gflops", "score_gflops", "score_vs_matmul",
+                 "train_gflops", "train_vs_matmul", "purify_gflops", "purify_vs_matmul",
+                 "score_speedup_vs_plain", "train_speedup_vs_plain"]
+
+
+def _roofline_cell(r: dict[str, Any]) -> str:
+    """GFLOP/s of scoring, training and fast purification, each with its share of the
+    matmul rate (bench's roofline columns)."""
+    parts = []
+    for key in ("score", "train", "purify"):
+        rate = r.get(f"{key}_gflops")
+        parts.append("-" if rate is None else f"{rate:.3g} ({r[f'{key}_vs_matmul']:.0%})")
+    return " / ".join(parts)
+
+
+def _speedup_cell(r: dict[str, Any]) -> str:
+    """Scoring and training-step speed-up of the fast path over the plain one."""
+    train = r.get("train_speedup_vs_plain")
+    return (f"{r['score_speedup_vs_plain']:.2f}x / "
+            + ("-" if train is None else f"{train:.2f}x"))
 
 
 def _rate(value: float) -> str:
@@ -372,7 +391,9 @@ def bench_table(doc: dict[str, Any]) -> Table:
     for col in ("case", "score img/s", "dose img/s", "fast img/s", "reference img/s",
                 "speed-up vs ref",
                 "fast ÷ score time", "fast ÷ approx time", "train step s", "fast time split",
-                "identical", "peak MB"):
+                "identical", "peak MB", "matmul GFLOP/s",
+                "GFLOP/s score / train / purify (% of matmul)",
+                "fast path vs plain: score / train"):
         table.add_column(col, justify="left" if col in ("case", "fast time split") else "right",
                          overflow="fold")
     for r in doc["results"]:
@@ -391,6 +412,7 @@ def bench_table(doc: dict[str, Any]) -> Table:
             split,
             "-" if r["identical"] is None else ("yes" if r["identical"] else "NO"),
             "-" if r.get("peak_memory_mb") is None else f"{r['peak_memory_mb']:,.0f}",
+            f"{r['matmul_gflops']:.3g}", _roofline_cell(r), _speedup_cell(r),
         )
     notes = []
     if any(r["reference_extrapolated"] for r in doc["results"]):

@@ -56,26 +56,34 @@ def model_pass(model: PixelCNN, images: torch.Tensor, batch_size: int = 256,
                precision: str = "fp32") -> ModelPass:
     """Per-pixel NLL and entropy plus feature norms, one forward pass per batch.
 
-    Same numbers as `density.nll_map` for the NLL (same logits, same cross-entropy); with
+    The same logits as `density.nll_map`, in the model's fast channels-last layout (the
+    levels contiguous) and a few images per pass (`PixelCNN.images_per_pass`); with
     `precision` bf16/fp16 the network runs under autocast and the rest in float32.
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     nll, ent, norms, seen = [], [], [], []
-    for start in range(0, images.shape[0], batch_size):
-        chunk = images[start : start + batch_size].to(device)
+    step = max(1, min(batch_size, model.images_per_pass()))
+    for start in range(0, images.shape[0], step):
+        chunk = images[start : start + step].to(device)
+        n, c, h, w = chunk.shape
         xs = model.scale(chunk)
         with autocast(device, precision):
-            ctx = model.context(torch.cat([xs, torch.ones_like(xs[:, :1])], dim=1))
-            logits = torch.stack([
-                model.channel_logits(ctx, xs[:, :c] if c > 0 else None, c)
-                for c in range(model.config.channels)], dim=2)  # (N, L, C, H, W)
+            ctx = model.context_rows(xs)  # (n H W, head)
+            xs_rows = xs.permute(0, 2, 3, 1).reshape(-1, c)
+            logits = [model.channel_logits_rows(ctx, xs_rows[:, :ch] if ch else None, ch)
+                      for ch in range(c)]
         ctx = ctx.float()
-        logp = F.log_softmax(logits.float(), dim=1)
-        nll.append(-logp.gather(1, chunk.long().unsqueeze(1)).squeeze(1).float().cpu())
-        ent.append(-(logp.exp() * logp).sum(1).float().cpu())
-        norms.append(ctx.norm(dim=1).flatten(1).mean(1).double().cpu())
+        target = chunk.permute(0, 2, 3, 1).reshape(-1, c).long()
+        pixel_nll, pixel_ent = [], []
+        for ch in range(c):
+            logp = F.log_softmax(logits[ch].float(), dim=-1)
+            pixel_nll.append(-logp.gather(1, target[:, ch, None]).squeeze(1))
+            pixel_ent.append(-(logp.exp() * logp).sum(1))
+        nll.append(_to_images(pixel_nll, n, h, w))
+        ent.append(_to_images(pixel_ent, n, h, w))
+        norms.append(ctx.view(n, h * w, -1).norm(dim=-1).mean(1).double().cpu())
         seen.append(chunk.float().cpu() / (model.config.levels - 1))
         if progress is not None:
             progress(chunk.shape[0])
@@ -85,6 +93,11 @@ def model_pass(model: PixelCNN, images: torch.Tensor, batch_size: int = 256,
         empty = torch.zeros((0, c, h, w))
         return ModelPass(empty, empty.clone(), np.zeros(0), empty.clone())
     return ModelPass(torch.cat(nll), torch.cat(ent), torch.cat(norms).numpy(), torch.cat(seen))
+
+
+def _to_images(per_channel: list[torch.Tensor], n: int, h: int, w: int) -> torch.Tensor:
+    """Per-channel rows [(n H W,)] -> (n, C, H, W) float32 on the CPU."""
+    return torch.stack(per_channel, dim=1).view(n, h, w, -1).permute(0, 3, 1, 2).float().cpu()
 
 
 def surprise_gap(nll: torch.Tensor, entropy: torch.Tensor) -> np.ndarray:

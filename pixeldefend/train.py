@@ -17,11 +17,13 @@ which images share a step; slicing the one-process batch keeps the runs comparab
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,6 +77,18 @@ class TrainResult:
     best_val: float
     history: list[dict[str, float]] = field(default_factory=list)
     epochs_run: int = 0
+    seconds: float = 0.0  # training time, summed over resumed runs
+    stopped_by_budget: bool = False
+
+
+def out_of_budget(elapsed: float, epoch_seconds: list[float], max_seconds: float | None
+                  ) -> bool:
+    """Would another epoch end past `max_seconds` of training? Judged by the slowest
+    epoch so far, so the budget is a limit, not a target (None: no budget)."""
+    if max_seconds is None:
+        return False
+    return elapsed >= max_seconds or (bool(epoch_seconds)
+                                      and elapsed + max(epoch_seconds) > max_seconds)
 
 
 # ------------------------------------------------------------------------ checkpoints
@@ -162,11 +176,19 @@ def run_training(
     *,
     val_size: int,
     dist: Dist | None = None,
+    max_seconds: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    micro_batch: int | None = None,
 ) -> TrainResult:
     """Minimise `loss_fn` over (images, labels) with Adam; keep the weights with the lowest
     validation metric (`evaluate` over `val_size` images, lower is better) and load them at
     the end. `dist`: the process group (default: torchrun's if launched by it, else one
-    process); with more than one rank the model is trained with DistributedDataParallel."""
+    process); with more than one rank the model is trained with DistributedDataParallel.
+
+    `max_seconds`: a wall-clock budget for training (by `clock`), counted over resumed
+    runs too: no epoch starts that would, at the pace of the slowest one so far, end past
+    it. Every finished epoch is checkpointed, so a budgeted run can be resumed later.
+    `micro_batch`: see `backward_in_parts` (None: whole batches; not for batch norm)."""
     dist = dist or init(device)
     device = dist.device if dist.active else device
     if not dist.is_main:
@@ -179,7 +201,7 @@ def run_training(
     scaler = grad_scaler(device, settings.precision)
     n = images.shape[0]
     batches = max(1, math.ceil(n / settings.batch_size))
-    first_epoch, history = 0, []
+    first_epoch, history, epoch_seconds = 0, [], []
     best_val, best_epoch = float("inf"), -1
     best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     torch.manual_seed(settings.seed)
@@ -194,13 +216,19 @@ def run_training(
                 param="resume")
         first_epoch = meta["epoch"] + 1
         history = meta["history"]
+        epoch_seconds = list(meta.get("epoch_seconds", []))
         best_val, best_epoch = meta["best_val"], meta["best_epoch"]
     net = _data_parallel(model, dist, lambda: _leaves_parameters_unused(
         model, loss_fn, images[:1].to(device), None if labels is None else labels[:1].to(device)))
     progress.start(settings.epochs, batches, first_epoch)
+    stopped_by_budget = False
     for epoch in range(first_epoch, settings.epochs):
         if settings.patience and best_epoch >= 0 and epoch - best_epoch > settings.patience:
             break  # early stop: the best weights are already kept
+        if out_of_budget(sum(epoch_seconds), epoch_seconds, max_seconds):
+            stopped_by_budget = True
+            break
+        epoch_start = clock()
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * settings.lr_decay**epoch
         if dist.rank > 0:  # rank 0 continues the checkpointed stream; the others fork it
@@ -213,17 +241,19 @@ def run_training(
             index, weight = _my_share(index, dist)
             x = images[index].to(device)
             y = None if labels is None else labels[index].to(device)
-            with autocast(device, settings.precision):
-                loss = loss_fn(net, x, y)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss * weight if dist.active else loss).backward()
+            loss = backward_in_parts(
+                net, loss_fn, x, y, micro_batch,
+                backward=lambda part, w=weight: scaler.scale(part * w if dist.active
+                                                             else part).backward(),
+                context=lambda: autocast(device, settings.precision))
             if settings.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             if weight:
-                total += loss.item() * x.shape[0]
+                total += loss * x.shape[0]
                 count += x.shape[0]
             progress.batch(train_metric(total / max(count, 1)))
         if dist.active:  # the epoch's mean training loss over every rank's images
@@ -236,6 +266,7 @@ def run_training(
             best_val, best_epoch = val, epoch
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         history.append({"epoch": epoch, "train": train_metric(total / count), "val": val})
+        epoch_seconds.append(clock() - epoch_start)
         progress.epoch(epoch, train_metric(total / count), val, improved)
         if checkpoint_dir is not None:
             if dist.is_main:
@@ -243,6 +274,7 @@ def run_training(
                     "epoch": epoch, "history": history, "best_val": best_val,
                     "best_epoch": best_epoch, "settings": asdict(settings),
                     "world": dist.world,  # for the record: resuming may use any number
+                    "epoch_seconds": epoch_seconds,
                 }, scaler)
             dist.barrier()  # the checkpoint exists before any rank moves on
             _crash_if_asked(epoch, dist)
@@ -250,7 +282,40 @@ def run_training(
     model.load_state_dict(best_state)
     model.eval()
     return TrainResult(best_epoch=best_epoch, best_val=best_val, history=history,
-                       epochs_run=len(history))
+                       epochs_run=len(history), seconds=sum(epoch_seconds),
+                       stopped_by_budget=stopped_by_budget)
+
+
+def backward_in_parts(model: nn.Module, loss_fn: Callable, x: torch.Tensor,
+                      y: torch.Tensor | None, micro_batch: int | None,
+                      backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+                      context: Callable[[], contextlib.AbstractContextManager] =
+                      contextlib.nullcontext) -> float:
+    """Backpropagate `loss_fn`'s batch mean `micro_batch` images at a time (the same
+    gradient up to rounding, for a loss that is a mean over images): smaller passes keep
+    their activations in the CPU's cache, which makes the step faster. `backward` runs
+    each part's backward (loss scaling, rank weights), `context` wraps each forward
+    (autocast); under DistributedDataParallel only the last part synchronises gradients.
+    Returns the batch's loss."""
+    n = x.shape[0]
+    if not micro_batch or micro_batch >= n:
+        with context():
+            loss = loss_fn(model, x, y)
+        backward(loss)
+        return loss.item()
+    total = 0.0
+    for s in range(0, n, micro_batch):
+        last = s + micro_batch >= n
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") \
+            else model.no_sync()
+        with sync:
+            with context():
+                part = loss_fn(model, x[s:s + micro_batch],
+                               None if y is None else y[s:s + micro_batch])
+                part = part * (x[s:s + micro_batch].shape[0] / n)
+            backward(part)
+        total += part.item()
+    return total
 
 
 def _data_parallel(model: nn.Module, dist: Dist, unused: Callable[[], bool]) -> nn.Module:

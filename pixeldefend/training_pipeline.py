@@ -52,6 +52,8 @@ class TrainJob:
     patience: int = 8
     batch_size: int = 64
     lr: float = 2e-3
+    lr_decay: float = 0.97  # multiplied into the learning rate after every epoch
+    max_minutes: float | None = None  # wall-clock budget of the main model's training
     fpr: float = 0.05
     max_images: int | None = None
     seed: int = 0
@@ -160,6 +162,11 @@ def check_job(job: TrainJob) -> None:
         raise UsageError("score_kind llr needs a background model: set background",
                          param=("score_kind", "background"))
     check_preset(job.background_preset, "background_preset")
+    if job.max_minutes is not None and job.max_minutes <= 0:
+        raise UsageError(f"max_minutes must be positive, got {job.max_minutes}",
+                         param="max_minutes")
+    if not 0.0 < job.lr_decay <= 1.0:
+        raise UsageError(f"lr_decay must be in (0, 1], got {job.lr_decay}", param="lr_decay")
 
 
 def load_training_data(job: TrainJob) -> TrainingData:
@@ -238,13 +245,19 @@ def train_bundle(job: TrainJob, data: TrainingData | None = None, *, log: Log = 
     data = data or prepare_job(job, log)
     detector = DensityDetector(preset=job.preset, device=job.device, dropout=job.dropout)
     settings = TrainSettings(epochs=job.epochs, batch_size=job.batch_size, lr=job.lr,
-                             seed=job.seed, patience=job.patience, precision=job.precision)
-    log(f"device {detector.device}, preset {job.preset}, checkpoint {job.checkpoint}")
+                             lr_decay=job.lr_decay, seed=job.seed, patience=job.patience,
+                             precision=job.precision)
+    budget = None if job.max_minutes is None else 60.0 * job.max_minutes
+    log(f"device {detector.device}, preset {job.preset}, checkpoint {job.checkpoint}"
+        + ("" if budget is None else f", budget {job.max_minutes:g} min of training"))
     start = time.perf_counter()
     with _opened(progress, "train") as reports:
         detector.fit(data.train, val=data.val, settings=settings, progress=reports,
-                     checkpoint_dir=job.checkpoint, resume=job.resume)
+                     checkpoint_dir=job.checkpoint, resume=job.resume, max_seconds=budget)
     seconds = time.perf_counter() - start
+    if detector.meta["training"].get("stopped_by_budget"):
+        log(f"stopped after {len(detector.meta['training']['history'])} epochs: the next "
+            f"would end past --max-minutes {job.max_minutes:g}; best weights kept")
     if job.background:
         bg_settings = TrainSettings(epochs=job.background_epochs or job.epochs,
                                     batch_size=job.batch_size, lr=job.lr, seed=job.seed,

@@ -30,6 +30,13 @@ def test_bench_json_on_the_shipped_digits_model(runner, repo, monkeypatch):
     assert abs(row["fast_over_score"] - row["fast_s"] / row["score_best_s"]) < 1e-9
     assert row["score_best_s"] <= row["score_s"]
     assert 0.0 <= row["approx_mismatch"] <= 1.0
+    # roofline: rates from the FLOP counter, shares of the same run's matmul rate
+    assert row["matmul_gflops"] > 0 and row["train_gflops"] is None
+    assert abs(row["score_vs_matmul"] - row["score_gflops"] / row["matmul_gflops"]) < 1e-9
+    assert abs(row["score_gflops"] * row["score_s"] / 64
+               - row["forward_gflop_per_image"]) < 1e-9
+    assert abs(row["score_speedup_vs_plain"] - row["score_plain_s"] / row["score_s"]) < 1e-9
+    assert row["train_speedup_vs_plain"] is None and row["train_step_plain_s"] is None
     assert doc["system"]["threads"] >= 1 and doc["settings"]["reference_budget_s"] is None
     # --format csv: one real row per case (the shape as CxHxW, no dict reprs)
     (csv_row,) = csv.DictReader(io.StringIO(rows_to_csv(bench_rows(doc), BENCH_COLUMNS)))

@@ -64,7 +64,13 @@ def train(
     patience: int = typer.Option(8, min=0, help="Stop after this many epochs without a better "
                                                 "validation bits/dim (0: never stop early)."),
     batch_size: common.StepBatch = 64,
-    lr: float = typer.Option(2e-3, min=0.0, help="Adam learning rate (decays 3% per epoch)."),
+    lr: float = typer.Option(2e-3, min=0.0, help="Adam learning rate (see --lr-decay)."),
+    lr_decay: float = typer.Option(0.97, min=0.0, max=1.0, help="Factor applied to the "
+                                   "learning rate after every epoch."),
+    max_minutes: float | None = typer.Option(
+        None, min=0.0, help="Wall-clock budget for training the model: no epoch starts "
+        "that would end past it (at the pace of the slowest so far); the best weights are "
+        "kept, calibrated and written. Counted across --resume."),
     fpr: float = typer.Option(0.05, help="Target false-positive rate of the threshold."),
     max_images: MaxImages = None,
     seed: int = typer.Option(0, help="Seed for weights, shuffling and splits."),
@@ -117,8 +123,9 @@ def train(
 
     job = TrainJob(
         data=data, out=out, preset=preset, dropout=dropout, epochs=epochs, patience=patience,
-        batch_size=batch_size, lr=lr, fpr=fpr, max_images=max_images, seed=seed,
-        skip_unreadable=skip_unreadable, conservative_threshold=conservative_threshold,
+        batch_size=batch_size, lr=lr, lr_decay=lr_decay, max_minutes=max_minutes, fpr=fpr,
+        max_images=max_images, seed=seed, skip_unreadable=skip_unreadable,
+        conservative_threshold=conservative_threshold,
         score_kind=common.ScoreChoice(score_kind).value, background=background,
         mutation_rate=mutation_rate, background_preset=background_preset,
         background_epochs=background_epochs, background_l2=background_l2, device=device,

@@ -20,6 +20,15 @@ All convolutions are unpadded `nn.Conv2d` with explicit `F.pad`, so the same wei
 run one image row or one pixel at a time: `PixelCNN.steps()` arranges them as matrices
 (`PixelCNNSteps`, `GatedLayerSteps`, written beside the forward passes they mirror), and
 `models.decoder.CachedDecoder` runs those steps in autoregressive order.
+
+The same parameters run two ways. `reference_logits` (with `GatedLayer.forward`,
+`context`, `channel_logits`) is the plain NCHW definition, one module call per conv.
+`forward`, `logits_from_scaled` and `nll` take the fast path (`*_rows` methods): features
+channels-last (N, H, W, C), where oneDNN's convolutions run several times faster and
+every 1x1 conv is one matmul that also adds its residual; gates as one sigmoid with the
+tanh half's scale folded into run-time copies of the weights; the last head conv fused
+with the cross-entropy in cache-sized chunks. tests/test_fast_forward.py holds the two
+to float tolerance (logits, NLL, gradients); a change to one must be made in the other.
 """
 
 from __future__ import annotations
@@ -84,6 +93,118 @@ def gate(x: torch.Tensor) -> torch.Tensor:
     return torch.tanh(a) * torch.sigmoid(b)
 
 
+def conv_rows(x: torch.Tensor, conv: nn.Conv2d, pad: tuple[int, int, int, int],
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`conv` over channels-last features `x` (N, H, W, C) zero-padded by `pad` = (left,
+    right, top, bottom), returned channels-last (N, H', W', out). oneDNN runs convolutions
+    on channels-last tensors several times faster than on NCHW ones, and the permutes are
+    views: no copy but the one padding."""
+    left, right, top, bottom = pad
+    if any(pad):
+        x = F.pad(x, (0, 0, left, right, top, bottom))
+    y = F.conv2d(x.permute(0, 3, 1, 2), conv.weight, conv.bias if bias is None else bias)
+    return y.permute(0, 2, 3, 1)
+
+
+def dense(x: torch.Tensor, conv: nn.Conv2d, residual: torch.Tensor | None = None,
+          bias: bool = True) -> torch.Tensor:
+    """A 1x1 conv over channels-last rows `x` (M, in) as one matmul, (M, out), with
+    `residual` (M, out) added in the same call when given; `bias` False leaves the bias
+    out (the caller adds it once elsewhere)."""
+    w = conv.weight.view(conv.out_channels, conv.in_channels)
+    b = conv.bias if bias else None
+    if residual is None:
+        return F.linear(x, w, b)
+    y = torch.addmm(residual, x, w.t())
+    return y if b is None else y.add_(b)  # addmm's backward does not read its output
+
+
+class _SigmoidGate(torch.autograd.Function):
+    """`gate` of pre-activations whose first half is multiplied by -2: tanh(a) sigmoid(b)
+    as (1 - 2 sigmoid(-2a)) sigmoid(b), one sigmoid over the whole contiguous (M, 2f)
+    tensor and one fused multiply-add. tanh over a strided half costs several times more
+    on CPU, and the hand-written backward writes both halves' gradients at once."""
+
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor) -> torch.Tensor:
+        s = torch.sigmoid(pre)
+        sa, sb = s.chunk(2, dim=-1)
+        ctx.save_for_backward(s)
+        return torch.addcmul(sb, sa, sb, value=-2.0)  # sb (1 - 2 sa)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (s,) = ctx.saved_tensors
+        sa, sb = s.chunk(2, dim=-1)
+        d = torch.empty_like(s)
+        da, db = d.chunk(2, dim=-1)
+        torch.mul(grad, sb, out=da).mul_(-2.0)
+        torch.addcmul(grad, grad, sa, value=-2.0, out=db)
+        return torch.ops.aten.sigmoid_backward(d, s)
+
+
+def _gate_scale(filters: int, like: torch.Tensor) -> torch.Tensor:
+    """(2f,): -2 on the tanh half, 1 on the sigmoid half (exact in floating point)."""
+    scale = torch.ones(2 * filters, dtype=like.dtype, device=like.device)
+    scale[:filters] = -2.0
+    return scale
+
+
+PASS_ROWS = 16 * 28 * 28  # pixels per pass of `PixelCNN.nll` without autograd (see there)
+HEAD_CHUNK = 1024  # rows of logits per step of `head_nll`: 1 MiB at 256 levels, in L2
+
+
+class _HeadNLL(torch.autograd.Function):
+    """The last 1x1 conv of a channel head and the cross-entropy of its logits, fused:
+    -log softmax(z W^T + b)[target] per row, (M, K) -> (M,). The (M, levels) logits are
+    never stored: they are made HEAD_CHUNK rows at a time, in cache, and made again in
+    the backward pass (one extra small matmul instead of writing and re-reading 50 MB
+    per 28x28 batch of 64; the pass is memory-bound otherwise)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                target: torch.Tensor) -> torch.Tensor:
+        nll = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
+        lse = torch.empty_like(nll)
+        wt = weight.t()
+        for s in range(0, z.shape[0], HEAD_CHUNK):
+            logits = torch.addmm(bias, z[s:s + HEAD_CHUNK], wt)
+            picked = logits.gather(1, target[s:s + HEAD_CHUNK, None]).squeeze(1)
+            top = logits.amax(dim=1)
+            total = logits.sub_(top[:, None]).exp_().sum(dim=1)
+            torch.add(total.log_(), top, out=lse[s:s + HEAD_CHUNK])
+            torch.sub(lse[s:s + HEAD_CHUNK], picked, out=nll[s:s + HEAD_CHUNK])
+        ctx.save_for_backward(z, weight, bias, target, lse)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, weight, bias, target, lse = ctx.saved_tensors
+        gz = torch.empty_like(z)
+        gw = torch.zeros_like(weight)
+        gb = torch.zeros_like(bias)
+        wt = weight.t()
+        for s in range(0, z.shape[0], HEAD_CHUNK):
+            zc, g = z[s:s + HEAD_CHUNK], grad[s:s + HEAD_CHUNK, None]
+            # d nll / d logits = softmax - onehot(target), times the incoming gradient
+            d = torch.addmm(bias, zc, wt).sub_(lse[s:s + HEAD_CHUNK, None]).exp_().mul_(g)
+            d.scatter_add_(1, target[s:s + HEAD_CHUNK, None], -g)
+            torch.mm(d, weight, out=gz[s:s + HEAD_CHUNK])
+            gw.addmm_(d.t(), zc)
+            gb += d.sum(dim=0)
+        return gz, gw, gb, None
+
+
+def head_nll(z: torch.Tensor, conv: nn.Conv2d, target: torch.Tensor) -> torch.Tensor:
+    """NLL in nats of integer `target` (M,) under the logits `conv` (1x1, levels outputs)
+    makes of channels-last rows z (M, K): `_HeadNLL`."""
+    # in float32 at least, also under autocast: the softmax decides the reported NLL
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    with torch.autocast(z.device.type, enabled=False):
+        return _HeadNLL.apply(z.to(dtype), conv.weight.view(conv.out_channels, -1).to(dtype),
+                              conv.bias.to(dtype), target.long())
+
+
 def scaled(x: torch.Tensor, levels: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Integer levels -> network inputs in [-1, 1], in `dtype`."""
     return x.to(dtype) * (2.0 / (levels - 1)) - 1.0
@@ -127,6 +248,31 @@ class GatedLayer(nn.Module):
         h_pre = self.conv_h(F.pad(h, (r, 0, 0, 0))) + self.v_to_h(v_pre)
         g = self.dropout(gate(h_pre))
         return v + self.v_out(gate(v_pre)), h + self.h_out(g), self.h_skip(g)
+
+    def forward_rows(self, v: torch.Tensor, h: torch.Tensor, skip: torch.Tensor,
+                     last: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` on channels-last features v, h (N, H, W, f), fast: the shifted convs
+        pad once, every 1x1 conv is one matmul that also adds its residual, the gates are
+        one sigmoid each (`_SigmoidGate`: the -2 on their tanh halves is folded into the
+        weights, computed from the parameters at run time), and `skip` (N H W, f)
+        accumulates this layer's skip without its bias (the caller adds all skip biases at
+        once). The last layer returns only the skip (its v and h feed nothing)."""
+        r, f = self.k // 2, v.shape[-1]
+        scale = _gate_scale(f, v)
+        w_v = self.conv_v.weight * scale[:, None, None, None]
+        v_pre = F.conv2d(F.pad(v, (0, 0, r, r, r, 0)).permute(0, 3, 1, 2), w_v,
+                         self.conv_v.bias * scale).permute(0, 2, 3, 1).reshape(-1, 2 * f)
+        w_h = self.conv_h.weight * scale[:, None, None, None]
+        h_pre = F.conv2d(F.pad(h, (0, 0, r, 0)).permute(0, 3, 1, 2), w_h,
+                         (self.conv_h.bias + self.v_to_h.bias) * scale).permute(0, 2, 3, 1)
+        w_vh = self.v_to_h.weight.view(2 * f, 2 * f) * (scale[:, None] / scale[None, :])
+        h_pre = torch.addmm(h_pre.reshape(-1, 2 * f), v_pre, w_vh.t())
+        g = self.dropout(_SigmoidGate.apply(h_pre))
+        skip = dense(g, self.h_skip, skip, bias=False)
+        if last:
+            return v, h, skip
+        v_next = dense(_SigmoidGate.apply(v_pre), self.v_out, v.reshape(-1, f)).view(v.shape)
+        return v_next, dense(g, self.h_out, h.reshape(-1, f)).view(h.shape), skip
 
     def steps(self, h_bias: torch.Tensor, width: int, dtype: torch.dtype,
               device: torch.device) -> GatedLayerSteps:
@@ -278,14 +424,73 @@ class PixelCNN(nn.Module):
         z = F.elu(self.channel_mid[c](F.elu(z)))
         return self.channel_out[c](z)
 
+    def context_rows(self, xs: torch.Tensor) -> torch.Tensor:
+        """`context` of scaled inputs (N, C, H, W) as channels-last rows (N H W, head),
+        fast (see `GatedLayer.forward_rows`)."""
+        r, f = self.config.first_kernel // 2, self.config.filters
+        x_in = xs.permute(0, 2, 3, 1)
+        x_in = torch.cat([x_in, torch.ones_like(x_in[..., :1])], dim=-1)
+        # the shifts pad the conv outputs: row 0 of v and column 0 of h are zero features
+        v = F.pad(conv_rows(x_in, self.in_v, (r, r, r, 0)), (0, 0, 0, 0, 1, -1))
+        h = F.pad(conv_rows(x_in, self.in_h, (r, 0, 0, 0)), (0, 0, 1, -1))
+        h = dense(v.reshape(-1, f), self.in_v_to_h, h.reshape(-1, f)).view(v.shape)
+        skip = dense(h.view(-1, f), self.in_skip, bias=False)
+        for i, layer in enumerate(self.layers):
+            v, h, skip = layer.forward_rows(v, h, skip, last=i == len(self.layers) - 1)
+        skip_bias = self.in_skip.bias + sum(layer.h_skip.bias for layer in self.layers)
+        # in place on fresh tensors (autograd keeps ELU's output for its backward)
+        return F.elu(dense(F.elu(skip.add_(skip_bias), inplace=True), self.trunk),
+                     inplace=True)
+
+    def channel_features_rows(self, ctx: torch.Tensor, xs_prev: torch.Tensor | None,
+                              c: int) -> torch.Tensor:
+        """`channel_logits` on channels-last rows up to its last conv: ctx (M, head),
+        xs_prev (M, c) -> the input (M, head) of `channel_out[c]`."""
+        z = ctx if c == 0 else dense(xs_prev, self.channel_in[c], ctx)
+        return F.elu(dense(F.elu(z), self.channel_mid[c]), inplace=True)
+
+    def channel_logits_rows(self, ctx: torch.Tensor, xs_prev: torch.Tensor | None,
+                            c: int) -> torch.Tensor:
+        """`channel_logits` on channels-last rows: logits (M, levels), levels contiguous."""
+        return dense(self.channel_features_rows(ctx, xs_prev, c), self.channel_out[c])
+
+    def channel_rows(self, xs: torch.Tensor) -> list[torch.Tensor]:
+        """Per channel c, the input (N H W, head) of `channel_out[c]`, from scaled inputs
+        (N, C, H, W)."""
+        c = xs.shape[1]
+        ctx = self.context_rows(xs)
+        xs_rows = xs.permute(0, 2, 3, 1).reshape(-1, c)
+        return [self.channel_features_rows(ctx, xs_rows[:, :ch] if ch else None, ch)
+                for ch in range(c)]
+
+    def logits_rows(self, xs: torch.Tensor) -> torch.Tensor:
+        """Logits of scaled inputs (N, C, H, W), channels-last: (N, H, W, C, levels), the
+        levels contiguous (what log-softmax wants)."""
+        n, c, h, w = xs.shape
+        ctx = self.context_rows(xs)
+        xs_rows = xs.permute(0, 2, 3, 1).reshape(-1, c)
+        logits = [self.channel_logits_rows(ctx, xs_rows[:, :ch] if ch else None, ch)
+                  for ch in range(c)]
+        out = logits[0].unsqueeze(1) if c == 1 else torch.stack(logits, dim=1)
+        return out.view(n, h, w, c, self.config.levels)
+
     # ------------------------------------------------------------------------ full
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits_from_scaled(self.scale(x))
+    def forward(self, x: torch.Tensor, nll: bool = False) -> torch.Tensor:
+        """Logits (N, levels, C, H, W) of integer images, or with `nll` their per-sub-pixel
+        NLL (`nll()`: the fused fast path; training calls it this way, so that it also
+        runs through DistributedDataParallel, which wraps only `forward`)."""
+        return self.nll(x) if nll else self.logits_from_scaled(self.scale(x))
 
     def logits_from_scaled(self, xs: torch.Tensor) -> torch.Tensor:
-        """Forward pass on scaled float inputs (N, C, H, W): differentiable in the input,
-        which the causality test and gradient-based attacks use."""
+        """Forward pass on scaled float inputs (N, C, H, W) -> logits (N, levels, C, H, W)
+        (a view of `logits_rows`): differentiable in the input, which the causality test
+        and gradient-based attacks use."""
+        return self.logits_rows(xs).permute(0, 4, 3, 1, 2)
+
+    def reference_logits(self, xs: torch.Tensor) -> torch.Tensor:
+        """`logits_from_scaled` the plain way (NCHW, one module per conv): the readable
+        definition that the fast path is tested against."""
         x_in = torch.cat([xs, torch.ones_like(xs[:, :1])], dim=1)
         ctx = self.context(x_in)
         logits = [
@@ -295,8 +500,26 @@ class PixelCNN(nn.Module):
         return torch.stack(logits, dim=2)
 
     def nll(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-sub-pixel negative log-likelihood in nats, (N, C, H, W)."""
-        return F.cross_entropy(self(x), x.long(), reduction="none")
+        """Per-sub-pixel negative log-likelihood in nats, (N, C, H, W). Without autograd,
+        large batches run a few images at a time (`images_per_pass`): the activations
+        then stay in the CPU's cache, which is faster than one big pass."""
+        step = self.images_per_pass()
+        if torch.is_grad_enabled() or x.shape[0] <= step:
+            return self._nll(x)
+        return torch.cat([self._nll(x[s:s + step]) for s in range(0, x.shape[0], step)])
+
+    def images_per_pass(self) -> int:
+        """Images per forward pass that keep one activation tensor near 1.6 MB (16 images
+        of 28x28 at the small preset): faster on CPUs than larger passes."""
+        cfg = self.config
+        return max(1, PASS_ROWS // (cfg.height * cfg.width * cfg.channels))
+
+    def _nll(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        target = x.permute(0, 2, 3, 1).reshape(-1, c)
+        nll = [head_nll(z, self.channel_out[ch], target[:, ch])
+               for ch, z in enumerate(self.channel_rows(self.scale(x)))]
+        return torch.stack(nll, dim=1).view(n, h, w, c).permute(0, 3, 1, 2)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log p(x) in nats, one value per image."""
