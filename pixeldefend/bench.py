@@ -33,7 +33,7 @@ from .purify import (
     purify_single_pass,
     reference_steps,
 )
-from .roofline import matmul_gflops, plain_path_times, roofline
+from .roofline import best_time, matmul_gflops, plain_path_times, roofline
 from .threads import default_threads
 from .train import backward_in_parts
 
@@ -114,15 +114,6 @@ def make_cases(settings: BenchSettings) -> list[BenchCase]:
 SCORING_REPEAT = 5
 
 
-def _best(fn: Callable[[], Any], repeat: int) -> float:
-    best = float("inf")
-    for _ in range(max(1, repeat)):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def _train_step_time(model: PixelCNN, images: torch.Tensor, repeat: int) -> float:
     """One Adam step (forward, loss, backward, update) on a copy of the model, as
     `train` runs it."""
@@ -138,7 +129,7 @@ def _train_step_time(model: PixelCNN, images: torch.Tensor, repeat: int) -> floa
         opt.step()
 
     step()  # warm-up: allocates the optimiser state
-    return _best(step, repeat)
+    return best_time(step, repeat)
 
 
 def peak_memory_mb(device: torch.device | None = None) -> float | None:
@@ -170,9 +161,9 @@ def run_case(case: BenchCase, settings: BenchSettings,
     # one scoring pass takes milliseconds, so one sample is mostly noise on a busy machine:
     # best of a few, the same number for both lines so their ratio is fair
     scoring_repeat = max(repeat, SCORING_REPEAT)
-    score_s = _best(lambda: bits_per_dim(model, images, batch_size=n), scoring_repeat)
+    score_s = best_time(lambda: bits_per_dim(model, images, batch_size=n), scoring_repeat)
     log(f"{case.name}: dose scoring")
-    dose_s = _best(_dose_scorer(model, images), scoring_repeat)
+    dose_s = best_time(_dose_scorer(model, images), scoring_repeat)
     train_s = None
     if settings.train_step:
         log(f"{case.name}: training step")
@@ -237,9 +228,9 @@ def _purification_costs(model: PixelCNN, images: torch.Tensor, eps: int, repeat:
     n = images.shape[0]
     best: dict[str, Any] = {"score": score_s, "approx": float("inf"), "fast": float("inf")}
     for _ in range(max(1, repeat)):
-        best["score"] = min(best["score"], _best(
+        best["score"] = min(best["score"], best_time(
             lambda: bits_per_dim(model, images, batch_size=n), 1))
-        best["approx"] = min(best["approx"], _best(
+        best["approx"] = min(best["approx"], best_time(
             lambda: purify_single_pass(model, images, eps, batch_size=n), 1))
         timings: dict[str, float] = {}
         stats: dict[str, Any] = {}

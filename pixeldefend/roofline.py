@@ -46,14 +46,19 @@ def train_step_flops(model: PixelCNN, images: torch.Tensor) -> int:
     return count_flops(lambda: _reference_loss(m, images).backward())
 
 
-def _best_of(fn: Callable[[], Any], repeat: int) -> float:
-    fn()  # warm-up
+def best_time(fn: Callable[[], Any], repeat: int) -> float:
+    """The fastest of `repeat` wall-clock timings of `fn` (the least disturbed run)."""
     best = float("inf")
     for _ in range(max(1, repeat)):
         start = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def _best_of(fn: Callable[[], Any], repeat: int) -> float:
+    fn()  # warm-up
+    return best_time(fn, repeat)
 
 
 def plain_path_times(model: PixelCNN, images: torch.Tensor, repeat: int,
