@@ -130,4 +130,6 @@ def shutdown() -> None:
 def is_main_process() -> bool:
     """Rank 0 of torchrun's job, or the only process; asks the environment, so it needs no
     initialised process group (the CLI decides early whether to print)."""
-    return not launched_by_torchrun() or int(os.environ["RANK"]) == 0
+    from .ranks import follower_rank  # the one rule, torch-free for the CLI
+
+    return follower_rank() is None

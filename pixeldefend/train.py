@@ -21,7 +21,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -199,25 +198,14 @@ def run_training(
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr,
                                  weight_decay=settings.weight_decay)
     scaler = grad_scaler(device, settings.precision)
-    n = images.shape[0]
-    batches = max(1, math.ceil(n / settings.batch_size))
-    first_epoch, history, epoch_seconds = 0, [], []
-    best_val, best_epoch = float("inf"), -1
-    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    batches = max(1, math.ceil(images.shape[0] / settings.batch_size))
     torch.manual_seed(settings.seed)
-    if resume:
-        if checkpoint_dir is None or not (checkpoint_dir / CKPT_META).exists():
-            raise UsageError(f"resume: no checkpoint in {checkpoint_dir}", param="resume")
-        meta, best_state = load_checkpoint(checkpoint_dir, model, optimizer, scaler)
-        if not same_settings(meta.get("settings"), settings):
-            raise UsageError(
-                f"resume: checkpoint in {checkpoint_dir} was made with other settings "
-                f"({meta.get('settings')}); rerun with the same options or without resume",
-                param="resume")
-        first_epoch = meta["epoch"] + 1
-        history = meta["history"]
-        epoch_seconds = list(meta.get("epoch_seconds", []))
-        best_val, best_epoch = meta["best_val"], meta["best_epoch"]
+    meta, best_state = _resume(checkpoint_dir, model, optimizer, scaler, settings) if resume \
+        else ({"epoch": -1, "history": [], "best_val": float("inf"), "best_epoch": -1},
+              _cpu_state(model))
+    first_epoch, history = meta["epoch"] + 1, meta["history"]
+    epoch_seconds = list(meta.get("epoch_seconds", []))
+    best_val, best_epoch = meta["best_val"], meta["best_epoch"]
     net = _data_parallel(model, dist, lambda: _leaves_parameters_unused(
         model, loss_fn, images[:1].to(device), None if labels is None else labels[:1].to(device)))
     progress.start(settings.epochs, batches, first_epoch)
@@ -229,61 +217,116 @@ def run_training(
             stopped_by_budget = True
             break
         epoch_start = clock()
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr * settings.lr_decay**epoch
-        if dist.rank > 0:  # rank 0 continues the checkpointed stream; the others fork it
-            torch.manual_seed(_rank_seed(settings.seed, epoch, dist.rank))
-        model.train()
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(settings.seed + epoch))
-        total, count = 0.0, 0
-        for b in range(batches):
-            index = order[b * settings.batch_size : (b + 1) * settings.batch_size]
-            index, weight = _my_share(index, dist)
-            x = images[index].to(device)
-            y = None if labels is None else labels[index].to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = backward_in_parts(
-                net, loss_fn, x, y, micro_batch,
-                backward=lambda part, w=weight: scaler.scale(part * w if dist.active
-                                                             else part).backward(),
-                context=lambda: autocast(device, settings.precision))
-            if settings.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            if weight:
-                total += loss * x.shape[0]
-                count += x.shape[0]
-            progress.batch(train_metric(total / max(count, 1)))
-        if dist.active:  # the epoch's mean training loss over every rank's images
-            total, count = (float(v) for v in dist.all_sum(
-                torch.tensor([total, count], dtype=torch.float64)))
-        model.eval()
+        total, count = _train_epoch(epoch, net, model, loss_fn, images, labels, optimizer,
+                                    scaler, settings, dist, device, micro_batch,
+                                    lambda mean: progress.batch(train_metric(mean)))
         val = _validate(evaluate, model, val_size, dist)
         improved = val < best_val
         if improved:
-            best_val, best_epoch = val, epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_val, best_epoch, best_state = val, epoch, _cpu_state(model)
         history.append({"epoch": epoch, "train": train_metric(total / count), "val": val})
         epoch_seconds.append(clock() - epoch_start)
         progress.epoch(epoch, train_metric(total / count), val, improved)
         if checkpoint_dir is not None:
-            if dist.is_main:
-                save_checkpoint(checkpoint_dir, model, optimizer, best_state, {
-                    "epoch": epoch, "history": history, "best_val": best_val,
-                    "best_epoch": best_epoch, "settings": asdict(settings),
-                    "world": dist.world,  # for the record: resuming may use any number
-                    "epoch_seconds": epoch_seconds,
-                }, scaler)
-            dist.barrier()  # the checkpoint exists before any rank moves on
-            _crash_if_asked(epoch, dist)
+            _checkpoint_epoch(checkpoint_dir, model, optimizer, scaler, best_state, dist, {
+                "epoch": epoch, "history": history, "best_val": best_val,
+                "best_epoch": best_epoch, "settings": asdict(settings),
+                "world": dist.world,  # for the record: resuming may use any number
+                "epoch_seconds": epoch_seconds,
+            })
     del net
     model.load_state_dict(best_state)
     model.eval()
     return TrainResult(best_epoch=best_epoch, best_val=best_val, history=history,
                        epochs_run=len(history), seconds=sum(epoch_seconds),
                        stopped_by_budget=stopped_by_budget)
+
+
+def _train_epoch(epoch: int, net: nn.Module, model: nn.Module, loss_fn: Callable,
+                 images: torch.Tensor, labels: torch.Tensor | None,
+                 optimizer: torch.optim.Optimizer, scaler: Any, settings: TrainSettings,
+                 dist: Dist, device: torch.device, micro_batch: int | None,
+                 report: Callable[[float], None]) -> tuple[float, float]:
+    """One pass over the seeded shuffle of `images` at this epoch's learning rate; returns
+    the summed loss and image count over every rank (`report` gets the running mean)."""
+    for group in optimizer.param_groups:
+        group["lr"] = settings.lr * settings.lr_decay**epoch
+    if dist.rank > 0:  # rank 0 continues the checkpointed stream; the others fork it
+        torch.manual_seed(_rank_seed(settings.seed, epoch, dist.rank))
+    model.train()
+    n = images.shape[0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(settings.seed + epoch))
+    total, count = 0.0, 0
+    for b in range(max(1, math.ceil(n / settings.batch_size))):
+        index = order[b * settings.batch_size : (b + 1) * settings.batch_size]
+        loss, size = _step(net, model, loss_fn, images, labels, index, optimizer, scaler,
+                           settings, dist, device, micro_batch)
+        total, count = total + loss * size, count + size
+        report(total / max(count, 1))
+    model.eval()
+    return _summed(total, count, dist)
+
+
+def _summed(total: float, count: int, dist: Dist) -> tuple[float, float]:
+    """(total, count) added over every rank (unchanged in one process)."""
+    if not dist.active:
+        return total, count
+    total_all, count_all = dist.all_sum(torch.tensor([total, count], dtype=torch.float64))
+    return float(total_all), float(count_all)
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the weights on the CPU (the best epoch's, kept across later epochs)."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _checkpoint_epoch(checkpoint_dir: Path, model: nn.Module,
+                      optimizer: torch.optim.Optimizer, scaler: Any,
+                      best_state: dict[str, torch.Tensor], dist: Dist,
+                      meta: dict[str, Any]) -> None:
+    """Rank 0 writes the epoch's checkpoint; every rank waits until it exists."""
+    if dist.is_main:
+        save_checkpoint(checkpoint_dir, model, optimizer, best_state, meta, scaler)
+    dist.barrier()
+    _crash_if_asked(meta["epoch"], dist)
+
+
+def _resume(checkpoint_dir: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: Any, settings: TrainSettings) -> tuple[dict[str, Any], dict]:
+    """The checkpoint's metadata and best weights, loaded into the model, optimiser and
+    scaler; a UsageError when there is none or it was made with other settings."""
+    if checkpoint_dir is None or not (checkpoint_dir / CKPT_META).exists():
+        raise UsageError(f"resume: no checkpoint in {checkpoint_dir}", param="resume")
+    meta, best_state = load_checkpoint(checkpoint_dir, model, optimizer, scaler)
+    if not same_settings(meta.get("settings"), settings):
+        raise UsageError(
+            f"resume: checkpoint in {checkpoint_dir} was made with other settings "
+            f"({meta.get('settings')}); rerun with the same options or without resume",
+            param="resume")
+    return meta, best_state
+
+
+def _step(net: nn.Module, model: nn.Module, loss_fn: Callable, images: torch.Tensor,
+          labels: torch.Tensor | None, index: torch.Tensor,
+          optimizer: torch.optim.Optimizer, scaler: Any, settings: TrainSettings, dist: Dist,
+          device: torch.device, micro_batch: int | None) -> tuple[float, int]:
+    """One optimisation step on this rank's share of the global batch `index`; returns
+    the mean loss and how many images count towards the epoch's loss (0 for a rank that
+    only joined the all-reduce with a weight-0 image)."""
+    index, weight = _my_share(index, dist)
+    x = images[index].to(device)
+    y = None if labels is None else labels[index].to(device)
+    optimizer.zero_grad(set_to_none=True)
+    loss = backward_in_parts(
+        net, loss_fn, x, y, micro_batch,
+        backward=lambda part: scaler.scale(part * weight if dist.active else part).backward(),
+        context=lambda: autocast(device, settings.precision))
+    if settings.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, x.shape[0] if weight else 0
 
 
 def backward_in_parts(model: nn.Module, loss_fn: Callable, x: torch.Tensor,
@@ -394,5 +437,11 @@ def _crash_if_asked(epoch: int, dist: Dist) -> None:
 
 
 def remove_checkpoint(checkpoint_dir: Path | None) -> None:
-    if checkpoint_dir is not None and checkpoint_dir.exists():
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    """Delete the checkpoint files the loop wrote, and the folder if that empties it:
+    anything else found there (put there by someone else) is left alone."""
+    if checkpoint_dir is None or not checkpoint_dir.is_dir():
+        return
+    for name in CHECKPOINT_FILES:
+        (checkpoint_dir / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: not ours to remove
+        checkpoint_dir.rmdir()

@@ -68,3 +68,21 @@ def test_out_of_budget_uses_the_slowest_epoch():
     assert out_of_budget(50.0, [10.0, 55.0], 100.0)
     assert not out_of_budget(40.0, [10.0, 55.0], 100.0)
     assert not out_of_budget(1e9, [1.0], None)
+
+
+def test_remove_checkpoint_deletes_only_what_the_loop_wrote(tmp_path):
+    from pixeldefend.train import CHECKPOINT_FILES, remove_checkpoint
+
+    ours = tmp_path / "ours.checkpoint"
+    ours.mkdir()
+    for name in CHECKPOINT_FILES:
+        (ours / name).write_text("x")
+    remove_checkpoint(ours)
+    assert not ours.exists()
+    shared = tmp_path / "shared.checkpoint"
+    shared.mkdir()
+    for name in CHECKPOINT_FILES:
+        (shared / name).write_text("x")
+    (shared / "notes.txt").write_text("the user's")
+    remove_checkpoint(shared)
+    assert [p.name for p in shared.iterdir()] == ["notes.txt"]
