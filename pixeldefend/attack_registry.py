@@ -37,16 +37,17 @@ class AttackSpec:
     needs: tuple[str, ...] = ("eps",)  # parameters the factory cannot default
 
 
-def _rand_attack(eps: float, levels: int, seed: int) -> Callable[..., torch.Tensor]:
+def _rand_attack(eps: float, levels: int) -> Callable[..., torch.Tensor]:
+    """Uniform integer noise from torch's global RNG, which `attacks.run_attack` seeds per
+    batch (like the random starts of the torchattacks attacks)."""
     import torch
 
     from .pixels import ball_levels
 
     ball = ball_levels(eps, levels)
-    generator = torch.Generator().manual_seed(seed)
 
     def run(images: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:
-        noise = torch.randint(-ball, ball + 1, images.shape, generator=generator)
+        noise = torch.randint(-ball, ball + 1, images.shape)
         return images + noise.to(images.device, images.dtype) / (levels - 1)
 
     return run
@@ -54,7 +55,7 @@ def _rand_attack(eps: float, levels: int, seed: int) -> Callable[..., torch.Tens
 
 def _build_rand(_net: nn.Module, p: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     levels = int(p.get("levels") or 256)
-    return _rand_attack(float(p["eps"]), levels, int(p["seed"])), {"levels": levels}
+    return _rand_attack(float(p["eps"]), levels), {"levels": levels}
 
 
 def _build_fgsm(net: nn.Module, p: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,6 +43,7 @@ from .errors import DataError, UsageError
 from .models.loading import LoadedClassifier, as_loaded, check_inputs, predict_logits
 from .pixels import check_images, clip_to_ball, to_float
 from .pixels import quantise as quantise
+from .sharding import Sharding
 
 
 @contextlib.contextmanager
@@ -271,16 +273,31 @@ def _records(labels: torch.Tensor, clean_pred: torch.Tensor, adv_pred: torch.Ten
     return records
 
 
+def batch_seed(seed: int, batch: int) -> int:
+    """The torch seed of global batch `batch` (0, 1, ... over the whole input at the run's
+    batch size): numpy's SeedSequence mixes (seed, batch) into one 63-bit seed, so every
+    batch's random starts and noise depend only on the seed and the batch's position,
+    never on which batches ran before it in the same process (a torchrun split of the
+    batches gives the one-process result)."""
+    entropy = np.random.SeedSequence([seed & (2**64 - 1), batch])
+    return int(entropy.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
 def _attack_batches(attack: Any, images: torch.Tensor, labels: torch.Tensor,
                     targets: torch.Tensor | None, levels: int, ball: int, seed: int,
                     batch_size: int, device: torch.device,
-                    progress: Callable[[int], None] | None) -> torch.Tensor:
-    """Run `attack` batch by batch under a forked, seeded RNG; quantise each result to the
-    image levels inside the eps ball."""
+                    progress: Callable[[int], None] | None,
+                    batches: range | None = None) -> list[torch.Tensor]:
+    """Run `attack` on global batches `batches` (default: all), each under its own seed
+    (`batch_seed`) in a forked RNG; quantise each result to the image levels inside the
+    eps ball. One tensor per batch."""
+    if batches is None:
+        batches = range(math.ceil(images.shape[0] / batch_size))
     adv_parts = []
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for lo in range(0, images.shape[0], batch_size):
+        for k in batches:
+            torch.manual_seed(batch_seed(seed, k))
+            lo = k * batch_size
             clean = images[lo : lo + batch_size]
             x = to_float(clean, levels).to(device)
             y = labels[lo : lo + batch_size].to(device)
@@ -288,7 +305,24 @@ def _attack_batches(attack: Any, images: torch.Tensor, labels: torch.Tensor,
             adv_parts.append(quantise(attack(x, y, t), clean, levels, ball))
             if progress is not None:
                 progress(clean.shape[0])
-    return torch.cat(adv_parts)
+    return adv_parts
+
+
+def attack_all_batches(attack: Any, images: torch.Tensor, labels: torch.Tensor,
+                       targets: torch.Tensor | None, levels: int, ball: int, seed: int,
+                       batch_size: int, device: torch.device,
+                       progress: Callable[[int], None] | None,
+                       sharding: Sharding | None = None) -> torch.Tensor:
+    """Every batch's adversarial images, in input order, on every rank: under torchrun
+    each rank attacks its contiguous block of whole batches (`Dist.shard` over the batch
+    count) and the blocks are gathered in rank order; with per-batch seeds the result is
+    the one-process result, bit for bit."""
+    dist = (sharding or Sharding()).dist
+    count = math.ceil(images.shape[0] / batch_size)
+    mine = _attack_batches(attack, images, labels, targets, levels, ball, seed, batch_size,
+                           device, progress, dist.shard(count))
+    local = torch.cat(mine) if mine else images[:0].clone()
+    return torch.cat([part.cpu() for part in dist.gather(local.cpu())])
 
 
 def run_attack(
@@ -311,12 +345,15 @@ def run_attack(
     batch_size: int = 128,
     names: list[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    sharding: Sharding | None = None,
 ) -> AttackResult:
     """Attack uint8 images (values in [0, levels-1]) and evaluate the quantised result.
 
     `eps` is an `Eps`, a fraction of [0, 1], or text for `parse_eps` (None: 8/255, at
     least one level). `alpha` is a fraction of [0, 1] (default eps / 4). Deterministic for
-    a given seed and batch size; the global torch RNG is left as it was.
+    a given seed and batch size (each batch has its own seed, `batch_seed`), however the
+    batches are split over torchrun's ranks (`sharding`: every rank gets the whole
+    result); the global torch RNG is left as it was.
     """
     loaded = as_loaded(classifier)
     method = attack_spec(method).name
@@ -334,8 +371,8 @@ def run_attack(
                          seed=seed, levels=levels, num_classes=num_classes)
     targets = random_targets(labels, num_classes, seed) if targeted else None
     start = time.perf_counter()
-    adversarial = _attack_batches(attack, images, labels, targets, levels, ball, seed,
-                                  batch_size, loaded.device, progress)
+    adversarial = attack_all_batches(attack, images, labels, targets, levels, ball, seed,
+                                     batch_size, loaded.device, progress, sharding)
     seconds = time.perf_counter() - start
     clean_pred = predict_logits(loaded.model, images, levels, batch_size).argmax(1)
     adv_pred = predict_logits(loaded.model, adversarial, levels, batch_size).argmax(1)

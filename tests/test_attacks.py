@@ -110,6 +110,26 @@ def test_seeded_and_deterministic(loaded, batch):
     assert torch.equal(state, torch.get_rng_state())  # global RNG untouched
 
 
+@pytest.mark.parametrize("method", ["pgd", "rand"])
+def test_a_batch_result_does_not_depend_on_the_split(loaded, batch, method):
+    """Batch k is seeded from (seed, k) alone: attacking only batch 2 (a torchrun rank's
+    share) gives what the one-process run gives for it, and equal images in different
+    batches get different random draws."""
+    from pixeldefend.attacks import _attack_batches, make_attack
+
+    images, labels = batch
+    images, labels = torch.cat([images[:16]] * 3), torch.cat([labels[:16]] * 3)
+    attack = make_attack(method, loaded, eps=3 / 16, steps=2, levels=LEVELS)
+    args = (attack, images, labels, None, LEVELS, 3, 5, 16, torch.device("cpu"), None)
+    whole = _attack_batches(*args)
+    alone = _attack_batches(*args, range(2, 3))
+    assert len(whole) == 3 and len(alone) == 1
+    assert torch.equal(alone[0], whole[2])
+    assert not torch.equal(whole[0], whole[1])  # a new random draw per batch
+    assert torch.equal(run_attack(loaded, images, labels, LEVELS, method, EPS, steps=2,
+                                  seed=5, batch_size=16).adversarial, torch.cat(whole))
+
+
 def test_targeted_pgd_hits_its_targets(loaded, batch):
     images, labels = batch
     result = run_attack(loaded, images, labels, LEVELS, "pgd", Eps(5 / 16, 5.0), steps=20,
