@@ -119,7 +119,8 @@ def attack_dataset(loaded: LoadedClassifier, images: ImageSet, method: str,
     """Attack a loaded image set; returns the summary (with where the labels came from)
     and the result. `eps` and `alpha` as `attacks.parse_eps` reads them (None: the
     default eps, alpha eps / 4); `params` go to `attacks.run_attack` (steps, c, kappa,
-    lr, overshoot, targeted, seed)."""
+    lr, overshoot, targeted, seed, sharding: under torchrun each rank attacks its own
+    whole batches and every rank gets the one-process result)."""
     labels, labels_from = attack_labels(images, loaded, batch_size)
     levels = images.levels
     budget = parse_eps(eps, levels, eps_levels) if eps is not None else default_eps(levels)

@@ -322,7 +322,25 @@ def attack_all_batches(attack: Any, images: torch.Tensor, labels: torch.Tensor,
     mine = _attack_batches(attack, images, labels, targets, levels, ball, seed, batch_size,
                            device, progress, dist.shard(count))
     local = torch.cat(mine) if mine else images[:0].clone()
-    return torch.cat([part.cpu() for part in dist.gather(local.cpu())])
+    adversarial = torch.cat([part.cpu() for part in dist.gather(local.cpu())])
+    if progress is not None and dist.active:  # the other ranks' images, now done too
+        progress(adversarial.shape[0] - local.shape[0])
+    return adversarial
+
+
+def _figures(labels: torch.Tensor, adv_pred: torch.Tensor, correct: torch.Tensor,
+             success: torch.Tensor, linf: torch.Tensor, l2: torch.Tensor) -> dict[str, Any]:
+    """The summary's accuracies and perturbation sizes, over all images."""
+    return {
+        "clean_accuracy": float(correct.float().mean()),
+        "adversarial_accuracy": float((adv_pred == labels).float().mean()),
+        "attack_success_rate": _rate(int((correct & success).sum()), int(correct.sum())),
+        "mean_linf": float(linf.mean()),
+        "max_linf": int(linf.max()),
+        "mean_l2": float(l2.mean()),
+        "max_l2": float(l2.max()),
+        "n_changed": int((linf > 0).sum()),
+    }
 
 
 def run_attack(
@@ -395,14 +413,7 @@ def run_attack(
         "params": params,
         "clipped_to_eps_ball": attack.clipped_to_eps_ball,
         "quantised": True,
-        "clean_accuracy": float(correct.float().mean()),
-        "adversarial_accuracy": float((adv_pred == labels).float().mean()),
-        "attack_success_rate": _rate(int((correct & success).sum()), int(correct.sum())),
-        "mean_linf": float(linf.mean()),
-        "max_linf": int(linf.max()),
-        "mean_l2": float(l2.mean()),
-        "max_l2": float(l2.max()),
-        "n_changed": int((linf > 0).sum()),
+        **_figures(labels, adv_pred, correct, success, linf, l2),
         "seconds": round(seconds, 3),
         "warnings": warnings,
     }

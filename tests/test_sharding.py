@@ -253,8 +253,9 @@ def test_defend_and_purify_shards_concatenate_to_one_process(runner, inputs, tmp
         assert np.array_equal(part["images"], whole["images"])  # block 1 holds the whole .npz
 
 
-def test_torchrun_evaluate_splits_purification_with_the_same_results(runner, tmp_path):
-    args = ["evaluate", "--data", "digits:test", "-n", "16", "--attacks", "fgsm", "--eps", "2",
+def test_torchrun_evaluate_splits_attacks_and_purification_with_the_same_results(runner, tmp_path):
+    args = ["evaluate", "--data", "digits:test", "-n", "16", "--attacks", "fgsm,pgd",
+            "--batch-size", "8", "--eps", "2",
             "--eps-levels", "--eps-defend", "1", "--defences", "none,purify",
             "--adaptive-attack", "none", "-m", MODEL, "-c", REPO / "models" / "digits-classifier",
             "-f", "json"]
@@ -275,3 +276,33 @@ def test_torchrun_evaluate_splits_purification_with_the_same_results(runner, tmp
     for name in ("purify-clean-e1", "purify-fgsm-eps2-e1"):
         stages = [np.load(tmp_path / d / "cache" / f"{name}.npz") for d in ("one", "two")]
         assert np.array_equal(stages[0]["images"], stages[1]["images"])
+    stages = [np.load(tmp_path / d / "cache" / "attack-pgd-eps2.npz") for d in ("one", "two")]
+    assert np.array_equal(stages[0]["adversarial"], stages[1]["adversarial"])  # 1 batch/rank
+
+
+def test_torchrun_attack_matches_one_process(runner, tmp_path):
+    """pgd's random starts are seeded per batch, so 2 ranks (3 batches: 2 on rank 0, 1 on
+    rank 1) write the one-process folder: same manifest rows and arrays, same summary."""
+    args = ["attack", "--data", "digits:test", "-n", "40", "--method", "pgd", "--steps", "2",
+            "--eps", "2", "--eps-levels", "--batch-size", "16", "--seed", "3", "-f", "json",
+            "-c", REPO / "models" / "digits-classifier"]
+    one = run(runner, *args, "--out", tmp_path / "one")
+    two = torchrun(*args, "--out", tmp_path / "two", cwd=tmp_path)
+    assert one.exit_code == two.returncode == 0, two.stderr
+    assert two.stdout.count('"method"') == 1  # rank 0 alone printed the summary
+
+    def summary(doc: dict) -> dict:
+        return {k: v for k, v in doc.items() if k not in ("seconds", "out")}
+
+    assert summary(json.loads(two.stdout)) == summary(json.loads(one.stdout))
+    manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two")]
+    assert manifests[1]["images"] == manifests[0]["images"]
+    assert summary(manifests[1]) == summary(manifests[0])
+    with np.load(tmp_path / "one" / "images.npz") as a, \
+            np.load(tmp_path / "two" / "images.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for key in a.files:
+            assert np.array_equal(a[key], b[key]), key
+        assert (a["images"] != a["clean"]).any()  # the attack did something
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "one").iterdir())

@@ -169,11 +169,12 @@ def attack(
     """
     from ..attack_pipeline import attack_dataset, load_attack_inputs, save_attack
     from ..rendering import attack_columns, attack_table
-    from ..sharding import join, refuse_when_split
+    from ..sharding import join
 
-    refuse_when_split(join(device), "attack")  # one seeded random stream over the batches
+    sharding = join(device)  # torchrun: each rank attacks its batches, rank 0 writes
     loaded, images = load_attack_inputs(
-        method, paths, data, classifier, n=n, out=out, overwrite=overwrite, device=device,
+        method, paths, data, classifier, n=n, out=out, overwrite=overwrite,
+        device=str(sharding.device),
         trust_code=trust_code, mean=common.parse_numbers(mean, "--mean"),
         std=common.parse_numbers(std, "--std"), classifier_weights=classifier_weights,
         data_root=data_root, resize=resize, grayscale=grayscale)
@@ -185,10 +186,10 @@ def attack(
         summary, result = attack_dataset(
             loaded, images, method.lower(), eps, eps_levels=eps_levels, alpha=alpha,
             steps=steps, c=c, kappa=kappa, lr=lr, overshoot=overshoot, targeted=targeted,
-            seed=seed, batch_size=batch_size, progress=bar.advance)
+            seed=seed, batch_size=batch_size, progress=bar.advance, sharding=sharding)
     for warning in summary["warnings"]:
         common.warn(common.cli_text(warning))
-    if out is not None:
+    if out is not None and sharding.writes:
         count = save_attack(out, images, result, summary)
         common.log(f"wrote {count} PNGs, manifest.json and images.npz to {out}")
     common.emit(fmt, summary, result.records, attack_columns(targeted), attack_table)

@@ -281,7 +281,8 @@ def _plan_stages(plan: Plan, base: dict[str, Any]) -> None:
         for text, b in plan.budgets:
             add(attack_stage(set_name(a, b)), f"attack {a} eps {text}", n, COST.get(a, 0.1),
                 {"stage": "attack", **base, "method": a, "eps_ball": b.ball, "seed": s.seed,
-                 "batch_size": s.batch_size, "default_steps": DEFAULT_STEPS.get(a)})
+                 "batch_size": s.batch_size, "default_steps": DEFAULT_STEPS.get(a),
+                 "rng": "per-batch"})  # seeds per batch: no cache of the one-stream era
     if plan.purifying:
         for image_set in plan.sets:
             source = plan.stages["clean" if image_set == "clean" else

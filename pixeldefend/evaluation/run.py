@@ -204,7 +204,8 @@ def run_attacks(r: Runner, clean: Arrays) -> dict[str, Arrays]:
             def work(stage: Stage, a: str = a, b: Eps = b) -> tuple[Arrays, dict[str, Any]]:
                 result = run_attack(r.loaded, r.x, r.labels, r.plan.levels, a, b,
                                     seed=r.settings.seed, batch_size=r.settings.batch_size,
-                                    progress=lambda k: r.progress.advance(stage, k))
+                                    progress=lambda k: r.progress.advance(stage, k),
+                                    sharding=r.sharding)  # each rank its own batches
                 return ({"adversarial": result.adversarial.numpy(),
                          "pred": result.adv_pred.numpy(), "bpd": r.bpd(result.adversarial)},
                         {"summary": result.summary})
