@@ -157,6 +157,8 @@ def attack(
     ball (in levels) before they are evaluated or saved; accuracy is measured on them.
     CW and DeepFool (L2 attacks) are clipped to the eps ball. With 17-level digits one
     level is 1/16 of the range, so 8/255 cannot change a pixel: use --eps-levels.
+    Each batch is seeded from --seed and its position, so under torchrun (each rank
+    attacks its own batches) the output equals one process's with the same --batch-size.
 
     [bold]Examples[/]
 
