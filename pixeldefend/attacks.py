@@ -317,14 +317,18 @@ def attack_all_batches(attack: Any, images: torch.Tensor, labels: torch.Tensor,
     each rank attacks its contiguous block of whole batches (`Dist.shard` over the batch
     count) and the blocks are gathered in rank order; with per-batch seeds the result is
     the one-process result, bit for bit."""
-    dist = (sharding or Sharding()).dist
-    count = math.ceil(images.shape[0] / batch_size)
-    mine = _attack_batches(attack, images, labels, targets, levels, ball, seed, batch_size,
-                           device, progress, dist.shard(count))
-    local = torch.cat(mine) if mine else images[:0].clone()
-    adversarial = torch.cat([part.cpu() for part in dist.gather(local.cpu())])
-    if progress is not None and dist.active:  # the other ranks' images, now done too
-        progress(adversarial.shape[0] - local.shape[0])
+    sharding = sharding or Sharding()
+    mine = sharding.dist.shard(math.ceil(images.shape[0] / batch_size))
+
+    def attack_mine() -> torch.Tensor:
+        parts = _attack_batches(attack, images, labels, targets, levels, ball, seed,
+                                batch_size, device, progress, mine)
+        return (torch.cat(parts) if parts else images[:0]).cpu()
+
+    parts = sharding.all_parts(attack_mine)
+    adversarial = torch.cat(parts)
+    if progress is not None and sharding.dist.active:  # the other ranks' images, done too
+        progress(adversarial.shape[0] - parts[sharding.dist.rank].shape[0])
     return adversarial
 
 

@@ -135,6 +135,23 @@ class Sharding:
                 if not isinstance(parts[rank], _Done):
                     pickle.dump(parts[rank], spools[rank])
 
+    def all_parts(self, compute: Callable[[], T]) -> list[T]:
+        """Every rank's `compute()`, in rank order, on every rank (each rank's share of a
+        result all of them need). An exception on any rank stops every rank with an
+        error instead of leaving the others waiting in the gather."""
+        try:
+            mine: Any = compute()
+            error: BaseException | None = None
+        except Exception as exc:  # noqa: BLE001 (re-raised below, after telling the others)
+            error, mine = exc, _Failed(self.dist.rank, str(exc) or type(exc).__name__)
+        parts = self.dist.gather(mine)
+        if error is not None:
+            raise error
+        failed = [p for p in parts if isinstance(p, _Failed)]
+        if failed:
+            raise PixelDefendError(f"rank {failed[0].rank} failed: {failed[0].message}")
+        return parts
+
     def agree(self, value: T) -> T:
         """Rank 0's value on every rank (the gate's decision, the exit code)."""
         return self.dist.broadcast(value)
