@@ -306,3 +306,33 @@ def test_torchrun_attack_matches_one_process(runner, tmp_path):
         assert (a["images"] != a["clean"]).any()  # the attack did something
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == \
         sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def launch(*args: object, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m pixeldefend.launch`: torchrun's arguments, pixeldefend's exit code."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PIXELDEFEND_THREADS="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    command = [sys.executable, "-m", "pixeldefend.launch", "--nproc-per-node", "2",
+               "--standalone", "-m", "pixeldefend", *map(str, args)]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_the_launcher_tells_a_failed_gate_from_an_unreadable_input(inputs, tmp_path):
+    gate_failed = launch("score", inputs, "-m", MODEL, "-f", "json", "--fail-on", "anomalous",
+                         cwd=tmp_path)
+    unreadable = launch("score", inputs, "-m", MODEL, "-f", "json", cwd=tmp_path)
+    assert gate_failed.returncode == 1, gate_failed.stderr
+    assert unreadable.returncode == 2, unreadable.stderr  # torchrun itself exits 1 for both
+    assert json.loads(unreadable.stdout)["gate"]["exit_code"] == 2
+
+
+def test_the_launcher_takes_rank_zeros_code_and_fails_closed_on_signals():
+    from types import SimpleNamespace as Failure
+
+    from pixeldefend.launch import exit_code_of
+
+    assert exit_code_of({0: Failure(exitcode=2), 1: Failure(exitcode=-15)}) == 2
+    assert exit_code_of({1: Failure(exitcode=1)}) == 1
+    assert exit_code_of({0: Failure(exitcode=-9), 1: Failure(exitcode=-15)}) == 2
