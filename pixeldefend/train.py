@@ -235,11 +235,18 @@ def run_training(
                 "epoch_seconds": epoch_seconds,
             })
     del net
-    model.load_state_dict(best_state)
-    model.eval()
+    _keep_best(model, best_state)
     return TrainResult(best_epoch=best_epoch, best_val=best_val, history=history,
                        epochs_run=len(history), seconds=sum(epoch_seconds),
                        stopped_by_budget=stopped_by_budget)
+
+
+def _keep_best(model: nn.Module, best_state: dict[str, torch.Tensor]) -> None:
+    """End of training: plain batch norm again (if DDP synchronised it), the best weights,
+    evaluation mode."""
+    plain_batchnorm(model)
+    model.load_state_dict(best_state)
+    model.eval()
 
 
 def _train_epoch(epoch: int, net: nn.Module, model: nn.Module, loss_fn: Callable,
@@ -371,8 +378,38 @@ def _data_parallel(model: nn.Module, dist: Dist, unused: Callable[[], bool]) -> 
         return model
     from torch.nn.parallel import DistributedDataParallel
 
+    if wants_sync_batchnorm(model, dist.device):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [dist.device.index] if dist.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused())
+
+
+def wants_sync_batchnorm(model: nn.Module, device: torch.device) -> bool:
+    """Batch norm under DDP on CUDA computes its batch statistics over the global batch
+    (SyncBatchNorm), as one process would. torch's SyncBatchNorm trains only on GPU-like
+    devices, so on the CPU (gloo) each rank normalises by its own share of the batch (a
+    2-rank run then differs a little from one process; `ClassifierConfig(norm="group")`
+    does not). Only BatchNorm2d models are converted, since `plain_batchnorm` turns them
+    back."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return device.type == "cuda" and bool(norms) and all(
+        type(m) is nn.BatchNorm2d for m in norms)
+
+
+def plain_batchnorm(module: nn.Module) -> nn.Module:
+    """Undo `convert_sync_batchnorm` in place after training (torch has no inverse): the
+    same parameters and buffers in a BatchNorm2d, so the bundle runs anywhere."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.SyncBatchNorm):
+            plain = nn.BatchNorm2d(child.num_features, child.eps, child.momentum,
+                                   child.affine, child.track_running_stats)
+            plain.load_state_dict(child.state_dict())
+            plain.train(child.training)
+            tensors = [*child.parameters(), *child.buffers()]
+            setattr(module, name, plain.to(tensors[0].device) if tensors else plain)
+        else:
+            plain_batchnorm(child)
+    return module
 
 
 def _leaves_parameters_unused(model: nn.Module, loss_fn: Callable[..., torch.Tensor],

@@ -245,3 +245,37 @@ def test_ranks_on_one_machine_share_its_cores(monkeypatch):
     alone = default_threads().threads
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert default_threads().threads == max(1, alone // 2)
+
+
+def test_batch_norm_is_synchronised_only_where_torch_can():
+    from pixeldefend.models.classifier import ClassifierConfig, ResNetClassifier
+    from pixeldefend.train import wants_sync_batchnorm
+
+    shape = {"channels": 1, "height": 8, "width": 8, "num_classes": 10, "levels": 17}
+    batch = ResNetClassifier(ClassifierConfig(**shape))
+    group = ResNetClassifier(ClassifierConfig(**shape, norm="group"))
+    assert wants_sync_batchnorm(batch, torch.device("cuda"))
+    assert not wants_sync_batchnorm(batch, torch.device("cpu"))  # gloo: SyncBatchNorm can't
+    assert not wants_sync_batchnorm(group, torch.device("cuda"))
+    assert not wants_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(3)),
+                                    torch.device("cuda"))  # could not be turned back
+
+
+def test_sync_batch_norm_turns_back_into_the_same_plain_model():
+    from pixeldefend.models.classifier import ClassifierConfig, ResNetClassifier
+    from pixeldefend.train import plain_batchnorm
+
+    torch.manual_seed(0)
+    model = ResNetClassifier(ClassifierConfig(channels=1, height=8, width=8, num_classes=10,
+                                              levels=17))
+    x = torch.randn(4, 1, 8, 8)
+    model.train()
+    model(x)  # move the running statistics away from their initial values
+    model.eval()
+    keys, want = list(model.state_dict()), model(x)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    plain = plain_batchnorm(synced)
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in plain.modules())
+    assert list(plain.state_dict()) == keys
+    assert torch.equal(plain(x), want)
