@@ -102,12 +102,13 @@ def check_gate(detector: DensityDetector, kind: str | None, policy: GatePolicy,
 def prepare_score(inputs: Sequence[str], model: Path, *, output: Path | None = None,
                   junit: Path | None = None, heatmaps: Path | None = None,
                   overwrite: bool = False, device: str = "auto", shard: str | None = None,
-                  batch_size: int = 256, precision: str = "fp32"
+                  batch_size: int = 256, precision: str = "fp32", compile: bool = False
                   ) -> tuple[DensityDetector, Sharding]:
     """Before `score_inputs`: check every output (never an input, never a file
     pixeldefend did not make unless `overwrite` may replace it), join torchrun's ranks or
-    take `shard` ("I/N"), load the detector in `precision`, and give the process that
-    writes a fresh, marked `heatmaps` folder."""
+    take `shard` ("I/N"), load the detector in `precision` (`compile`: its network
+    through torch.compile, compilation.py), and give the process that writes a fresh,
+    marked `heatmaps` folder."""
     from .detector import DensityDetector
     from .outputs import check_files, clear_dir, input_paths, prepare_dir
     from .precision import check_precision
@@ -121,6 +122,10 @@ def prepare_score(inputs: Sequence[str], model: Path, *, output: Path | None = N
     sharding = join(device, shard)  # torchrun's ranks meet here, after every output check
     detector = DensityDetector.load(model, device=sharding.device, batch_size=batch_size)
     detector.precision = check_precision(precision, detector.device)
+    if compile:
+        from .compilation import compile_scoring
+
+        compile_scoring(detector.model)
     if heatmap_dir is not None and sharding.writes:
         clear_dir(heatmap_dir)
         heatmap_dir.mark()

@@ -49,6 +49,7 @@ class TrainSettings:
     seed: int = 0
     patience: int = 0  # stop after this many epochs without a better validation score (0: never)
     precision: str = "fp32"  # forward pass: fp32, bf16 or fp16 (precision.py)
+    compile: bool = False  # run the loss's module through torch.compile (compilation.py)
 
 
 class TrainProgress(Protocol):
@@ -147,8 +148,11 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
 
 def same_settings(recorded: dict[str, Any] | None, settings: TrainSettings) -> bool:
     """A checkpoint's settings equal `settings`; fields it predates count as their
-    defaults (a checkpoint without `precision` was made in fp32)."""
-    return recorded is not None and {**asdict(TrainSettings()), **recorded} == asdict(settings)
+    defaults (a checkpoint without `precision` was made in fp32). `compile` changes how the
+    steps run, not what they compute: a run may be resumed with or without it."""
+    how = {"compile": settings.compile}
+    return recorded is not None and \
+        {**asdict(TrainSettings()), **recorded, **how} == asdict(settings)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -207,7 +211,8 @@ def run_training(
     epoch_seconds = list(meta.get("epoch_seconds", []))
     best_val, best_epoch = meta["best_val"], meta["best_epoch"]
     net = _data_parallel(model, dist, lambda: _leaves_parameters_unused(
-        model, loss_fn, images[:1].to(device), None if labels is None else labels[:1].to(device)))
+        model, loss_fn, images[:1].to(device), None if labels is None else labels[:1].to(device)),
+        compile=settings.compile)
     progress.start(settings.epochs, batches, first_epoch)
     stopped_by_budget = False
     for epoch in range(first_epoch, settings.epochs):
@@ -368,20 +373,26 @@ def backward_in_parts(model: nn.Module, loss_fn: Callable, x: torch.Tensor,
     return total
 
 
-def _data_parallel(model: nn.Module, dist: Dist, unused: Callable[[], bool]) -> nn.Module:
+def _data_parallel(model: nn.Module, dist: Dist, unused: Callable[[], bool], *,
+                   compile: bool = False) -> nn.Module:
     """The module the loss runs through: DistributedDataParallel over the group (it
     broadcasts rank 0's weights now and all-reduces the gradients of every backward),
-    or the model itself in one process. `unused()`: does the loss leave parameters
-    without a gradient? DDP must then look for them every step (their gradients stay
-    None, as in one process)."""
-    if not dist.active:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
+    or the model itself in one process; `compile`d in place once wrapped (compilation.py).
+    `unused()`: does the loss leave parameters without a gradient? DDP must then look for
+    them every step (their gradients stay None, as in one process)."""
+    net = model
+    if dist.active:
+        from torch.nn.parallel import DistributedDataParallel
 
-    if wants_sync_batchnorm(model, dist.device):
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused())
+        if wants_sync_batchnorm(model, dist.device):
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        ids = [dist.device.index] if dist.device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused())
+    if compile:
+        from .compilation import compile_module
+
+        compile_module(net)
+    return net
 
 
 def wants_sync_batchnorm(model: nn.Module, device: torch.device) -> bool:

@@ -67,6 +67,7 @@ class TrainJob:
     background_l2: float = DEFAULT_BACKGROUND_L2
     device: str = "auto"
     precision: str = "fp32"  # training's forward pass (precision.py); calibration is fp32
+    compile: bool = False  # training's forward pass through torch.compile (compilation.py)
     resume: bool = False
     data_root: str | None = None
     download: bool = False
@@ -246,7 +247,7 @@ def train_bundle(job: TrainJob, data: TrainingData | None = None, *, log: Log = 
     detector = DensityDetector(preset=job.preset, device=job.device, dropout=job.dropout)
     settings = TrainSettings(epochs=job.epochs, batch_size=job.batch_size, lr=job.lr,
                              lr_decay=job.lr_decay, seed=job.seed, patience=job.patience,
-                             precision=job.precision)
+                             precision=job.precision, compile=job.compile)
     budget = None if job.max_minutes is None else 60.0 * job.max_minutes
     log(f"device {detector.device}, preset {job.preset}, checkpoint {job.checkpoint}"
         + ("" if budget is None else f", budget {job.max_minutes:g} min of training"))
@@ -262,7 +263,7 @@ def train_bundle(job: TrainJob, data: TrainingData | None = None, *, log: Log = 
         bg_settings = TrainSettings(epochs=job.background_epochs or job.epochs,
                                     batch_size=job.batch_size, lr=job.lr, seed=job.seed,
                                     patience=job.patience, weight_decay=job.background_l2,
-                                    precision=job.precision)
+                                    precision=job.precision, compile=job.compile)
         train_background(detector, data.train, data.val, mutation_rate=job.mutation_rate,
                          preset=job.background_preset, settings=bg_settings,
                          checkpoint=job.background_checkpoint, resume=job.resume, log=log,

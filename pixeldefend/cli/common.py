@@ -104,6 +104,9 @@ PRECISION_HELP = (
     "torch.autocast; fp16 needs CUDA and scales the loss). Losses and scores are computed "
     "in float32 from the logits whatever is chosen; calibration always runs in fp32.")
 Precision = Annotated[PrecisionChoice, typer.Option("--precision", help=PRECISION_HELP)]
+Compile = Annotated[bool, flag("--compile", help=(
+    "Run the network through torch.compile (for GPUs; on a CPU it rarely pays for its "
+    "compile time). Scores are the same to float32 rounding; purification never compiles."))]
 
 
 # choices Typer lists in --help and checks: --score, --fail-on

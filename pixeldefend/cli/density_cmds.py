@@ -94,6 +94,7 @@ def train(
                                              "background model, as in Ren et al."),
     device: common.Device = "auto",
     precision: common.Precision = common.PrecisionChoice.fp32,
+    compile_: common.Compile = False,
     resume: common.Resume = False,
     data_root: common.DataRoot = None,
     download: common.Download = False,
@@ -129,7 +130,7 @@ def train(
         score_kind=common.ScoreChoice(score_kind).value, background=background,
         mutation_rate=mutation_rate, background_preset=background_preset,
         background_epochs=background_epochs, background_l2=background_l2, device=device,
-        precision=common.PrecisionChoice(precision).value, resume=resume,
+        precision=common.PrecisionChoice(precision).value, compile=compile_, resume=resume,
         data_root=data_root, download=download, overwrite=overwrite)
     training = prepare_job(job, common.log)
     common.report_skipped(training.skipped)
@@ -285,6 +286,7 @@ def score(
     batch_size: common.BatchSize = 256,
     device: common.Device = "auto",
     precision: common.Precision = common.PrecisionChoice.fp32,
+    compile_: common.Compile = False,
     threads: common.Threads = None,
     resize: common.Resize = False,
     grayscale: common.Grayscale = False,
@@ -321,7 +323,7 @@ def score(
     detector, sharding = prepare_score(
         paths, model, output=output, junit=junit, heatmaps=heatmap, overwrite=overwrite,
         device=device, shard=shard, batch_size=batch_size,
-        precision=common.PrecisionChoice(precision).value)
+        precision=common.PrecisionChoice(precision).value, compile=compile_)
     policy = GatePolicy.from_options(fail_on.value, max_anomalous_fraction=max_anomalous_fraction,
                                      batch_test=batch_test, skip_unreadable=skip_unreadable)
     streaming = fmt in (common.OutputFormat.jsonl, common.OutputFormat.csv)
