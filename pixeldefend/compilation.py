@@ -18,6 +18,8 @@ It is meant for GPUs, where fusing the gates and activations saves memory traffi
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -30,7 +32,7 @@ BACKEND = "inductor"  # torch.compile's default; tests use "eager" to check the 
 
 def compile_module(module: nn.Module, backend: str | None = None) -> nn.Module:
     """`module`, compiled in place (its forward; parameters and state dict unchanged)."""
-    module.compile(backend=backend or BACKEND)
+    module.compile(backend=backend or BACKEND, dynamic=False)
     return module
 
 
@@ -38,7 +40,7 @@ def compile_scoring(model: Any, backend: str | None = None) -> None:
     """Compile this PixelCNN's scoring trunk in place, then run it once on a blank batch,
     so a machine that cannot compile (no C++ compiler for inductor, an unsupported
     device) fails here with one clear line instead of in the middle of a run."""
-    compiled = torch.compile(model.context_rows, backend=backend or BACKEND)
+    compiled = torch.compile(model.context_rows, backend=backend or BACKEND, dynamic=False)
     cfg = model.config
     blank = torch.zeros((model.images_per_pass(), cfg.channels, cfg.height, cfg.width),
                         device=next(model.parameters()).device)
@@ -46,11 +48,31 @@ def compile_scoring(model: Any, backend: str | None = None) -> None:
         with torch.inference_mode():
             compiled(model.scale(blank))
     except Exception as err:  # torch raises many kinds (BackendCompilerFailed, OSError...)
-        root = err
-        while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
-            root = inner  # dynamo wraps the backend's own error
-        text = str(root).strip()
-        first = f"{type(root).__name__}: {text.splitlines()[0]}" if text else type(root).__name__
-        raise UsageError(f"torch.compile failed on this machine ({first}); run without "
-                         "compile=True") from err
+        raise compile_failed(err) from err
     model.context_rows = compiled
+
+
+def compile_failed(err: BaseException) -> UsageError:
+    """torch.compile's failure as one line: the backend's own error, which TorchDynamo
+    wraps (`inner_exception`, `__cause__`) in pages of internal traceback."""
+    root = err
+    while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
+        root = inner
+    text = str(root).strip()
+    first = f"{type(root).__name__}: {text.splitlines()[0]}" if text else type(root).__name__
+    return UsageError(f"torch.compile failed on this machine ({first}); run without "
+                      "compile=True")
+
+
+@contextlib.contextmanager
+def compile_errors(enabled: bool) -> Iterator[None]:
+    """Training compiles at its first step: its compiler errors become `compile_failed`."""
+    if not enabled:
+        yield
+        return
+    from torch._dynamo.exc import TorchDynamoException
+
+    try:
+        yield
+    except TorchDynamoException as err:
+        raise compile_failed(err) from err

@@ -239,6 +239,7 @@ def prepare_job(job: TrainJob, log: Log = _quiet) -> TrainingData:
 def train_bundle(job: TrainJob, data: TrainingData | None = None, *, log: Log = _quiet,
                  warn: Log = _quiet, progress: ProgressFactory | None = None) -> TrainResult:
     """Train, calibrate every score kind and write the bundle to `job.bundle`."""
+    from .compilation import compile_errors
     from .detector import DensityDetector
     from .distributed import is_main_process
     from .train import TrainSettings, remove_checkpoint
@@ -252,7 +253,7 @@ def train_bundle(job: TrainJob, data: TrainingData | None = None, *, log: Log = 
     log(f"device {detector.device}, preset {job.preset}, checkpoint {job.checkpoint}"
         + ("" if budget is None else f", budget {job.max_minutes:g} min of training"))
     start = time.perf_counter()
-    with _opened(progress, "train") as reports:
+    with _opened(progress, "train") as reports, compile_errors(job.compile):
         detector.fit(data.train, val=data.val, settings=settings, progress=reports,
                      checkpoint_dir=job.checkpoint, resume=job.resume, max_seconds=budget)
     seconds = time.perf_counter() - start

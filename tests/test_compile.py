@@ -98,3 +98,20 @@ def test_a_run_resumes_with_or_without_compile():
     recorded = asdict(TrainSettings(compile=True))
     assert same_settings(recorded, TrainSettings(compile=False))
     assert not same_settings(recorded, TrainSettings(compile=False, lr=1.0))
+
+
+def test_train_on_a_machine_that_cannot_compile_exits_2_in_one_line(runner, tmp_path,
+                                                                    monkeypatch):
+    def broken(graph, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(compilation, "BACKEND", broken)
+    torch._dynamo.reset()
+    result = runner.invoke(app, ["train", "--preset", "tiny", "--epochs", "1", "--device",
+                                 "cpu", "--out", str(tmp_path / "bundle"), "--compile"])
+    torch._dynamo.reset()
+    assert result.exit_code == 2, result.output
+    assert "torch.compile failed on this machine (RuntimeError: no C++ compiler found); run " \
+           "without --compile" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "bundle").exists()
