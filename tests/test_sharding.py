@@ -119,11 +119,13 @@ def test_merge_refuses_mixed_or_foreign_files(runner, tmp_path):
     assert result.exit_code == 2 and "not a score output" in result.output
 
 
-def torchrun(*args: object, cwd: Path) -> subprocess.CompletedProcess:
+def torchrun(*args: object, cwd: Path, launcher: str = "torch.distributed.run"
+             ) -> subprocess.CompletedProcess:
+    """2 ranks of `pixeldefend *args` under `launcher` (torchrun, or pixeldefend.launch)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PIXELDEFEND_THREADS="1")
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    command = [sys.executable, "-m", launcher, "--nproc-per-node", "2",
                "--standalone", "-m", "pixeldefend", *map(str, args)]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -310,13 +312,7 @@ def test_torchrun_attack_matches_one_process(runner, tmp_path):
 
 def launch(*args: object, cwd: Path) -> subprocess.CompletedProcess:
     """`python -m pixeldefend.launch`: torchrun's arguments, pixeldefend's exit code."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PIXELDEFEND_THREADS="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    command = [sys.executable, "-m", "pixeldefend.launch", "--nproc-per-node", "2",
-               "--standalone", "-m", "pixeldefend", *map(str, args)]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return torchrun(*args, cwd=cwd, launcher="pixeldefend.launch")
 
 
 def test_the_launcher_tells_a_failed_gate_from_an_unreadable_input(inputs, tmp_path):
